@@ -1,0 +1,27 @@
+"""Upstream's argument dataclasses with the VLA defaults and options (module level: checkpoints pickle them)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import llava.train.train as upstream_train
+
+from llava_vla_plugin.env import default_attn_implementation
+
+
+@dataclass
+class ModelArguments(upstream_train.ModelArguments):
+    # Upstream's default True shrinks the embeddings (the patch token is never used by Qwen models).
+    mm_use_im_patch_token: bool = field(default=False)
+    version: str = field(default="qwen_1_5")
+
+
+@dataclass
+class DataArguments(upstream_train.DataArguments):
+    vla_skip_bad_samples: bool = field(default=False, metadata={"help": "count, log and skip unreadable samples instead of failing"})
+    vla_data_seed: int = field(default=0, metadata={"help": "seed of per-dataset weight up/down-sampling"})
+
+
+@dataclass
+class TrainingArguments(upstream_train.TrainingArguments):
+    # flash_attention_2 (upstream's default) raises where flash-attn is not installed.
+    attn_implementation: str = field(default_factory=default_attn_implementation)

@@ -1,0 +1,161 @@
+"""VLADataset: upstream's LazySupervisedDataset, taught to read robot-action samples.
+
+A sample whose assistant turn is a list of numbers is a VLA sample (our converter's format): its ids
+and labels come from VLAPromptBuilder (tokenizer prepared once, labels on the action tokens and
+`<|im_end|>` only). Any other sample goes through upstream's own code unchanged, so VLA data can be
+co-trained with ordinary LLaVA instruction data. Upstream's silent "return sample i+1 on any error"
+is replaced by an error naming the sample and file, or, with `--vla_skip_bad_samples`, a counted
+and logged skip.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from llava.train.train import LazySupervisedDataset
+
+from llava_vla_plugin.data_files import find_statistics, load_data
+from llava_vla_plugin.prompt import DEFAULT_IMAGE_TOKEN, VLAPromptBuilder
+from llava_vla_plugin import state
+
+log = logging.getLogger(__name__)
+
+
+class BadSampleError(ValueError):
+    pass
+
+
+def is_vla_sample(sample: dict) -> bool:
+    conv = sample.get("conversations") or []
+    return len(conv) >= 2 and isinstance(conv[1].get("value"), list)
+
+
+def _sample_name(sample: dict, i: int) -> str:
+    return f"sample {sample.get('id', i)!r} (index {i}) from {sample.get('_source', '?')}"
+
+
+def ensure_image_token(sample: dict) -> dict:
+    """A sample with an image must have exactly one <image> in its first human turn.
+
+    Upstream never inserts it; without it the model encodes the image and throws the features away.
+    Returns the sample unchanged or a corrected copy.
+    """
+    if "image" not in sample or isinstance(sample["image"], list):
+        return sample
+    conv = sample["conversations"]
+    n = sum(str(c.get("value", "")).count(DEFAULT_IMAGE_TOKEN) for c in conv if c.get("from") in ("human", "user"))
+    if n == 1:
+        return sample
+    if n > 1:
+        raise BadSampleError(f"{n} <image> tokens for one image")
+    fixed = copy.deepcopy(sample)
+    first = fixed["conversations"][0]
+    first["value"] = f"{DEFAULT_IMAGE_TOKEN}\n{first['value']}"
+    return fixed
+
+
+class VLADataset(LazySupervisedDataset):
+    def __init__(self, data_path: str, tokenizer, data_args):
+        torch.utils.data.Dataset.__init__(self)
+        self.tokenizer = tokenizer
+        self.data_args = data_args
+        seed = int(getattr(data_args, "vla_data_seed", 0))
+        self.list_data_dict, sources = load_data(data_path, seed=seed)
+        data_args.dataset_paths = [str(s.path) for s in sources]
+        self.dataset_statistics = find_statistics(sources)
+        self.skip_bad_samples = bool(getattr(data_args, "vla_skip_bad_samples", False))
+        self.skipped = 0
+        self.action_tokenizer = state.get_action_tokenizer()
+        if self.action_tokenizer.first_token_id is None:
+            self.action_tokenizer.add_to_tokenizer(tokenizer)
+        self.prompt_builder = VLAPromptBuilder(tokenizer, self.action_tokenizer)
+        n_vla = sum(1 for s in self.list_data_dict if is_vla_sample(s))
+        log.warning("VLADataset: %d samples (%d robot-action, %d other) from %s; statistics for %s",
+                    len(self.list_data_dict), n_vla, len(self.list_data_dict) - n_vla, data_path,
+                    sorted(self.dataset_statistics) or "no dataset")
+        state.set_dataset_statistics(self.dataset_statistics)
+        if not self.list_data_dict:
+            raise ValueError(f"no training samples in {data_path}")
+
+    # ---- lengths for length-grouped sampling ---------------------------------------------------
+    def _text_len(self, sample: dict) -> int:
+        n = 0
+        for c in sample["conversations"]:
+            v = c["value"]
+            n += len(v) + 1 if isinstance(v, list) else len(v.split())
+        return n
+
+    @property
+    def lengths(self):
+        return [self._text_len(s) + (128 if "image" in s else 0) for s in self.list_data_dict]
+
+    @property
+    def modality_lengths(self):
+        out = []
+        for s in self.list_data_dict:
+            n = self._text_len(s)
+            out.append(n if ("image" in s or "video" in s or self.data_args.early_mix_text) else -n)
+        return out
+
+    # ---- items ---------------------------------------------------------------------------------
+    def __getitem__(self, i) -> dict[str, Any]:
+        try:
+            return self._get_checked(i)
+        except Exception as e:  # noqa: BLE001 - every failure is reported with the sample's name
+            sample = self.list_data_dict[i]
+            msg = f"{_sample_name(sample, i)}: {type(e).__name__}: {e}"
+            if not self.skip_bad_samples:
+                raise BadSampleError(msg + "\n  (fix or remove the sample, or pass --vla_skip_bad_samples True to count and skip such samples)") from e
+            self.skipped += 1
+            log.warning("skipping bad sample #%d: %s", self.skipped, msg)
+            # The substitute is the next sample, deterministically; the skip is counted and logged.
+            return self[(i + 1) % len(self)]
+
+    def _get_checked(self, i: int) -> dict[str, Any]:
+        sample = self.list_data_dict[i]
+        if not is_vla_sample(sample):
+            fixed = ensure_image_token(sample)
+            if fixed is not sample:
+                self.list_data_dict[i] = fixed
+            return self._get_item(i)
+        return self._get_vla_item(i, sample)
+
+    def _get_vla_item(self, i: int, sample: dict) -> dict[str, Any]:
+        conv = sample["conversations"]
+        human = conv[0].get("value", "")
+        action = conv[1]["value"]
+        if len(action) != self.action_tokenizer.action_dim:
+            raise BadSampleError(f"action has {len(action)} values, expected {self.action_tokenizer.action_dim}")
+        if not all(isinstance(a, (int, float)) and math.isfinite(a) for a in action):
+            raise BadSampleError(f"action has non-numeric or non-finite values: {action}")
+        instruction = sample.get("instruction")
+        if instruction is None:
+            instruction = _instruction_from_human(human, self.action_tokenizer.prompt)
+        input_ids, labels = self.prompt_builder.build(instruction, action)
+        out: dict[str, Any] = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
+        if "image" in sample:
+            image_file = sample["image"]
+            path = os.path.join(self.data_args.image_folder or "", image_file)
+            if not os.path.exists(path):
+                raise BadSampleError(f"image file {path} does not exist (check --image_folder)")
+            out["image"] = [self.process_image(image_file)]
+        elif self.data_args.is_multimodal:
+            raise BadSampleError("robot-action sample without an image")
+        out["id"] = sample.get("id", i)
+        return out
+
+
+def _instruction_from_human(human: str, template: str) -> str:
+    """Recover the instruction from the human turn our converter writes: `<image>\\nWhat action ... to X?`."""
+    text = human.replace(DEFAULT_IMAGE_TOKEN, "").strip()
+    head, _, tail = template.partition("{instruction}")
+    if text.startswith(head) and text.endswith(tail):
+        return text[len(head): len(text) - len(tail) if tail else None]
+    # Free-form human turns are kept as the whole instruction sentence.
+    raise BadSampleError(f"human turn {human[:80]!r} does not follow the prompt template {template!r}; "
+                         "give the sample an `instruction` field")

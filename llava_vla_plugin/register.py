@@ -1,0 +1,152 @@
+"""Install the VLA hooks into upstream LLaVA-NeXT (idempotent).
+
+upstream train() looks these names up in `llava.train.train` at call time, so they are replaced
+there (DESIGN.md section 3): LLaVATrainer, LazySupervisedDataset, the three argument dataclasses;
+and two methods of LlavaMetaForCausalLM: initialize_vision_tokenizer (runs before the dataset is
+built: the action tokens are added here) and prepare_inputs_labels_for_multimodal (where a too
+small model_max_length silently cuts the action labels off).
+"""
+from __future__ import annotations
+
+import logging
+from llava_vla_plugin.env import apply_env_defaults
+
+log = logging.getLogger(__name__)
+_registered = False
+
+# Visual tokens per image with siglip-so400m-384 (27x27 patches, +1 newline with spatial_unpad).
+PAD_VISUAL_TOKENS = 730
+PROMPT_TEXT_TOKENS_MIN = 48  # system + user framing + 7 actions + <|im_end|>, without the instruction
+
+
+class ConfigurationError(ValueError):
+    pass
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    apply_env_defaults()
+    import llava.train.train as upstream_train
+    from llava.model.llava_arch import LlavaMetaForCausalLM
+
+    from llava_vla_plugin.dataset import VLADataset
+    from llava_vla_plugin.trainer import VLATrainer
+
+    from llava_vla_plugin.arguments import DataArguments, ModelArguments, TrainingArguments
+
+    upstream_train.ModelArguments = ModelArguments
+    upstream_train.DataArguments = DataArguments
+    upstream_train.TrainingArguments = TrainingArguments
+    upstream_train.LLaVATrainer = VLATrainer
+    upstream_train.LazySupervisedDataset = VLADataset
+
+    original_init_tokenizer = LlavaMetaForCausalLM.initialize_vision_tokenizer
+    original_prepare = LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal
+
+    def initialize_vision_tokenizer(self, model_args, tokenizer):
+        check_configuration(model_args, tokenizer, self.config)
+        original_init_tokenizer(self, model_args, tokenizer)
+        add_action_tokens(self, tokenizer)
+
+    def prepare_inputs_labels_for_multimodal(self, input_ids, position_ids, attention_mask, past_key_values, labels, images, *args, **kwargs):
+        out = original_prepare(self, input_ids, position_ids, attention_mask, past_key_values, labels, images, *args, **kwargs)
+        if labels is not None:
+            new_labels = out[5]
+            check_labels_survived(labels, new_labels, self.config)
+            from llava_vla_plugin import state
+
+            state.stash_expanded_labels(new_labels)
+        return out
+
+    LlavaMetaForCausalLM.initialize_vision_tokenizer = initialize_vision_tokenizer
+    LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal = prepare_inputs_labels_for_multimodal
+    _registered = True
+    log.info("llava_vla_plugin registered into upstream LLaVA-NeXT")
+
+
+def check_configuration(model_args, tokenizer, config) -> None:
+    from llava import conversation as conversation_lib
+
+    if getattr(model_args, "mm_use_im_patch_token", False):
+        raise ConfigurationError("--mm_use_im_patch_token True adds a token Qwen models never use and makes upstream "
+                                 "shrink the embedding matrix; pass --mm_use_im_patch_token False")
+    version = getattr(model_args, "version", None)
+    if version not in conversation_lib.conv_templates:
+        raise ConfigurationError(f"--version {version!r} is not a conversation template; upstream would silently use "
+                                 f"vicuna_v1. Known: {', '.join(sorted(conversation_lib.conv_templates))} (use qwen_1_5)")
+    max_len = int(getattr(tokenizer, "model_max_length", 0) or 0)
+    need = PAD_VISUAL_TOKENS + PROMPT_TEXT_TOKENS_MIN
+    if max_len < need:
+        raise ConfigurationError(f"--model_max_length {max_len} is below one image's {PAD_VISUAL_TOKENS} visual tokens + "
+                                 f"{PROMPT_TEXT_TOKENS_MIN} text tokens; the action labels would be truncated away. "
+                                 f"Use at least {need} for image_aspect_ratio=pad; anyres_max_9 needs ~1500-3000 "
+                                 f"for 256x256..480x640 frames (4096 is safe)")
+
+
+def check_labels_survived(labels, new_labels, config) -> None:
+    """Upstream truncates embeddings and labels to tokenizer_model_max_length without a word."""
+    before = int((labels != -100).sum())
+    after = int((new_labels != -100).sum())
+    if after < before:
+        limit = getattr(config, "tokenizer_model_max_length", None)
+        raise ConfigurationError(
+            f"model_max_length={limit} truncated {before - after} of {before} labelled tokens in this batch: "
+            f"visual + text tokens exceed it (image_aspect_ratio={getattr(config, 'image_aspect_ratio', '?')}, "
+            f"{new_labels.shape[1]} positions after truncation). Raise --model_max_length (pad needs ~{PAD_VISUAL_TOKENS}"
+            " visual tokens, anyres_max_9 up to ~3000 for 480x640 frames)")
+
+
+def add_action_tokens(model, tokenizer) -> int:
+    """Add the action tokens once; new embedding rows start at the mean of the existing vocabulary.
+
+    Tokens already in the tokenizer (continuing from a VLA checkpoint) keep their trained rows. The
+    spare rows Qwen2 reserves past len(tokenizer) are untrained, so the mean is over real tokens only.
+    Works with ZeRO-3 partitioned parameters (gathered, modified on rank 0, re-partitioned).
+    """
+    import torch
+
+    from llava_vla_plugin import state
+
+    at = state.get_action_tokenizer()
+    n_before = len(tokenizer)
+    added = at.add_to_tokenizer(tokenizer)
+    if not added:
+        log.warning("action tokens already in the tokenizer (ids %d..%d): keeping their embeddings", at.token_ids[0], at.token_ids[-1])
+        return 0
+    in_emb = model.get_input_embeddings().weight
+    rows = in_emb.ds_shape[0] if hasattr(in_emb, "ds_shape") else in_emb.shape[0]
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer))
+    params = [model.get_input_embeddings().weight]
+    out_emb = model.get_output_embeddings()
+    if out_emb is not None and out_emb.weight is not params[0]:
+        params.append(out_emb.weight)
+    new = slice(at.token_ids[0], at.token_ids[-1] + 1)
+    with _gathered(params):
+        with torch.no_grad():
+            for p in params:
+                if p.numel():  # ranks other than 0 see empty tensors under ZeRO-3 gather with modifier_rank
+                    p.data[new] = p.data[:n_before].mean(dim=0, keepdim=True).to(p.dtype)
+    log.warning("added %d action tokens (ids %d..%d), embeddings initialised to the vocabulary mean", added, at.token_ids[0], at.token_ids[-1])
+    return added
+
+
+class _gathered:
+    def __init__(self, params):
+        self.params = params
+        self.ctx = None
+
+    def __enter__(self):
+        if any(hasattr(p, "ds_id") for p in self.params):
+            import deepspeed
+
+            self.ctx = deepspeed.zero.GatheredParameters(self.params, modifier_rank=0)
+            self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            return self.ctx.__exit__(*exc)
+        return False

@@ -1,0 +1,48 @@
+"""Process-wide VLA state shared by the hooks: one action tokenizer, the data's statistics.
+
+The hooks run at different points of upstream's train() (tokenizer set-up, dataset, trainer) and
+upstream passes nothing of ours between them; this module is the hand-off. DataLoader workers
+inherit it when they fork.
+"""
+from __future__ import annotations
+
+from llava_vla_plugin.action_tokenizer import ActionTokenizer
+
+_action_tokenizer: ActionTokenizer | None = None
+_dataset_statistics: dict = {}
+
+
+def get_action_tokenizer() -> ActionTokenizer:
+    global _action_tokenizer
+    if _action_tokenizer is None:
+        _action_tokenizer = ActionTokenizer()
+    return _action_tokenizer
+
+
+def set_action_tokenizer(tok: ActionTokenizer) -> None:
+    global _action_tokenizer
+    _action_tokenizer = tok
+
+
+def set_dataset_statistics(stats: dict) -> None:
+    global _dataset_statistics
+    _dataset_statistics = dict(stats)
+
+
+def get_dataset_statistics() -> dict:
+    return _dataset_statistics
+
+# Labels after upstream expands <image> into visual positions: the trainer's metrics need them
+# aligned with the logits, and only the model's forward knows them.
+_expanded_labels = None
+
+
+def stash_expanded_labels(labels) -> None:
+    global _expanded_labels
+    _expanded_labels = labels
+
+
+def pop_expanded_labels():
+    global _expanded_labels
+    labels, _expanded_labels = _expanded_labels, None
+    return labels

@@ -1,0 +1,24 @@
+"""Upstream LLaVA-NeXT's train entry with the VLA plugin applied.
+
+    python -m llava_vla_plugin.train [every upstream argument] [--vla_skip_bad_samples] [--vla_data_seed N]
+
+Use it exactly like `llava/train/train_mem.py` (torchrun / deepspeed launchers included).
+"""
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(__doc__)
+    from llava_vla_plugin.register import register
+
+    register()
+    import llava.train.train as upstream_train
+
+    upstream_train.train()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Fine-tune LLaVA-OneVision as a VLA on converted Open X-Embodiment data.
+# Defaults: one 8-GPU node, DeepSpeed ZeRO-2, from lmms-lab/llava-onevision-qwen2-7b-ov.
+# Every setting is an environment variable; extra arguments go to the trainer unchanged
+# (they come last, so they override the defaults below).
+#
+#   MODEL=lmms-lab/llava-onevision-qwen2-7b-ov  VISION_TOWER=google/siglip-so400m-patch14-384
+#   DATA=converted/mixture.yaml  IMAGE_FOLDER=converted  OUTPUT_DIR=runs/ov-vla
+#   NUM_GPUS=8 (0 = one CPU process, no DeepSpeed)  NNODES=1 (multi-node: set NODE_RANK,
+#   MASTER_ADDR, MASTER_PORT as for any torchrun job)  DEEPSPEED=configs/zero2.json (zero3.json too)
+#   BATCH_SIZE=8 GRAD_ACCUM=1 LR=2e-5 EPOCHS=1 MAX_STEPS=-1 SAVE_STEPS=1000 IMAGE_ASPECT_RATIO=anyres_max_9
+#   MODEL_MAX_LENGTH=4096 PRECISION=bf16 (fp32 on CPU) NUM_WORKERS=4 REPORT_TO=none
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+MODEL=${MODEL:-lmms-lab/llava-onevision-qwen2-7b-ov}
+VISION_TOWER=${VISION_TOWER:-google/siglip-so400m-patch14-384}
+DATA=${DATA:-converted/mixture.yaml}
+IMAGE_FOLDER=${IMAGE_FOLDER:-converted}
+OUTPUT_DIR=${OUTPUT_DIR:-runs/ov-vla}
+NUM_GPUS=${NUM_GPUS:-8}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+DEEPSPEED=${DEEPSPEED:-configs/zero2.json}
+BATCH_SIZE=${BATCH_SIZE:-8}
+GRAD_ACCUM=${GRAD_ACCUM:-1}
+LR=${LR:-2e-5}
+EPOCHS=${EPOCHS:-1}
+MAX_STEPS=${MAX_STEPS:--1}
+SAVE_STEPS=${SAVE_STEPS:-1000}
+IMAGE_ASPECT_RATIO=${IMAGE_ASPECT_RATIO:-anyres_max_9}
+MODEL_MAX_LENGTH=${MODEL_MAX_LENGTH:-4096}
+NUM_WORKERS=${NUM_WORKERS:-4}
+REPORT_TO=${REPORT_TO:-none}
+PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
+[ -x "$PYTHON" ] || PYTHON=python
+
+if [ "$NUM_GPUS" = "0" ]; then PRECISION=${PRECISION:-fp32}; else PRECISION=${PRECISION:-bf16}; fi
+case "$PRECISION" in
+  bf16) PREC_ARGS=(--bf16 True --tf32 True) ;;
+  fp16) PREC_ARGS=(--fp16 True) ;;
+  fp32) PREC_ARGS=(--bf16 False --fp16 False) ;;
+  *) echo "PRECISION must be bf16, fp16 or fp32" >&2; exit 2 ;;
+esac
+
+case "$IMAGE_ASPECT_RATIO" in
+  anyres*) GRID_ARGS=(--image_grid_pinpoints "(1x1),...,(6x6)" --mm_patch_merge_type spatial_unpad) ;;
+  *) GRID_ARGS=(--mm_patch_merge_type spatial_unpad) ;;
+esac
+
+ARGS=(
+  --model_name_or_path "$MODEL"
+  --version qwen_1_5
+  --data_path "$DATA"
+  --image_folder "$IMAGE_FOLDER"
+  --vision_tower "$VISION_TOWER"
+  --mm_tunable_parts "mm_vision_tower,mm_mlp_adapter,mm_language_model"
+  --mm_vision_tower_lr 2e-6
+  --mm_projector_type mlp2x_gelu
+  --mm_vision_select_layer -2
+  --mm_use_im_start_end False
+  --mm_use_im_patch_token False
+  --group_by_modality_length True
+  --image_aspect_ratio "$IMAGE_ASPECT_RATIO"
+  "${GRID_ARGS[@]}"
+  "${PREC_ARGS[@]}"
+  --output_dir "$OUTPUT_DIR"
+  --num_train_epochs "$EPOCHS"
+  --max_steps "$MAX_STEPS"
+  --per_device_train_batch_size "$BATCH_SIZE"
+  --gradient_accumulation_steps "$GRAD_ACCUM"
+  --save_strategy steps
+  --save_steps "$SAVE_STEPS"
+  --save_total_limit 2
+  --learning_rate "$LR"
+  --weight_decay 0.
+  --warmup_ratio 0.03
+  --lr_scheduler_type cosine
+  --logging_steps 1
+  --model_max_length "$MODEL_MAX_LENGTH"
+  --gradient_checkpointing True
+  --dataloader_num_workers "$NUM_WORKERS"
+  --lazy_preprocess True
+  --report_to "$REPORT_TO"
+  --dataloader_drop_last True
+)
+
+mkdir -p "$OUTPUT_DIR"
+if [ "$NUM_GPUS" = "0" ]; then
+  echo "[finetune] one CPU process, no DeepSpeed -> $OUTPUT_DIR"
+  exec "$PYTHON" -m llava_vla_plugin.train "${ARGS[@]}" --use_cpu True "$@"
+fi
+echo "[finetune] torchrun: $NNODES node(s) x $NUM_GPUS GPU(s), DeepSpeed $DEEPSPEED -> $OUTPUT_DIR"
+exec "$PYTHON" -m torch.distributed.run \
+  --nproc_per_node "$NUM_GPUS" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+  -m llava_vla_plugin.train --deepspeed "$DEEPSPEED" "${ARGS[@]}" "$@"
