@@ -53,13 +53,14 @@ def register() -> None:
     def prepare_inputs_labels_for_multimodal(self, input_ids, position_ids, attention_mask, past_key_values, labels, images, *args, **kwargs):
         out = original_prepare(self, input_ids, position_ids, attention_mask, past_key_values, labels, images, *args, **kwargs)
         if labels is not None:
-            new_labels = out[5]
-            check_labels_survived(labels, new_labels, self.config)
-            from llava_vla_plugin import state
-
-            state.stash_expanded_labels(new_labels)
+            check_labels_survived(labels, out[5], self.config)
         return out
 
+    from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
+
+    from llava_vla_plugin import sparse_head
+
+    sparse_head.install(LlavaQwenForCausalLM)
     LlavaMetaForCausalLM.initialize_vision_tokenizer = initialize_vision_tokenizer
     LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal = prepare_inputs_labels_for_multimodal
     _registered = True

@@ -32,17 +32,17 @@ def set_dataset_statistics(stats: dict) -> None:
 def get_dataset_statistics() -> dict:
     return _dataset_statistics
 
-# Labels after upstream expands <image> into visual positions: the trainer's metrics need them
-# aligned with the logits, and only the model's forward knows them.
-_expanded_labels = None
+# Targets of the labelled positions (aligned with the logits the training forward returns):
+# the trainer's action metrics need them and only the model's forward knows them.
+_targets = None
 
 
-def stash_expanded_labels(labels) -> None:
-    global _expanded_labels
-    _expanded_labels = labels
+def stash_targets(targets) -> None:
+    global _targets
+    _targets = targets
 
 
-def pop_expanded_labels():
-    global _expanded_labels
-    labels, _expanded_labels = _expanded_labels, None
-    return labels
+def pop_targets():
+    global _targets
+    targets, _targets = _targets, None
+    return targets

@@ -47,19 +47,19 @@ class ActionMetrics:
         self.l1_sum = 0.0
 
     @torch.no_grad()
-    def update(self, logits: torch.Tensor, labels: torch.Tensor, action_tokenizer: ActionTokenizer) -> None:
+    def update(self, logits: torch.Tensor, targets: torch.Tensor, action_tokenizer: ActionTokenizer) -> None:
+        """logits [n, vocab] and targets [n] of the labelled positions (see sparse_head)."""
         first = int(action_tokenizer.token_ids[0])
         n_bins = action_tokenizer.n_bins
-        shifted = labels[:, 1:]
-        mask = (shifted >= first) & (shifted < first + n_bins)
+        mask = (targets >= first) & (targets < first + n_bins)
         if not mask.any():
             return
-        # Position t's logits predict token t+1. Only the action vocabulary matters for L1.
-        pos_logits = logits[:, :-1][mask]
-        target_bins = (shifted[mask] - first)
+        pos_logits = logits[mask]
+        target_bins = targets[mask] - first
         pred_ids = pos_logits.argmax(-1)
+        # L1 decodes the most likely action token, even where a non-action token scored higher.
         pred_bins = pos_logits[:, first:first + n_bins].argmax(-1)
-        self.correct += int((pred_ids == shifted[mask]).sum())
+        self.correct += int((pred_ids == targets[mask]).sum())
         self.total += int(mask.sum())
         centers = torch.as_tensor(action_tokenizer.bin_centers, device=pred_bins.device, dtype=torch.float32)
         self.l1_sum += float((centers[pred_bins] - centers[target_bins]).abs().sum())
@@ -105,10 +105,10 @@ class VLATrainer(LLaVATrainer):
     # ---- metrics -------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        labels = state.pop_expanded_labels()
+        targets = state.pop_targets()
         logits = getattr(outputs, "logits", None)
-        if labels is not None and logits is not None and state.get_action_tokenizer().first_token_id is not None:
-            self.action_metrics.update(logits.detach(), labels.to(logits.device), state.get_action_tokenizer())
+        if targets is not None and logits is not None and state.get_action_tokenizer().first_token_id is not None:
+            self.action_metrics.update(logits.detach(), targets.to(logits.device), state.get_action_tokenizer())
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:

@@ -1,0 +1,1 @@
+"""Data tools: download, convert and mix Open X-Embodiment RLDS datasets."""

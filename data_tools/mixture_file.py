@@ -1,0 +1,289 @@
+"""The download mixture file: which OXE datasets to fetch, from where, how much of each.
+
+A mixture is a YAML file a user edits::
+
+    name: my_mix                      # optional, defaults to the file name
+    source_root: gs://gresearch/robotics   # optional; where <name>/<version> live by default
+    datasets:
+      - name: kuka
+        version: 0.1.0                # optional for known datasets
+        fraction: 0.07                # share of train shards to fetch, in (0, 1]
+        weight: 0.83                  # training sampling weight (used by the converter/trainer)
+        filter_success: true          # preparation options, applied later by the converter
+      - name: bridge_orig             # its default source is the Bridge release site (HTTPS)
+
+Everything is validated on load, before anything is fetched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "OXE_BUCKET",
+    "KNOWN_DATASETS",
+    "MIXTURES_DIR",
+    "DatasetEntry",
+    "Mixture",
+    "MixtureError",
+    "load_mixture",
+    "named_mixtures",
+    "resolve_mixture_path",
+]
+
+OXE_BUCKET = "gs://gresearch/robotics"
+BRIDGE_RELEASE = "https://rail.eecs.berkeley.edu/datasets/bridge_release/data/tfds/bridge_dataset/{version}/"
+MIXTURES_DIR = Path(__file__).resolve().parent / "mixtures"
+
+# OpenVLA's dataset names (prismatic/vla/datasets/rlds/oxe/configs.py) -> default version. Versions are
+# those of the OXE bucket (gs://gresearch/robotics/<name>/<version>), as OXE's and OpenVLA's download
+# scripts use them; None marks datasets that have no public RLDS copy (LIBERO, T-DROID, DROID-wipe).
+KNOWN_DATASETS: dict[str, str | None] = {
+    "fractal20220817_data": "0.1.0",
+    "kuka": "0.1.0",
+    "bridge_oxe": "0.1.0",
+    "bridge_orig": "1.0.0",
+    "bridge_dataset": "1.0.0",
+    "taco_play": "0.1.0",
+    "jaco_play": "0.1.0",
+    "berkeley_cable_routing": "0.1.0",
+    "roboturk": "0.1.0",
+    "nyu_door_opening_surprising_effectiveness": "0.1.0",
+    "viola": "0.1.0",
+    "berkeley_autolab_ur5": "0.1.0",
+    "toto": "0.1.0",
+    "language_table": "0.1.0",
+    "columbia_cairlab_pusht_real": "0.1.0",
+    "stanford_kuka_multimodal_dataset_converted_externally_to_rlds": "0.1.0",
+    "nyu_rot_dataset_converted_externally_to_rlds": "0.1.0",
+    "stanford_hydra_dataset_converted_externally_to_rlds": "0.1.0",
+    "austin_buds_dataset_converted_externally_to_rlds": "0.1.0",
+    "nyu_franka_play_dataset_converted_externally_to_rlds": "0.1.0",
+    "maniskill_dataset_converted_externally_to_rlds": "0.1.0",
+    "furniture_bench_dataset_converted_externally_to_rlds": "0.1.0",
+    "cmu_franka_exploration_dataset_converted_externally_to_rlds": "0.1.0",
+    "ucsd_kitchen_dataset_converted_externally_to_rlds": "0.1.0",
+    "ucsd_pick_and_place_dataset_converted_externally_to_rlds": "0.1.0",
+    "austin_sailor_dataset_converted_externally_to_rlds": "0.1.0",
+    "austin_sirius_dataset_converted_externally_to_rlds": "0.1.0",
+    "bc_z": "0.1.0",
+    "utokyo_pr2_opening_fridge_converted_externally_to_rlds": "0.1.0",
+    "utokyo_pr2_tabletop_manipulation_converted_externally_to_rlds": "0.1.0",
+    "utokyo_xarm_pick_and_place_converted_externally_to_rlds": "0.1.0",
+    "utokyo_xarm_bimanual_converted_externally_to_rlds": "0.1.0",
+    "robo_net": "1.0.0",
+    "berkeley_mvp_converted_externally_to_rlds": "0.1.0",
+    "berkeley_rpt_converted_externally_to_rlds": "0.1.0",
+    "kaist_nonprehensile_converted_externally_to_rlds": "0.1.0",
+    "stanford_mask_vit_converted_externally_to_rlds": "0.1.0",
+    "tokyo_u_lsmo_converted_externally_to_rlds": "0.1.0",
+    "dlr_sara_pour_converted_externally_to_rlds": "0.1.0",
+    "dlr_sara_grid_clamp_converted_externally_to_rlds": "0.1.0",
+    "dlr_edan_shared_control_converted_externally_to_rlds": "0.1.0",
+    "asu_table_top_converted_externally_to_rlds": "0.1.0",
+    "stanford_robocook_converted_externally_to_rlds": "0.1.0",
+    "imperialcollege_sawyer_wrist_cam": "0.1.0",
+    "iamlab_cmu_pickup_insert_converted_externally_to_rlds": "0.1.0",
+    "uiuc_d3field": "0.1.0",
+    "utaustin_mutex": "0.1.0",
+    "berkeley_fanuc_manipulation": "0.1.0",
+    "cmu_playing_with_food": "0.1.0",
+    "cmu_play_fusion": "0.1.0",
+    "cmu_stretch": "0.1.0",
+    "berkeley_gnm_recon": "0.1.0",
+    "berkeley_gnm_cory_hall": "0.1.0",
+    "berkeley_gnm_sac_son": "0.1.0",
+    "droid": "1.0.0",
+    "fmb_dataset": "0.0.1",
+    "dobbe": "0.0.1",
+    "roboset": "0.1.0",
+    "rh20t": "0.1.0",
+    **{
+        name: None
+        for name in (
+            "tdroid_carrot_in_bowl", "tdroid_pour_corn_in_pot", "tdroid_flip_pot_upright",
+            "tdroid_move_object_onto_plate", "tdroid_knock_object_over", "tdroid_cover_object_with_towel",
+            "droid_wipe", "libero_spatial_no_noops", "libero_object_no_noops", "libero_goal_no_noops",
+            "libero_10_no_noops",
+        )
+    },
+}
+# OpenVLA names whose folder in the OXE bucket is named differently.
+BUCKET_NAMES = {"bridge_oxe": "bridge", "fmb_dataset": "fmb"}
+# Datasets that do not come from the OXE bucket by default ({version} is filled in).
+DEFAULT_SOURCES = {"bridge_orig": BRIDGE_RELEASE, "bridge_dataset": BRIDGE_RELEASE}
+
+
+class MixtureError(ValueError):
+    """A mixture file that cannot be used; the message names the file and the entry."""
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One dataset of a mixture."""
+
+    name: str
+    version: str
+    fraction: float = 1.0
+    weight: float = 1.0
+    source: str = ""  # URL of the dataset's version folder (gs://, https://, file:// or a local path)
+    filter_success: bool = False
+    flip_image_channels: bool = False
+    flip_wrist_image_channels: bool = False
+
+    @property
+    def options(self) -> dict[str, bool]:
+        """The preparation options the converter applies."""
+        return {
+            "filter_success": self.filter_success,
+            "flip_image_channels": self.flip_image_channels,
+            "flip_wrist_image_channels": self.flip_wrist_image_channels,
+        }
+
+
+@dataclass(frozen=True)
+class Mixture:
+    name: str
+    datasets: tuple[DatasetEntry, ...]
+    path: Path | None = None
+    description: str = ""
+
+    def __getitem__(self, name: str) -> DatasetEntry:
+        for entry in self.datasets:
+            if entry.name == name:
+                return entry
+        raise KeyError(name)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {d.name: d.weight for d in self.datasets}
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(DatasetEntry)}
+_BOOL_FIELDS = {"filter_success", "flip_image_channels", "flip_wrist_image_channels"}
+_TOP_KEYS = {"name", "description", "source_root", "datasets"}
+
+
+def closest_names(name: str, n: int = 3) -> list[str]:
+    return difflib.get_close_matches(name, list(KNOWN_DATASETS), n=n, cutoff=0.5)
+
+
+def _default_source(name: str, version: str, source_root: str | None) -> str:
+    if source_root:
+        return f"{source_root.rstrip('/')}/{name}/{version}"
+    if name in DEFAULT_SOURCES:
+        return DEFAULT_SOURCES[name].format(version=version)
+    return f"{OXE_BUCKET}/{BUCKET_NAMES.get(name, name)}/{version}"
+
+
+def _entry(raw: Any, where: str, source_root: str | None) -> DatasetEntry:
+    if isinstance(raw, str):  # "- kuka" is shorthand for {name: kuka}
+        raw = {"name": raw}
+    if not isinstance(raw, Mapping):
+        raise MixtureError(f"{where}: expected a mapping with at least `name`, got {raw!r}")
+    unknown = set(raw) - set(_FIELDS)
+    if unknown:
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(str(k), _FIELDS, 1)) else repr(k)
+                 for k in sorted(map(str, unknown))]
+        raise MixtureError(f"{where}: unknown key(s) {', '.join(hints)}; allowed: {', '.join(_FIELDS)}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise MixtureError(f"{where}: `name` is required and must be a string")
+    where = f"{where} ({name})"
+    explicit_source = raw.get("source")
+    if name not in KNOWN_DATASETS and not explicit_source:
+        close = closest_names(name)
+        hint = f"; closest known names: {', '.join(close)}" if close else ""
+        raise MixtureError(f"{where}: unknown dataset {name!r}{hint} (set `source:` to use a dataset of your own)")
+    version = raw.get("version", KNOWN_DATASETS.get(name))
+    if version is None:
+        raise MixtureError(f"{where}: no default version or public source; set `version` and `source`")
+    version = str(version)
+
+    fraction = raw.get("fraction", 1.0)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        raise MixtureError(f"{where}: `fraction` must be a number in (0, 1], got {fraction!r}")
+    if not 0.0 < float(fraction) <= 1.0:
+        raise MixtureError(f"{where}: `fraction` must be in (0, 1], got {fraction}")
+    weight = raw.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+        raise MixtureError(f"{where}: `weight` must be a number >= 0, got {weight!r}")
+    for key in _BOOL_FIELDS & set(raw):
+        if not isinstance(raw[key], bool):
+            raise MixtureError(f"{where}: `{key}` must be true or false, got {raw[key]!r}")
+    if explicit_source is not None and not isinstance(explicit_source, str):
+        raise MixtureError(f"{where}: `source` must be a URL or path string")
+    if not explicit_source and KNOWN_DATASETS.get(name, "") is None:
+        raise MixtureError(f"{where}: {name} has no public source; set `source:`")
+
+    return DatasetEntry(
+        name=name,
+        version=version,
+        fraction=float(fraction),
+        weight=float(weight),
+        source=explicit_source or _default_source(name, version, source_root),
+        **{k: raw[k] for k in _BOOL_FIELDS & set(raw)},
+    )
+
+
+def parse_mixture(data: Any, name: str = "mixture", path: Path | None = None) -> Mixture:
+    """Validate an already-parsed YAML document."""
+    where = str(path) if path else name
+    if not isinstance(data, Mapping):
+        raise MixtureError(f"{where}: expected a mapping with a `datasets` list at the top")
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise MixtureError(f"{where}: unknown top-level key(s) {sorted(map(str, unknown))}; allowed: {sorted(_TOP_KEYS)}")
+    raw_datasets = data.get("datasets")
+    if not isinstance(raw_datasets, list) or not raw_datasets:
+        raise MixtureError(f"{where}: `datasets` must be a non-empty list")
+    source_root = data.get("source_root")
+    if source_root is not None and not isinstance(source_root, str):
+        raise MixtureError(f"{where}: `source_root` must be a URL or path string")
+    entries: list[DatasetEntry] = []
+    for i, raw in enumerate(raw_datasets):
+        entry = _entry(raw, f"{where}: datasets[{i}]", source_root)
+        if any(e.name == entry.name for e in entries):
+            raise MixtureError(f"{where}: datasets[{i}]: {entry.name!r} is listed twice")
+        entries.append(entry)
+    return Mixture(
+        name=str(data.get("name") or name), datasets=tuple(entries), path=path,
+        description=str(data.get("description") or ""),
+    )
+
+
+def named_mixtures() -> dict[str, Path]:
+    """The mixture files shipped with data_tools (name -> path)."""
+    return {p.stem: p for p in sorted(MIXTURES_DIR.glob("*.yaml"))}
+
+
+def resolve_mixture_path(spec: str | Path) -> Path:
+    """A path, or the name of a shipped mixture (e.g. `oxe_magic_soup_plus`)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    shipped = named_mixtures()
+    if str(spec) in shipped:
+        return shipped[str(spec)]
+    close = difflib.get_close_matches(str(spec), shipped, n=3, cutoff=0.5)
+    hint = f"; closest shipped mixtures: {', '.join(close)}" if close else f"; shipped: {', '.join(shipped)}"
+    raise MixtureError(f"mixture file {str(spec)!r} not found{hint}")
+
+
+def load_mixture(spec: str | Path) -> Mixture:
+    """Load and validate a mixture file (path or shipped name); raises MixtureError."""
+    path = resolve_mixture_path(spec)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise MixtureError(f"{path}: not valid YAML: {err}") from None
+    except OSError as err:
+        raise MixtureError(f"{path}: cannot read: {err}") from None
+    return parse_mixture(data, name=path.stem, path=path)

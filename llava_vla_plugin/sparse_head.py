@@ -1,0 +1,67 @@
+"""Training forward that runs the LM head only where there are labels.
+
+Upstream's forward projects every position onto the 151,936-id vocabulary: with ~730-3000 visual +
+text positions that is 0.5-1.8 GB of fp32 logits per sample, while a VLA sample has 8 labelled
+positions. The loss (mean cross-entropy over labelled tokens) is the same number; the logits
+returned are those of the labelled positions only, shape [n_labelled, vocab].
+Inference, DPO and label-free calls use upstream's forward unchanged.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from llava_vla_plugin import state
+
+IGNORE_INDEX = -100
+
+
+def install(model_cls) -> None:
+    upstream_forward = model_cls.forward
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[List[torch.FloatTensor]] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        images: Optional[torch.FloatTensor] = None,
+        image_sizes: Optional[List[List[int]]] = None,
+        return_dict: Optional[bool] = None,
+        modalities: Optional[List[str]] = ["image"],
+        dpo_forward: Optional[bool] = False,
+        cache_position=None,
+    ):
+        if labels is None or dpo_forward or not self.training:
+            return upstream_forward(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels,
+                                    use_cache, output_attentions, output_hidden_states, images, image_sizes, return_dict,
+                                    modalities, dpo_forward, cache_position)
+        if inputs_embeds is None:
+            (input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, labels) = self.prepare_inputs_labels_for_multimodal(
+                input_ids, position_ids, attention_mask, past_key_values, labels, images, modalities, image_sizes)
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=False,
+                             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True)
+        targets, logits = labelled_logits(self.lm_head, outputs.last_hidden_state, labels)
+        loss = F.cross_entropy(logits.float(), targets) if targets.numel() else logits.sum() * 0.0
+        state.stash_targets(targets)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    forward.__doc__ = upstream_forward.__doc__
+    forward._vla_sparse_head = True
+    model_cls.forward = forward
+
+
+def labelled_logits(lm_head, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position t predicts token t+1: select hidden states whose next label is not ignored."""
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE_INDEX
+    return shift_labels[mask], lm_head(hidden[:, :-1][mask])

@@ -1,0 +1,1 @@
+"""Test helpers: synthetic RLDS/TFDS datasets built from real OXE feature schemas."""

@@ -1,0 +1,54 @@
+"""Shared fixtures: upstream detection (tests that need it skip with the reason), the tiny model."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("USE_TF", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+UPSTREAM_REASON = ("upstream LLaVA-NeXT is not installed: run `LLAVA_NEXT_SRC=/path/to/LLaVA-NeXT make setup` "
+                   "(a local checkout or git mirror at commit df17966) to run this test")
+
+
+def upstream_available() -> bool:
+    return importlib.util.find_spec("llava") is not None
+
+
+requires_upstream = pytest.mark.skipif(not upstream_available(), reason=UPSTREAM_REASON)
+
+
+def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, "USE_TF": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.update(extra or {})
+    return env
+
+
+def run_py(args: list[str], env: dict[str, str] | None = None, timeout: int = 900, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], env=env or subprocess_env(), capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd or ROOT)
+    return proc
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    from llava_vla_plugin.testing.tiny_model import build_qwen2_tokenizer
+
+    return build_qwen2_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The tiny llava_qwen model, built once per test session (needs upstream)."""
+    if not upstream_available():
+        pytest.skip(UPSTREAM_REASON)
+    from llava_vla_plugin.testing.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))

@@ -1,0 +1,57 @@
+import json
+
+import pytest
+import yaml
+
+from llava_vla_plugin.data_files import apply_weight, find_statistics, load_data, parse_sources
+
+
+def _write(path, n, ds):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"{ds}/{i}", "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": [0.0] * 7}]}) + "\n")
+
+
+def test_mixture_yaml_with_weights_is_seeded(tmp_path):
+    _write(tmp_path / "a/train.jsonl", 10, "a")
+    _write(tmp_path / "b/train.jsonl", 10, "b")
+    (tmp_path / "a/dataset_statistics.json").write_text(json.dumps({"a": {"action": {}}}))
+    (tmp_path / "mixture.yaml").write_text(yaml.safe_dump({"datasets": [
+        {"json_path": "a/train.jsonl", "weight": 2.0},
+        {"json_path": "b/train.jsonl", "weight": 0.5, "sampling_strategy": "all"}]}))
+    samples, sources = load_data(str(tmp_path / "mixture.yaml"), seed=0)
+    ids = [s["id"] for s in samples]
+    assert sum(i.startswith("a/") for i in ids) == 20 and sum(i.startswith("b/") for i in ids) == 5
+    again, _ = load_data(str(tmp_path / "mixture.yaml"), seed=0)
+    assert [s["id"] for s in again] == ids
+    other, _ = load_data(str(tmp_path / "mixture.yaml"), seed=1)
+    assert [s["id"] for s in other] != ids
+    assert find_statistics(sources) == {"a": {"action": {}}}
+
+
+def test_upstream_sampling_strategies(tmp_path):
+    _write(tmp_path / "a.jsonl", 10, "a")
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({"datasets": [{"json_path": str(tmp_path / "a.jsonl"), "sampling_strategy": "first:30%"}]}))
+    samples, _ = load_data(str(tmp_path / "m.yaml"))
+    assert [s["id"] for s in samples] == ["a/0", "a/1", "a/2"]
+
+
+def test_bad_inputs_name_the_file(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"id": 1}\n{not json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        load_data(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({"datasets": [{"json_path": "x.jsonl", "weight": -1}]}))
+    with pytest.raises(ValueError, match="weight"):
+        parse_sources(str(tmp_path / "m.yaml"))
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_data(str(tmp_path / "nope.jsonl"))
+
+
+def test_apply_weight_counts():
+    import numpy as np
+
+    base = [{"i": i} for i in range(100)]
+    assert len(apply_weight(base, 1.5, np.random.default_rng(0))) == 150
+    assert len(apply_weight(base, 0.25, np.random.default_rng(0))) == 25
+    assert apply_weight(base, 0.0, np.random.default_rng(0)) == []
