@@ -19,6 +19,8 @@ class ModelArguments(upstream_train.ModelArguments):
 class DataArguments(upstream_train.DataArguments):
     vla_skip_bad_samples: bool = field(default=False, metadata={"help": "count, log and skip unreadable samples instead of failing"})
     vla_data_seed: int = field(default=0, metadata={"help": "seed of per-dataset weight up/down-sampling"})
+    vla_blind: bool = field(default=False, metadata={"help": "ablation: drop the <image> token from VLA prompts, so the model "
+                                                               "trains without seeing its images (a blind baseline)"})
 
 
 @dataclass

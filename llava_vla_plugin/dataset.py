@@ -20,7 +20,7 @@ import torch
 from llava.train.train import LazySupervisedDataset
 
 from llava_vla_plugin.data_files import find_statistics, load_data
-from llava_vla_plugin.prompt import DEFAULT_IMAGE_TOKEN, VLAPromptBuilder
+from llava_vla_plugin.prompt import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX, VLAPromptBuilder
 from llava_vla_plugin import state
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,9 @@ class VLADataset(LazySupervisedDataset):
         self.dataset_statistics = find_statistics(sources)
         self.skip_bad_samples = bool(getattr(data_args, "vla_skip_bad_samples", False))
         self.skipped = 0
+        self.blind = bool(getattr(data_args, "vla_blind", False))
+        if self.blind:
+            log.warning("VLADataset: --vla_blind: the <image> token is dropped; the model will NOT see its images")
         self.action_tokenizer = state.get_action_tokenizer()
         if self.action_tokenizer.first_token_id is None:
             self.action_tokenizer.add_to_tokenizer(tokenizer)
@@ -137,6 +140,9 @@ class VLADataset(LazySupervisedDataset):
         if instruction is None:
             instruction = _instruction_from_human(human, self.action_tokenizer.prompt)
         input_ids, labels = self.prompt_builder.build(instruction, action)
+        if self.blind:
+            keep = input_ids != IMAGE_TOKEN_INDEX
+            input_ids, labels = input_ids[keep], labels[keep]
         out: dict[str, Any] = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
         if "image" in sample:
             image_file = sample["image"]

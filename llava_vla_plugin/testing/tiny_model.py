@@ -107,23 +107,24 @@ def tiny_qwen2_config(vocab_size: int = 151936):
     )
 
 
-def publish_tiny_siglip(hf_home: Path, repo_id: str = TOWER_ID, seed: int = 0) -> Path:
+def publish_tiny_siglip(hf_home: Path, repo_id: str = TOWER_ID, seed: int = 0, layers: int = 2) -> Path:
     """Write a tiny SigLIP into an HF hub cache layout so `from_pretrained(repo_id)` resolves offline.
 
     Upstream's tower hard-wires hidden 1152, image 384, patch 14 (it asserts 729 patches), so only the
-    depth and MLP width shrink.
+    depth and MLP width shrink. Upstream drops the last layer when it loads the tower: layers=1 leaves
+    the patch embedding alone, ten times cheaper per image (for tests that train many steps).
     """
     import torch
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     torch.manual_seed(seed)
     config = SiglipVisionConfig(
-        hidden_size=1152, image_size=384, patch_size=14, num_hidden_layers=2,
+        hidden_size=1152, image_size=384, patch_size=14, num_hidden_layers=layers,
         intermediate_size=64, num_attention_heads=16,
     )
     model = SiglipVisionModel(config)
     repo_dir = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
-    revision = hashlib.sha1(f"{repo_id}:{seed}".encode()).hexdigest()
+    revision = hashlib.sha1(f"{repo_id}:{seed}:{layers}".encode()).hexdigest()
     snapshot = repo_dir / "snapshots" / revision
     if snapshot.exists():
         shutil.rmtree(snapshot)
@@ -190,7 +191,7 @@ def Qwen2ForCausalLM_state(llm_dir: Path) -> dict:
     return load_file(str(llm_dir / "model.safetensors"))
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0, with_llava: bool | None = None) -> TinyModel:
+def build_tiny_model(out_dir: str | Path, seed: int = 0, with_llava: bool | None = None, vision_layers: int = 2) -> TinyModel:
     """Build everything under out_dir. `with_llava=None` builds the llava_qwen checkpoint when upstream is installed."""
     import torch
     from transformers import Qwen2ForCausalLM
@@ -207,7 +208,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, with_llava: bool | None
     torch.manual_seed(seed)
     Qwen2ForCausalLM(tiny_qwen2_config()).save_pretrained(llm_dir, safe_serialization=True)
     tokenizer.save_pretrained(llm_dir)
-    publish_tiny_siglip(hf_home, TOWER_ID, seed)
+    publish_tiny_siglip(hf_home, TOWER_ID, seed, layers=vision_layers)
 
     llava_dir = None
     if with_llava is None:
@@ -222,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", nargs="?", help="folder to write the tiny model into")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-llava", action="store_true", help="skip the llava_qwen checkpoint (no upstream needed)")
+    parser.add_argument("--vision-layers", type=int, default=2, help="SigLIP layers (upstream drops the last one; 1 = patch embedding only, fastest)")
     parser.add_argument("--assemble-llava", nargs=2, metavar=("LLM_DIR", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--vision-tower", default=TOWER_ID, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if with_llava is None and not _upstream_available():
         print("note: upstream LLaVA-NeXT is not installed; building the tokenizer, LLM and tower only "
               "(run `LLAVA_NEXT_SRC=/path/to/LLaVA-NeXT make setup` for the llava_qwen checkpoint)", file=sys.stderr)
-    tiny = build_tiny_model(args.out_dir, seed=args.seed, with_llava=with_llava)
+    tiny = build_tiny_model(args.out_dir, seed=args.seed, with_llava=with_llava, vision_layers=args.vision_layers)
     print(f"model path (llava_qwen): {tiny.llava_dir or '-- (needs upstream)'}")
     print(f"LLM path (Qwen2):        {tiny.llm_dir}")
     print(f"vision tower id:         {tiny.vision_tower}")

@@ -1,0 +1,764 @@
+"""Convert RLDS datasets into LLaVA JSON samples exactly as OpenVLA's data pipeline sees them.
+
+    python -m data_tools.convert --data-dir DIR (--mixture FILE | --datasets a,b) --out OUT
+
+Per dataset: OpenVLA's standardization (data_tools/registry/oxe.yaml), statistics over split="all"
+before skip_unlabeled, BOUNDS_Q99 normalization, skip_unlabeled, OpenVLA's train/val splits, stored
+JPEG bytes copied unchanged. Work is split into units (one shard file of one split); each unit writes
+to a temporary directory renamed when complete, so a killed run resumes where it stopped, and output
+is byte-identical for any --workers. A dataset directory appears under OUT only when it is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import yaml
+
+from data_tools.images import ImageDecodeError, MissingImageError, frame_jpeg, write_atomic
+from data_tools.normalize import (
+    compute_statistics,
+    load_published_statistics,
+    normalize_bounds_q99,
+    with_mask,
+    zero_action_keep_mask,
+)
+from data_tools.registry import Registry, RegistryError, UnknownDatasetError, parse_entry
+from data_tools.rlds_io import CorruptRecordError, LeafSpec, iter_tfrecord, parse_episode
+from data_tools.transforms import Episode, standardize
+
+TOOL_VERSION = "data_tools.convert 1"
+PROMPT = "What action should the robot take to {instruction}?"
+WORK_DIR = ".work"
+CRASH_ENV = "DATA_TOOLS_CONVERT_CRASH_AFTER_EPISODES"  # tests: hard-exit mid-run to exercise resume
+
+log = logging.getLogger("data_tools.convert")
+_episodes_seen = 0  # per process, for the CRASH_ENV test hook
+
+
+# ----------------------------------------------------------------------------------------------
+# What to convert
+
+
+@dataclass(frozen=True)
+class DatasetRequest:
+    name: str
+    version: str | None = None
+    weight: float = 1.0
+    filter_success: bool = False
+    flip_image_channels: bool = False
+    flip_wrist_image_channels: bool = False
+
+
+def _truthy(entry: Mapping[str, Any], key: str) -> bool:
+    options = entry.get("options") or {}
+    return bool(options.get(key, entry.get(key, False)))
+
+
+def requests_from_mixture(path: str | Path) -> list[DatasetRequest]:
+    """Datasets of a mixture file (a path or a shipped mixture name such as `rtx`).
+
+    data_tools.mixture_file (the download mixture format) validates it; a file it rejects, e.g. one naming a
+    custom dataset registered with --registry and no download source, is read leniently here: `datasets:`
+    as a list of {name, version, weight, filter_success, flip_*} (options may also sit under `options:`).
+    """
+    try:
+        from data_tools.mixture_file import MixtureError, load_mixture
+    except ImportError:  # pragma: no cover - the download tool is optional for conversion
+        load_mixture, MixtureError = None, ValueError
+    if load_mixture is not None:
+        try:
+            mix = load_mixture(path)
+            return [
+                DatasetRequest(e.name, e.version, e.weight, e.filter_success, e.flip_image_channels,
+                               e.flip_wrist_image_channels)
+                for e in mix.datasets
+            ]
+        except MixtureError as e:
+            if not Path(path).is_file():
+                raise ValueError(str(e)) from e
+            log.info("mixture %s is not a download mixture (%s); reading it leniently", path, e)
+    doc = yaml.safe_load(Path(path).read_text()) or {}
+    entries = doc.get("datasets") if isinstance(doc, Mapping) else None
+    if isinstance(entries, Mapping):
+        entries = [{"name": k, **(v or {})} for k, v in entries.items()]
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"mixture {path}: expected a non-empty 'datasets:' list")
+    out = []
+    for e in entries:
+        if isinstance(e, str):
+            e = {"name": e}
+        if "name" not in e:
+            raise ValueError(f"mixture {path}: entry without a name: {e!r}")
+        out.append(
+            DatasetRequest(
+                name=str(e["name"]),
+                version=None if e.get("version") is None else str(e["version"]),
+                weight=float(e.get("weight", 1.0)),
+                filter_success=_truthy(e, "filter_success"),
+                flip_image_channels=_truthy(e, "flip_image_channels"),
+                flip_wrist_image_channels=_truthy(e, "flip_wrist_image_channels"),
+            )
+        )
+    return out
+
+
+@dataclass
+class RunOptions:
+    frames_per_episode: int | None = None
+    seed: int = 0
+    stats_from: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning (main process; uses tfds for the layout)
+
+
+def _version_key(v: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in v.split("."))
+
+
+def find_dataset_dir(data_dir: Path, name: str, version: str | None, tfds_name: str) -> Path:
+    """DIR/<name>/<version> (the directory may hold another tfds name), else DIR/<tfds_name>/<version>."""
+    tried = []
+    for base in dict.fromkeys([data_dir / name, data_dir / tfds_name]):
+        if version:
+            cands = [base / version]
+        else:
+            cands = sorted(
+                (p for p in base.glob("*") if (p / "dataset_info.json").is_file()),
+                key=lambda p: _version_key(p.name),
+                reverse=True,
+            )
+        for c in cands:
+            if (c / "dataset_info.json").is_file():
+                return c
+        tried.append(str(base / (version or "<version>")))
+    raise FileNotFoundError(f"dataset {name!r}: no TFDS directory (dataset_info.json) at {' or '.join(tried)}")
+
+
+@dataclass
+class Unit:
+    dataset: str
+    unit_id: str
+    path: str
+    skip: int
+    take: int
+    source_split: str
+    global_start: int
+    routes: list[tuple[int, int, str]]  # [lo, hi) global index ranges -> our split
+
+
+@dataclass
+class DatasetPlan:
+    request: DatasetRequest
+    spec_raw: dict[str, Any]
+    dataset_dir: str
+    tfds_name: str
+    tfds_version: str
+    split_sources: dict[str, str]
+    split_sizes: dict[str, int]
+    leaves: dict[str, LeafSpec]
+    units: list[Unit]
+    fingerprint: str = ""
+    shards: list[dict[str, Any]] = field(default_factory=list)
+
+
+def plan_dataset(data_dir: Path, req: DatasetRequest, registry: Registry, opts: RunOptions) -> DatasetPlan:
+    import tensorflow_datasets as tfds
+
+    from data_tools.rlds_io import feature_leaves
+
+    spec = registry.get(req.name)
+    if not spec.primary_image:
+        raise RegistryError(
+            f"dataset {req.name!r} has no primary camera in the registry (OpenVLA feeds a padding image); "
+            "register an override with images.primary to convert it"
+        )
+    if opts.stats_from:
+        load_published_statistics(opts.stats_from, req.name)  # fail before any work, not after
+    ds_dir = find_dataset_dir(data_dir, req.name, req.version, spec.tfds_name)
+    builder = tfds.builder_from_directory(str(ds_dir))
+    info = builder.info
+    leaves = feature_leaves(info.features)
+    splits = info.splits
+    if "train" not in splits:
+        raise ValueError(f"{ds_dir}: no 'train' split (has {list(splits)})")
+    n_train = splits["train"].num_examples
+    if "val" in splits:
+        routes = {"train": [(0, n_train, "train")], "val": [(0, splits["val"].num_examples, "val")]}
+        sources = {"train": "train", "val": "val"}
+    else:
+        boundary = splits["train[:95%]"].num_examples  # tfds' own rounding of OpenVLA's split string
+        routes = {"train": [(0, boundary, "train"), (boundary, n_train, "val")]}
+        sources = {"train": "train[:95%]", "val": "train[95%:]"}
+    units: list[Unit] = []
+    shards = []
+    for split_name in splits.keys():  # split="all": every split, test included, for the statistics
+        start = 0
+        for i, fi in enumerate(splits[split_name].file_instructions):
+            path = fi.filename if os.path.isabs(str(fi.filename)) else str(ds_dir / fi.filename)
+            take = fi.take if fi.take is not None and fi.take >= 0 else fi.examples_in_shard - fi.skip
+            units.append(
+                Unit(req.name, f"{split_name}-{i:05d}", path, fi.skip, take, split_name, start, routes.get(split_name, []))
+            )
+            shards.append({"split": split_name, "file": os.path.basename(path), "episodes": take})
+            start += take
+    split_sizes = {s: sum(hi - lo for r in routes.values() for lo, hi, dst in r if dst == s) for s in ("train", "val")}
+    plan = DatasetPlan(
+        request=req,
+        spec_raw=json.loads(json.dumps(registry.raw(req.name))),
+        dataset_dir=str(ds_dir),
+        tfds_name=info.name,
+        tfds_version=str(info.version),
+        split_sources=sources,
+        split_sizes=split_sizes,
+        leaves=leaves,
+        units=units,
+        shards=shards,
+    )
+    plan.fingerprint = hashlib.sha256(
+        json.dumps(
+            {
+                "tool": TOOL_VERSION,
+                "request": {k: v for k, v in asdict(req).items() if k != "weight"},  # weight: mixture only
+                "spec": plan.spec_raw,
+                "shards": shards,
+                "frames_per_episode": opts.frames_per_episode,
+                "seed": opts.seed,
+                "stats_from": _file_digest(opts.stats_from),
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
+    return plan
+
+
+def _file_digest(path: str | None) -> str | None:
+    return None if path is None else hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# One unit (runs in a worker process; no TensorFlow)
+
+
+def _f32_list(values: np.ndarray) -> list[float]:
+    """Shortest decimal that round-trips to the same float32 (compact, exact, deterministic)."""
+    return [float(str(v)) for v in np.asarray(values, dtype=np.float32)]
+
+
+def _f32_json(values: np.ndarray) -> str:
+    """A JSON array of the shortest decimals that round-trip to the same float32 values."""
+    return "[" + ", ".join(str(v) for v in np.asarray(values, dtype=np.float32)) + "]"
+
+
+def _sample_line(name: str, split: str, episode: int, step: int, rel: str, instruction: str,
+                 action: np.ndarray, action_raw: np.ndarray) -> str:
+    """One LLaVA sample (DESIGN.md 2.1), formatted directly: json.dumps of the nested dict costs 3x more and
+    this runs once per frame in the main process. Equal to json.dumps(sample) of the same fields."""
+    human = json.dumps("<image>\n" + PROMPT.format(instruction=instruction.lower()), ensure_ascii=False)
+    return (
+        f'{{"id": "{name}/{split}/{episode:06d}/{step:04d}", "image": "{name}/images/{rel}", '
+        f'"conversations": [{{"from": "human", "value": {human}}}, {{"from": "gpt", "value": {_f32_json(action)}}}], '
+        f'"dataset": "{name}", "split": "{split}", "episode": {episode}, "step": {step}, '
+        f'"action_raw": {_f32_json(action_raw)}}}\n'
+    )
+
+
+def _route(routes: Sequence[tuple[int, int, str]], index: int) -> str | None:
+    for lo, hi, dst in routes:
+        if lo <= index < hi:
+            return dst
+    return None
+
+
+def _select_frames(n: int, k: int | None, seed: int, dataset: str, split: str, episode: int) -> np.ndarray:
+    if k is None or n <= k:
+        return np.arange(n)
+    rng = np.random.default_rng([seed, zlib.crc32(dataset.encode()), zlib.crc32(split.encode()), episode])
+    return np.sort(rng.choice(n, size=k, replace=False))
+
+
+def _write_file(path: str, data: bytes) -> None:
+    # os-level calls: with one file per frame, Python's buffered-file layer is a measurable share of the cost
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def _bump(d: dict[str, int], key: str, n: int = 1) -> None:
+    if n:
+        d[key] = d.get(key, 0) + n
+
+
+def process_unit(job: dict[str, Any]) -> dict[str, Any]:
+    """Convert one shard file of one split; returns its counts (or an error). Safe to re-run."""
+    unit: Unit = job["unit"]
+    try:
+        return _process_unit(job)
+    except CorruptRecordError as e:
+        return {"unit": unit.unit_id, "error": str(e)}
+    except Exception as e:  # noqa: BLE001 - reported per dataset, other datasets go on
+        return {"unit": unit.unit_id, "error": f"{unit.path}: {type(e).__name__}: {e}"}
+
+
+def _process_unit(job: dict[str, Any]) -> dict[str, Any]:
+    unit: Unit = job["unit"]
+    spec = parse_entry(unit.dataset, job["spec_raw"])
+    leaves: dict[str, LeafSpec] = job["leaves"]
+    work = Path(job["work_dir"])
+    images_root = Path(job["images_root"])
+    req: DatasetRequest = job["request"]
+    k, seed = job["frames_per_episode"], job["seed"]
+    done_dir = work / "units" / unit.unit_id
+    if (done_dir / "counts.json").is_file():
+        return json.loads((done_dir / "counts.json").read_text())
+    tmp = work / "units" / f"{unit.unit_id}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+    global _episodes_seen
+
+    keys_with_images = spec.step_keys(with_images=True)
+    keys_stats_only = spec.step_keys(with_images=False)
+    episode_keys = [spec.success_key] if (req.filter_success and spec.success_key) else []
+    image_key = f"observation/{spec.primary_image}"
+    counts: dict[str, Any] = {
+        "unit": unit.unit_id,
+        "episodes": 0,
+        "num_trajectories": 0,
+        "num_transitions": 0,
+        "dropped_for_statistics": {},
+        "splits": {s: {"episodes_read": 0, "episodes_kept": 0, "frames": 0, "image_bytes": 0,
+                       "images": {}, "dropped_episodes": {}, "dropped_frames": {}} for s in ("train", "val")},
+    }
+    stat_rows: list[np.ndarray] = []
+    made_dirs: set[str] = set()
+    sample_actions: list[np.ndarray] = []
+    with open(tmp / "samples.jsonl", "w") as out:
+        for record, payload in iter_tfrecord(unit.path, unit.skip, unit.take):
+            gidx = unit.global_start + (record - unit.skip)
+            split = _route(unit.routes, gidx)
+            try:
+                steps, meta, length = parse_episode(
+                    payload, leaves, keys_with_images if split else keys_stats_only, episode_keys
+                )
+            except (KeyError, ValueError) as e:
+                raise type(e)(f"{unit.path}: record {record}: {e}") from e
+            except Exception as e:  # a payload whose CRC matched but is not an Example
+                raise CorruptRecordError(unit.path, record, f"cannot parse example: {e}") from e
+            counts["episodes"] += 1
+            _episodes_seen += 1
+            if crash_after and _episodes_seen >= crash_after:
+                os._exit(17)  # simulated kill: no cleanup, no atexit
+            sc = counts["splits"][split] if split else None
+            if sc is not None:
+                sc["episodes_read"] += 1
+            if episode_keys and not bool(meta.get(spec.success_key, True)):
+                # kuka-style success filtering happens at prep time in OpenVLA: the episode does not exist
+                _bump(counts["dropped_for_statistics"], "filter_success")
+                if sc is not None:
+                    _bump(sc["dropped_episodes"], "filter_success")
+                continue
+            ep = Episode(steps=steps, step_index=np.arange(length), meta=meta)
+            try:
+                action, language = standardize(spec, ep)
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"record {record}: standardization failed: {e}") from e
+            finite = np.isfinite(action).all(axis=1)
+            counts["num_trajectories"] += 1
+            counts["num_transitions"] += int(finite.sum())
+            _bump(counts["dropped_for_statistics"], "nonfinite_action", int((~finite).sum()))
+            stat_rows.append(action[finite])
+            if sc is None:
+                continue
+            if ep.length == 0:
+                _bump(sc["dropped_episodes"], "no_frames")
+                continue
+            if not any(language):  # OpenVLA skip_unlabeled: every instruction of the trajectory is ""
+                _bump(sc["dropped_episodes"], "unlabeled")
+                continue
+            _bump(sc["dropped_frames"], "nonfinite_action", int((~finite).sum()))
+            candidates = np.flatnonzero(finite)
+            chosen = candidates[_select_frames(len(candidates), k, seed, unit.dataset, split, gidx)]
+            _bump(sc["dropped_frames"], "not_selected", len(candidates) - len(chosen))
+            images = ep.steps[image_key]
+            written = 0
+            for t in chosen.tolist():
+                step = int(ep.step_index[t])
+                try:
+                    data, how = frame_jpeg(images[t], req.flip_image_channels)
+                except MissingImageError:
+                    _bump(sc["dropped_frames"], "missing_image")
+                    continue
+                except ImageDecodeError:
+                    _bump(sc["dropped_frames"], "undecodable_image")
+                    continue
+                ep_dir = f"{images_root}/{split}/{gidx:06d}"
+                if ep_dir not in made_dirs:
+                    os.makedirs(ep_dir, exist_ok=True)
+                    made_dirs.add(ep_dir)
+                # no temp-and-rename per image: the whole images/ tree lives in the unfinished dataset directory
+                # until finalize renames it, and a re-run unit rewrites (truncates) every file it owns
+                _write_file(f"{ep_dir}/{step:04d}.jpg", data)
+                _bump(sc["images"], how)
+                sc["image_bytes"] += len(data)
+                out.write(json.dumps([split, gidx, step, language[t]], ensure_ascii=False) + "\n")
+                sample_actions.append(action[t])
+                written += 1
+            if written:
+                sc["episodes_kept"] += 1
+                sc["frames"] += written
+            else:
+                _bump(sc["dropped_episodes"], "no_frames")
+    rows = np.concatenate(stat_rows) if stat_rows else np.zeros((0, 7), np.float32)
+    np.save(tmp / "actions.npy", rows.astype(np.float32))
+    np.save(tmp / "sample_actions.npy", np.asarray(sample_actions, np.float32).reshape(-1, 7))
+    (tmp / "counts.json").write_text(json.dumps(counts, sort_keys=True))
+    shutil.rmtree(done_dir, ignore_errors=True)
+    os.replace(tmp, done_dir)  # the unit exists only once complete
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Finishing a dataset (main process)
+
+
+def _merge_counts(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {"num_trajectories": 0, "num_transitions": 0, "dropped_for_statistics": {}, "splits": {}}
+    for c in parts:
+        total["num_trajectories"] += c["num_trajectories"]
+        total["num_transitions"] += c["num_transitions"]
+        for k, v in c["dropped_for_statistics"].items():
+            _bump(total["dropped_for_statistics"], k, v)
+        for s, sc in c["splits"].items():
+            t = total["splits"].setdefault(
+                s, {"episodes_read": 0, "episodes_kept": 0, "frames": 0, "image_bytes": 0,
+                    "images": {}, "dropped_episodes": {}, "dropped_frames": {}}
+            )
+            for key in ("episodes_read", "episodes_kept", "frames", "image_bytes"):
+                t[key] += sc[key]
+            for key in ("images", "dropped_episodes", "dropped_frames"):
+                for k, v in sc[key].items():
+                    _bump(t[key], k, v)
+    return total
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def finalize_dataset(plan: DatasetPlan, out_dir: Path, opts: RunOptions, unit_counts: Mapping[str, Any]) -> dict[str, Any]:
+    name = plan.request.name
+    spec = parse_entry(name, plan.spec_raw)
+    work = out_dir / WORK_DIR / name
+    final = work / "final"
+    units = plan.units  # split order of dataset_info, shard order: OpenVLA's split="all" file order
+    if opts.stats_from:
+        stats = with_mask(load_published_statistics(opts.stats_from, name), spec.action_normalization_mask)
+        stats_source = f"--stats-from {opts.stats_from}"
+    else:
+        rows = np.concatenate([np.load(work / "units" / u.unit_id / "actions.npy") for u in units])
+        num_traj = sum(unit_counts[u.unit_id]["num_trajectories"] for u in units)
+        stats = compute_statistics(rows, num_traj, spec.action_normalization_mask)
+        stats_source = 'computed over split="all" (OpenVLA get_dataset_statistics)'
+    counts = _merge_counts([unit_counts[u.unit_id] for u in units])
+    zero_filters = [f.params for f in spec.frame_filters if f.name == "zero_action"]
+    outputs = {s: open(final / f"{s}.jsonl.tmp", "w") for s in ("train", "val")}
+    try:
+        for u in units:
+            unit_dir = work / "units" / u.unit_id
+            lines = (unit_dir / "samples.jsonl").read_text().splitlines()
+            if not lines:
+                continue
+            raw = np.load(unit_dir / "sample_actions.npy")
+            norm = normalize_bounds_q99(raw, stats)
+            keep = np.ones(len(lines), bool)
+            for params in zero_filters:
+                keep &= zero_action_keep_mask(norm, params["q01"], params["q99"])
+            for line, a_raw, a, ok in zip(lines, raw, norm, keep):
+                split, episode, step, instruction = json.loads(line)
+                rel = f"{split}/{episode:06d}/{step:04d}.jpg"
+                if not ok:
+                    _bump(counts["splits"][split]["dropped_frames"], "zero_action")
+                    counts["splits"][split]["frames"] -= 1
+                    os.unlink(final / "images" / rel)
+                    continue
+                outputs[split].write(_sample_line(name, split, episode, step, rel, instruction, a, a_raw))
+    finally:
+        for f in outputs.values():
+            f.close()
+    for s in ("train", "val"):
+        os.replace(final / f"{s}.jsonl.tmp", final / f"{s}.jsonl")
+    (final / "images").mkdir(exist_ok=True)
+    warnings = []
+    if plan.request.flip_wrist_image_channels:
+        warnings.append("flip_wrist_image_channels has no effect: only the primary camera is exported")
+    for s in ("train", "val"):
+        if counts["splits"].get(s, {}).get("frames", 0) == 0:
+            warnings.append(f"{s} split is empty")
+    _write_json_atomic(final / "dataset_statistics.json", {name: stats})
+    manifest = {
+        "tool_version": TOOL_VERSION,
+        "dataset": name,
+        "source": {"data_dir": plan.dataset_dir, "tfds_name": plan.tfds_name, "tfds_version": plan.tfds_version},
+        "shards": plan.shards,
+        "splits": plan.split_sources,
+        "split_episodes": plan.split_sizes,
+        "options": {
+            **{k: v for k, v in asdict(plan.request).items() if k not in ("name", "version")},
+            "frames_per_episode": opts.frames_per_episode,
+            "seed": opts.seed,
+        },
+        "statistics": stats_source,
+        "registry_entry": plan.spec_raw,
+        "counts": counts,
+        "warnings": warnings,
+        "fingerprint": plan.fingerprint,
+    }
+    _write_json_atomic(final / "manifest.json", manifest)
+    target = out_dir / name
+    os.replace(final, target)  # the whole dataset appears at once
+    shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# Orchestration
+
+
+def _existing_fingerprint(path: Path) -> str | None:
+    try:
+        return json.loads((path / "manifest.json").read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        return None
+
+
+def _write_top_level(out_dir: Path, requests: Sequence[DatasetRequest]) -> None:
+    combined = {}
+    entries = []
+    for req in requests:
+        combined.update(json.loads((out_dir / req.name / "dataset_statistics.json").read_text()))
+        entries.append(
+            {"json_path": str((out_dir / req.name / "train.jsonl").resolve()), "sampling_strategy": "all",
+             "weight": req.weight}
+        )
+    _write_json_atomic(out_dir / "dataset_statistics.json", combined)
+    text = "# LLaVA-NeXT --data_path file; images are relative to --image_folder " + str(out_dir.resolve()) + "\n"
+    text += yaml.safe_dump({"datasets": entries}, sort_keys=False)
+    write_atomic(out_dir / "mixture.yaml", text.encode())
+
+
+def convert(
+    data_dir: Path,
+    requests: Sequence[DatasetRequest],
+    out_dir: Path,
+    registry: Registry,
+    opts: RunOptions,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Convert every requested dataset; returns {dataset: error} for the ones that failed."""
+    from tqdm import tqdm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failures: dict[str, str] = {}
+    plans: list[DatasetPlan] = []
+    for req in requests:
+        try:
+            plan = plan_dataset(data_dir, req, registry, opts)
+        except (UnknownDatasetError, RegistryError, FileNotFoundError, ValueError, KeyError) as e:
+            failures[req.name] = str(e)
+            log.error("%s: %s", req.name, e)
+            continue
+        target, work = out_dir / req.name, out_dir / WORK_DIR / req.name
+        if overwrite:
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
+        elif target.exists():
+            if _existing_fingerprint(target) == plan.fingerprint:
+                log.info("%s: already converted in %s, skipping", req.name, target)
+                shutil.rmtree(work, ignore_errors=True)  # left over if a run died right after finishing it
+                continue
+            failures[req.name] = f"{target} exists from a run with other inputs or options; pass --overwrite"
+            log.error("%s: %s", req.name, failures[req.name])
+            continue
+        plan_file = work / "plan.json"
+        if plan_file.is_file() and json.loads(plan_file.read_text()).get("fingerprint") != plan.fingerprint:
+            failures[req.name] = f"{work} holds a partial run with other inputs or options; pass --overwrite"
+            log.error("%s: %s", req.name, failures[req.name])
+            continue
+        (work / "final" / "images").mkdir(parents=True, exist_ok=True)
+        (work / "units").mkdir(parents=True, exist_ok=True)
+        for stale in (work / "units").glob("*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)  # a killed run's unfinished unit is redone from scratch
+        _write_json_atomic(plan_file, {"fingerprint": plan.fingerprint})
+        log.info("%s: %s (%s %s), %d shard files", req.name, plan.dataset_dir, plan.tfds_name, plan.tfds_version,
+                 len(plan.units))
+        plans.append(plan)
+
+    jobs = []
+    for plan in plans:
+        work = out_dir / WORK_DIR / plan.request.name
+        for unit in plan.units:
+            jobs.append(
+                {
+                    "unit": unit,
+                    "spec_raw": plan.spec_raw,
+                    "leaves": plan.leaves,
+                    "request": plan.request,
+                    "work_dir": str(work),
+                    "images_root": str(work / "final" / "images"),
+                    "frames_per_episode": opts.frames_per_episode,
+                    "seed": opts.seed,
+                }
+            )
+    by_name = {p.request.name: p for p in plans}
+    pending = {p.request.name: {u.unit_id for u in p.units} for p in plans}
+    results: dict[str, dict[str, Any]] = {p.request.name: {} for p in plans}
+    bars = {
+        p.request.name: tqdm(total=sum(u.take for u in p.units), desc=p.request.name, unit="ep", disable=not progress,
+                             leave=True, dynamic_ncols=True)
+        for p in plans
+    }
+    frames = {name: 0 for name in by_name}
+    mbytes = {name: 0.0 for name in by_name}
+
+    def on_result(job: Mapping[str, Any], res: Mapping[str, Any]) -> None:
+        name = job["unit"].dataset
+        bar = bars[name]
+        if "error" in res:
+            failures.setdefault(name, res["error"])
+            log.error("%s: %s", name, res["error"])
+        else:
+            log.debug("%s: read %s: %d episodes", name, job["unit"].path, res["episodes"])
+            results[name][res["unit"]] = res
+            frames[name] += sum(s["frames"] for s in res["splits"].values())
+            mbytes[name] += sum(s["image_bytes"] for s in res["splits"].values()) / 1e6
+            bar.update(res["episodes"])
+            bar.set_postfix(frames=frames[name], MB=f"{mbytes[name]:.1f}")
+        pending[name].discard(job["unit"].unit_id)
+        if not pending[name] and name not in failures:
+            try:
+                m = finalize_dataset(by_name[name], out_dir, opts, results[name])
+                log.info("%s: wrote %s (train %d, val %d frames)", name, out_dir / name,
+                         m["counts"]["splits"].get("train", {}).get("frames", 0),
+                         m["counts"]["splits"].get("val", {}).get("frames", 0))
+            except Exception as e:  # noqa: BLE001
+                failures[name] = f"finalizing failed: {type(e).__name__}: {e}"
+                log.error("%s: %s", name, failures[name])
+            bar.close()
+
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            on_result(job, process_unit(job))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
+        # spawn: the parent has TensorFlow loaded (tfds planning); forking it is unsafe. An executor (not a
+        # Pool) so that a worker killed by the OS surfaces as an error instead of a hang.
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(process_unit, job) for job in jobs]
+            for job, fut in zip(jobs, futures):
+                try:
+                    res = fut.result()
+                except BrokenProcessPool as e:
+                    res = {"unit": job["unit"].unit_id, "error": f"worker process died: {e}"}
+                on_result(job, res)
+    for bar in bars.values():
+        bar.close()
+
+    if failures:
+        log.error("not written: mixture.yaml and dataset_statistics.json (failed: %s)", ", ".join(sorted(failures)))
+    else:
+        _write_top_level(out_dir, requests)
+        log.info("wrote %s and %s", out_dir / "mixture.yaml", out_dir / "dataset_statistics.json")
+        try:
+            (out_dir / WORK_DIR).rmdir()
+        except OSError:
+            pass
+    return failures
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m data_tools.convert",
+        description="Convert OXE RLDS datasets to LLaVA JSON exactly as OpenVLA's pipeline sees them "
+        "(standardization, statistics, BOUNDS_Q99 normalization, splits); images at native resolution.",
+        epilog="Exit codes: 0 all converted, 1 some dataset failed (others are still written), 2 usage error.",
+    )
+    p.add_argument("--data-dir", required=True, type=Path, help="directory holding <dataset>/<version>/ TFDS dirs")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--mixture", help="mixture YAML or shipped mixture name (datasets: [{name, version, weight, "
+                     "filter_success, flip_image_channels, ...}])")
+    src.add_argument("--datasets", help="comma-separated dataset names (weight 1 each)")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes over shard files (default 1)")
+    p.add_argument("--frames-per-episode", type=int, default=None, metavar="K",
+                   help="a seeded choice of K frames per episode (default: all frames)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --frames-per-episode (default 0)")
+    p.add_argument("--stats-from", type=Path, default=None,
+                   help="use published statistics (OpenVLA dataset_statistics.json / norm_stats) instead of computing")
+    p.add_argument("--overwrite", action="store_true", help="discard earlier output / partial runs of these datasets")
+    p.add_argument("--registry", action="append", default=[], type=Path,
+                   help="extra registry YAML with custom datasets (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        registry = Registry.load(args.registry)
+        if args.mixture:
+            requests = requests_from_mixture(args.mixture)
+        else:
+            requests = [DatasetRequest(n.strip()) for n in args.datasets.split(",") if n.strip()]
+        unknown = [r.name for r in requests if r.name not in registry]
+        if unknown:
+            for n in unknown:
+                try:
+                    registry.get(n)
+                except UnknownDatasetError as e:
+                    print(f"error: {e}", file=sys.stderr)
+            return 2
+        if args.frames_per_episode is not None and args.frames_per_episode < 1:
+            raise ValueError("--frames-per-episode must be >= 1")
+        if args.stats_from is not None and not args.stats_from.is_file():
+            raise ValueError(f"--stats-from {args.stats_from}: no such file")
+    except (RegistryError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    opts = RunOptions(args.frames_per_episode, args.seed, str(args.stats_from) if args.stats_from else None)
+    started = time.time()
+    failures = convert(args.data_dir, requests, args.out, registry, opts, args.workers, args.overwrite,
+                       progress=not args.no_progress)
+    log.info("done in %.1fs: %d converted, %d failed", time.time() - started, len(requests) - len(failures), len(failures))
+    for name, err in failures.items():
+        print(f"FAILED {name}: {err}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Summarise a converted directory: python -m data_tools.stats OUT [--plot DIR]
+
+Prints a table (samples, episodes, per-dimension normalized action mean/std) per dataset and split;
+with --plot, writes one PNG of action histograms per dataset (normalized and raw, 7 dims) and table.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+DIMS = ["x", "y", "z", "roll", "pitch", "yaw", "grip"]
+
+
+def load_actions(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    norm, raw, episodes = [], [], set()
+    if path.is_file():
+        with open(path) as f:
+            for line in f:
+                s = json.loads(line)
+                norm.append(s["conversations"][1]["value"])
+                raw.append(s["action_raw"])
+                episodes.add(s["episode"])
+    return np.asarray(norm, np.float32).reshape(-1, 7), np.asarray(raw, np.float32).reshape(-1, 7), len(episodes)
+
+
+def table(out: Path) -> list[dict]:
+    rows = []
+    for manifest in sorted(out.glob("*/manifest.json")):
+        ds = manifest.parent
+        for split in ("train", "val"):
+            norm, _, episodes = load_actions(ds / f"{split}.jsonl")
+            rows.append({
+                "dataset": ds.name, "split": split, "samples": len(norm), "episodes": episodes,
+                "mean": norm.mean(0).round(3).tolist() if len(norm) else [],
+                "std": norm.std(0).round(3).tolist() if len(norm) else [],
+            })
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = "| dataset | split | samples | episodes | mean (normalized, 7 dims) | std |\n|---|---|---|---|---|---|\n"
+    body = "".join(
+        f"| {r['dataset']} | {r['split']} | {r['samples']} | {r['episodes']} | "
+        f"{' '.join(f'{v:+.3f}' for v in r['mean'])} | {' '.join(f'{v:.3f}' for v in r['std'])} |\n"
+        for r in rows
+    )
+    return head + body
+
+
+def plot(out: Path, plot_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for manifest in sorted(out.glob("*/manifest.json")):
+        ds = manifest.parent
+        norm, raw, _ = load_actions(ds / "train.jsonl")
+        fig, axes = plt.subplots(2, 7, figsize=(21, 5.5))
+        for row, (values, label) in enumerate(((norm, "normalized"), (raw, "raw"))):
+            for d in range(7):
+                ax = axes[row, d]
+                if len(values):
+                    ax.hist(values[:, d], bins=50, color="tab:blue" if row == 0 else "tab:orange")
+                ax.set_title(f"{DIMS[d]} ({label})", fontsize=9)
+        fig.suptitle(f"{ds.name} train actions ({len(norm)} samples)")
+        fig.tight_layout()
+        path = plot_dir / f"{ds.name}_actions.png"
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_tools.stats", description=__doc__.split("\n\n")[1])
+    p.add_argument("out", type=Path, help="output directory of data_tools.convert")
+    p.add_argument("--plot", type=Path, default=None, metavar="DIR", help="write PNG histograms and table.md here")
+    args = p.parse_args(argv)
+    if not any(args.out.glob("*/manifest.json")):
+        print(f"error: {args.out} holds no converted dataset", file=sys.stderr)
+        return 2
+    text = format_table(table(args.out))
+    print(text)
+    if args.plot:
+        for path in plot(args.out, args.plot):
+            print(f"wrote {path}")
+        (args.plot / "table.md").write_text(text)
+        print(f"wrote {args.plot / 'table.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Check a converted output directory: python -m data_tools.validate OUT
+
+Every image exists and decodes, every sample has exactly one <image> (leading the human turn), 7 finite
+normalized actions in [-1, 1] consistent with action_raw and the statistics, provenance fields agree with
+the id and image path, statistics exist for every dataset, and per-split counts match the manifest.
+Exit code 0: no problems; 1: problems found (listed); 2: OUT is not a converted directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from data_tools.normalize import normalize_bounds_q99
+
+MAX_LISTED = 20
+
+
+class Report:
+    def __init__(self) -> None:
+        self.problems: dict[str, list[str]] = defaultdict(list)
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def add(self, kind: str, message: str) -> None:
+        self.counts[kind] += 1
+        if len(self.problems[kind]) < MAX_LISTED:
+            self.problems[kind].append(message)
+
+    @property
+    def ok(self) -> bool:
+        return not self.counts
+
+
+def _check_image(path: Path, decode: bool) -> str | None:
+    if not path.is_file():
+        return "missing"
+    if not decode:
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception as e:  # noqa: BLE001
+        return f"does not decode: {e}"
+    return None
+
+
+def _finite_list(value: Any, n: int = 7) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == n
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    )
+
+
+def validate_dataset(out: Path, ds_dir: Path, combined: dict[str, Any] | None, rep: Report, decode: bool) -> dict[str, int]:
+    name = ds_dir.name
+    manifest = json.loads((ds_dir / "manifest.json").read_text())
+    stats_file = ds_dir / "dataset_statistics.json"
+    stats = None
+    if not stats_file.is_file():
+        rep.add("statistics", f"{name}: no dataset_statistics.json")
+    else:
+        stats = json.loads(stats_file.read_text()).get(name)
+        if stats is None:
+            rep.add("statistics", f"{name}: dataset_statistics.json has no entry {name!r}")
+    if combined is not None and name not in combined:
+        rep.add("statistics", f"{name}: missing from the top-level dataset_statistics.json")
+    seen: set[str] = set()
+    lines_per_split: dict[str, int] = {}
+    for split in ("train", "val"):
+        path = ds_dir / f"{split}.jsonl"
+        if not path.is_file():
+            rep.add("files", f"{name}: no {split}.jsonl")
+            continue
+        n = 0
+        with open(path) as f:
+            for lineno, line in enumerate(f, 1):
+                n += 1
+                where = f"{path.relative_to(out)}:{lineno}"
+                try:
+                    s = json.loads(line)
+                except ValueError as e:
+                    rep.add("json", f"{where}: {e}")
+                    continue
+                _check_sample(out, name, split, s, where, stats, seen, rep, decode)
+        lines_per_split[split] = n
+        expected = manifest.get("counts", {}).get("splits", {}).get(split, {}).get("frames")
+        if expected is not None and expected != n:
+            rep.add("counts", f"{name}/{split}: {n} samples, manifest says {expected}")
+    return lines_per_split
+
+
+def _check_sample(
+    out: Path, name: str, split: str, s: Any, where: str, stats: Any, seen: set[str], rep: Report, decode: bool
+) -> None:
+    if not isinstance(s, dict):
+        rep.add("format", f"{where}: not an object")
+        return
+    missing = [k for k in ("id", "image", "conversations", "dataset", "split", "episode", "step", "action_raw") if k not in s]
+    if missing:
+        rep.add("format", f"{where}: missing {missing}")
+        return
+    sid = s["id"]
+    if sid in seen:
+        rep.add("duplicates", f"{where}: duplicate id {sid}")
+    seen.add(sid)
+    ep, step = s["episode"], s["step"]
+    if not (isinstance(ep, int) and isinstance(step, int) and ep >= 0 and step >= 0):
+        rep.add("provenance", f"{where}: episode/step must be non-negative integers")
+    else:
+        if s["dataset"] != name or s["split"] != split:
+            rep.add("provenance", f"{where}: dataset/split {s['dataset']}/{s['split']} in {name}/{split}.jsonl")
+        if sid != f"{name}/{split}/{ep:06d}/{step:04d}":
+            rep.add("provenance", f"{where}: id {sid} does not match dataset/split/episode/step")
+        if s["image"] != f"{name}/images/{split}/{ep:06d}/{step:04d}.jpg":
+            rep.add("provenance", f"{where}: image path {s['image']} does not match the provenance")
+    conv = s["conversations"]
+    if not (isinstance(conv, list) and len(conv) == 2 and conv[0].get("from") == "human" and conv[1].get("from") == "gpt"):
+        rep.add("format", f"{where}: conversations must be [human, gpt]")
+        return
+    human = conv[0].get("value", "")
+    if not isinstance(human, str) or human.count("<image>") != 1 or not human.startswith("<image>\n"):
+        rep.add("image_token", f"{where}: the human turn must start with '<image>\\n' and hold exactly one <image>")
+    action = conv[1].get("value")
+    if not _finite_list(action):
+        rep.add("action", f"{where}: gpt value must be 7 finite numbers")
+    elif any(abs(v) > 1.0 for v in action):
+        rep.add("action", f"{where}: normalized action outside [-1, 1]")
+    if not _finite_list(s["action_raw"]):
+        rep.add("action", f"{where}: action_raw must be 7 finite numbers")
+    elif stats is not None and _finite_list(action):
+        expect = normalize_bounds_q99(np.asarray([s["action_raw"]], np.float32), stats)[0]
+        if np.max(np.abs(expect - np.asarray(action, np.float32))) > 1e-5:
+            rep.add("action", f"{where}: gpt value is not action_raw normalized with the dataset statistics")
+    err = _check_image(out / s["image"], decode)
+    if err:
+        rep.add("images", f"{where}: image {s['image']} {err}")
+
+
+def validate(out: Path, decode: bool = True) -> tuple[Report, dict[str, dict[str, int]]]:
+    rep = Report()
+    combined = None
+    top = out / "dataset_statistics.json"
+    if top.is_file():
+        combined = json.loads(top.read_text())
+    else:
+        rep.add("files", "no top-level dataset_statistics.json")
+    if not (out / "mixture.yaml").is_file():
+        rep.add("files", "no top-level mixture.yaml")
+    datasets = sorted(p.parent for p in out.glob("*/manifest.json"))
+    summary = {}
+    for ds in datasets:
+        summary[ds.name] = validate_dataset(out, ds, combined, rep, decode)
+    if combined is not None:
+        for name in combined:
+            if not (out / name / "manifest.json").is_file():
+                rep.add("files", f"statistics for {name} but no converted dataset directory")
+    return rep, summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_tools.validate", description=__doc__.split("\n\n")[1],
+                                epilog="Exit codes: 0 valid, 1 problems found, 2 not a converted directory.")
+    p.add_argument("out", type=Path, help="output directory of data_tools.convert")
+    p.add_argument("--no-decode", action="store_true", help="only check that images exist (faster)")
+    args = p.parse_args(argv)
+    if not args.out.is_dir() or not any(args.out.glob("*/manifest.json")):
+        print(f"error: {args.out} holds no converted dataset (*/manifest.json)", file=sys.stderr)
+        return 2
+    rep, summary = validate(args.out, decode=not args.no_decode)
+    for name, splits in summary.items():
+        print(f"{name}: " + ", ".join(f"{s} {n} samples" for s, n in splits.items()))
+    if rep.ok:
+        print(f"OK: {sum(sum(v.values()) for v in summary.values())} samples in {len(summary)} datasets")
+        return 0
+    for kind, msgs in rep.problems.items():
+        print(f"PROBLEM [{kind}] x{rep.counts[kind]}")
+        for m in msgs:
+            print(f"  {m}")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
