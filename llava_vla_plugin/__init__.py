@@ -2,8 +2,16 @@
 
 Importing this package only sets environment defaults (cheap, no torch). The upstream hooks are
 installed by `llava_vla_plugin.register.register()`, which the training entry point calls.
+`llava_vla_plugin.VLAPolicy` (inference) is imported on first use.
 """
 from llava_vla_plugin.env import apply_env_defaults
 
 apply_env_defaults()
-def __getattr__(name): return __import__("llava_vla_plugin.policy", fromlist=["VLAPolicy"]).VLAPolicy if name == "VLAPolicy" else (_ for _ in ()).throw(AttributeError(f"module {__name__!r} has no attribute {name!r}"))  # lazy VLAPolicy: no torch at package import
+
+
+def __getattr__(name: str):
+    if name == "VLAPolicy":
+        from llava_vla_plugin.policy import VLAPolicy
+
+        return VLAPolicy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import llava.train.train as upstream_train
 
@@ -19,6 +20,9 @@ class ModelArguments(upstream_train.ModelArguments):
 class DataArguments(upstream_train.DataArguments):
     vla_skip_bad_samples: bool = field(default=False, metadata={"help": "count, log and skip unreadable samples instead of failing"})
     vla_data_seed: int = field(default=0, metadata={"help": "seed of per-dataset weight up/down-sampling"})
+    vla_val_data: Optional[str] = field(default=None, metadata={"help": "held-out VLA data (jsonl or mixture yaml): action loss, "
+                                                                          "accuracy and L1 every --vla_eval_steps and at the end"})
+    vla_eval_steps: int = field(default=0, metadata={"help": "evaluate --vla_val_data every N steps (0: only at the end)"})
     vla_blind: bool = field(default=False, metadata={"help": "ablation: drop the <image> token from VLA prompts, so the model "
                                                                "trains without seeing its images (a blind baseline)"})
 

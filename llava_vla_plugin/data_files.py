@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import random
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,26 +88,31 @@ def apply_sampling_strategy(samples: list[dict], strategy: str, source: Path) ->
 
 
 def apply_weight(samples: list[dict], weight: float, rng: np.random.Generator) -> list[dict]:
-    """Seeded up/down-sampling: weight w keeps floor(w) full copies plus a random fraction w - floor(w)."""
+    """Seeded up/down-sampling: weight w keeps floor(w) full copies plus a random fraction w - floor(w).
+
+    The fraction is a prefix of one seeded permutation, so with the same seed a larger weight keeps
+    every frame a smaller one kept: data-scaling runs differ only by the added data.
+    """
     if weight == 1.0:
         return samples
     whole, frac = int(math.floor(weight)), weight - math.floor(weight)
     out = samples * whole
     k = int(round(frac * len(samples)))
     if k:
-        idx = np.sort(rng.choice(len(samples), size=k, replace=False))
+        idx = np.sort(rng.permutation(len(samples))[:k])
         out = out + [samples[i] for i in idx]
     return out
 
 
 def load_data(data_path: str, seed: int = 0) -> tuple[list[dict], list[DataSource]]:
-    rng = np.random.default_rng(seed)
     sources = parse_sources(data_path)
     all_samples: list[dict] = []
     for src in sources:
         samples = read_samples(src.path)
         n_read = len(samples)
         samples = apply_sampling_strategy(samples, src.sampling_strategy, src.path)
+        # one generator per file (seed, file name): a file's subset does not depend on the other entries
+        rng = np.random.default_rng([seed, zlib.crc32(src.path.name.encode()), zlib.crc32(str(src.path.parent.name).encode())])
         samples = apply_weight(samples, src.weight, rng)
         source_name = str(src.path)
         for s in samples:

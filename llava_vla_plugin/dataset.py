@@ -60,13 +60,14 @@ def ensure_image_token(sample: dict) -> dict:
 
 
 class VLADataset(LazySupervisedDataset):
-    def __init__(self, data_path: str, tokenizer, data_args):
+    def __init__(self, data_path: str, tokenizer, data_args, *, is_eval: bool = False):
         torch.utils.data.Dataset.__init__(self)
         self.tokenizer = tokenizer
         self.data_args = data_args
         seed = int(getattr(data_args, "vla_data_seed", 0))
         self.list_data_dict, sources = load_data(data_path, seed=seed)
-        data_args.dataset_paths = [str(s.path) for s in sources]
+        if not is_eval:
+            data_args.dataset_paths = [str(s.path) for s in sources]
         self.dataset_statistics = find_statistics(sources)
         self.skip_bad_samples = bool(getattr(data_args, "vla_skip_bad_samples", False))
         self.skipped = 0
@@ -81,9 +82,10 @@ class VLADataset(LazySupervisedDataset):
         log.warning("VLADataset: %d samples (%d robot-action, %d other) from %s; statistics for %s",
                     len(self.list_data_dict), n_vla, len(self.list_data_dict) - n_vla, data_path,
                     sorted(self.dataset_statistics) or "no dataset")
-        state.set_dataset_statistics(self.dataset_statistics)
+        if not is_eval:  # a checkpoint carries the training data's statistics
+            state.set_dataset_statistics(self.dataset_statistics)
         if not self.list_data_dict:
-            raise ValueError(f"no training samples in {data_path}")
+            raise ValueError(f"no samples in {data_path}" + (" (the held-out data is empty: pass another VAL_DATA)" if is_eval else ""))
 
     # ---- lengths for length-grouped sampling ---------------------------------------------------
     def _text_len(self, sample: dict) -> int:

@@ -4,7 +4,7 @@ Upstream's forward projects every position onto the 151,936-id vocabulary: with 
 text positions that is 0.5-1.8 GB of fp32 logits per sample, while a VLA sample has 8 labelled
 positions. The loss (mean cross-entropy over labelled tokens) is the same number; the logits
 returned are those of the labelled positions only, shape [n_labelled, vocab].
-Inference, DPO and label-free calls use upstream's forward unchanged.
+Generation, DPO and label-free calls use upstream's forward unchanged.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def install(model_cls) -> None:
         dpo_forward: Optional[bool] = False,
         cache_position=None,
     ):
-        if labels is None or dpo_forward or not self.training:
+        if labels is None or dpo_forward:
             return upstream_forward(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels,
                                     use_cache, output_attentions, output_hidden_states, images, image_sizes, return_dict,
                                     modalities, dpo_forward, cache_position)
@@ -53,6 +53,8 @@ def install(model_cls) -> None:
         targets, logits = labelled_logits(self.lm_head, outputs.last_hidden_state, labels)
         loss = F.cross_entropy(logits.float(), targets) if targets.numel() else logits.sum() * 0.0
         state.stash_targets(targets)
+        if self.training and attention_mask is not None:
+            state.count_tokens(int(attention_mask.sum()), int(attention_mask.shape[0]))
         return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
     forward.__doc__ = upstream_forward.__doc__

@@ -46,3 +46,16 @@ def pop_targets():
     global _targets
     targets, _targets = _targets, None
     return targets
+
+
+# Sequence positions (visual + text) processed in training, for tokens/compute scaling axes.
+_tokens = {"tokens": 0, "samples": 0}
+
+
+def count_tokens(tokens: int, samples: int) -> None:
+    _tokens["tokens"] += tokens
+    _tokens["samples"] += samples
+
+
+def tokens_per_sample() -> float | None:
+    return _tokens["tokens"] / _tokens["samples"] if _tokens["samples"] else None

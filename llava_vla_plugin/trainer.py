@@ -15,7 +15,9 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import transformers
+from transformers import TrainerCallback
 from llava.train.llava_trainer import LLaVATrainer, should_only_save_mm_adapter
 
 from llava_vla_plugin import state
@@ -70,12 +72,102 @@ class ActionMetrics:
         return {"action_accuracy": self.correct / self.total, "action_l1": self.l1_sum / self.total}
 
 
+class ValidationCallback(TrainerCallback):
+    """Held-out evaluation every `every` steps and at the end of training."""
+
+    def __init__(self, trainer: "VLATrainer", every: int):
+        self.trainer = trainer
+        self.every = every
+        self.last_step = -1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.every > 0 and state.global_step % self.every == 0 and state.global_step != self.last_step:
+            self.last_step = state.global_step
+            self.trainer.run_validation()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        metrics = self.trainer.run_validation() if state.global_step != self.last_step else self.trainer.last_val_metrics
+        self.trainer.write_final_metrics(metrics or {})
+
+
 class VLATrainer(LLaVATrainer):
     def __init__(self, *args, tokenizer=None, **kwargs):
         if tokenizer is not None and kwargs.get("processing_class") is None:
             kwargs["processing_class"] = tokenizer
         super().__init__(*args, **kwargs)
         self.action_metrics = ActionMetrics()
+        self.val_dataset = None
+        self.last_val_metrics: dict = {}
+        data_args = getattr(self.train_dataset, "data_args", None)
+        val_path = getattr(data_args, "vla_val_data", None)
+        if val_path:
+            from llava_vla_plugin.dataset import VLADataset
+
+            self.val_dataset = VLADataset(val_path, self.processing_class, data_args, is_eval=True)
+        self.add_callback(ValidationCallback(self, int(getattr(data_args, "vla_eval_steps", 0) or 0)))
+
+    # ---- held-out validation -------------------------------------------------------------------
+    @torch.no_grad()
+    def run_validation(self) -> dict:
+        if self.val_dataset is None:
+            return {}
+        at = state.get_action_tokenizer()
+        first, n_bins = int(at.token_ids[0]), at.n_bins
+        rank, world = self.args.process_index, self.args.world_size
+        indices = list(range(rank, len(self.val_dataset), world))
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.val_dataset, indices),
+                                             batch_size=self.args.per_device_eval_batch_size, shuffle=False,
+                                             collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.args.device)  # ce, correct, l1, count
+        centers = torch.as_tensor(at.bin_centers, dtype=torch.float32, device=self.args.device)
+        for batch in loader:
+            batch = self._prepare_inputs(batch)
+            out = model(**{k: v for k, v in batch.items() if k not in ("prompts", "ids")})
+            targets = state.pop_targets()
+            logits = out.logits.float()
+            mask = (targets >= first) & (targets < first + n_bins)
+            if not mask.any():
+                continue
+            lg, tg = logits[mask], targets[mask]
+            sums[0] += F.cross_entropy(lg, tg, reduction="sum").double()
+            sums[1] += (lg.argmax(-1) == tg).sum()
+            pred_bins = lg[:, first:first + n_bins].argmax(-1)
+            sums[2] += (centers[pred_bins] - centers[tg - first]).abs().sum().double()
+            sums[3] += mask.sum()
+        if was_training:
+            model.train()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        count = max(float(sums[3]), 1.0)
+        metrics = {"val_action_loss": float(sums[0]) / count, "val_action_accuracy": float(sums[1]) / count,
+                   "val_action_l1": float(sums[2]) / count, "val_action_tokens": int(sums[3])}
+        self.last_val_metrics = metrics
+        self.log(dict(metrics))
+        if self.args.should_save:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, "vla_metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": self.state.global_step, **metrics}) + "\n")
+        return metrics
+
+    def write_final_metrics(self, val_metrics: dict) -> None:
+        """What scaling studies read: held-out metrics and how much data/compute the run used."""
+        if not self.args.should_save:
+            return
+        params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
+        global_batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        samples_seen = self.state.global_step * global_batch
+        per_sample = state.tokens_per_sample()
+        tokens_seen = int(per_sample * samples_seen) if per_sample else None
+        final = {"step": self.state.global_step, **val_metrics, "train_frames": len(self.train_dataset),
+                 "train_samples_seen": samples_seen, "train_tokens_seen": tokens_seen, "model_params": params,
+                 "compute_flops": 6.0 * params * tokens_seen if tokens_seen else None}
+        tmp = os.path.join(self.args.output_dir, "final_metrics.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(final, f, indent=2)
+        os.replace(tmp, os.path.join(self.args.output_dir, "final_metrics.json"))
 
     # ---- upstream fixes ------------------------------------------------------------------------
     def create_accelerator_and_postprocess(self):

@@ -10,6 +10,8 @@
 #   MASTER_ADDR, MASTER_PORT as for any torchrun job)  DEEPSPEED=configs/zero2.json (zero3.json too)
 #   BATCH_SIZE=8 GRAD_ACCUM=1 LR=2e-5 EPOCHS=1 MAX_STEPS=-1 SAVE_STEPS=1000 IMAGE_ASPECT_RATIO=anyres_max_9
 #   MODEL_MAX_LENGTH=4096 PRECISION=bf16 (fp32 on CPU) NUM_WORKERS=4 REPORT_TO=none
+#   VAL_DATA=converted/<ds>/val.jsonl (or a mixture) EVAL_STEPS=500: held-out action loss/accuracy/L1
+#   every EVAL_STEPS and at the end -> OUTPUT_DIR/vla_metrics.jsonl, OUTPUT_DIR/final_metrics.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -35,6 +37,8 @@ IMAGE_ASPECT_RATIO=${IMAGE_ASPECT_RATIO:-anyres_max_9}
 MODEL_MAX_LENGTH=${MODEL_MAX_LENGTH:-4096}
 NUM_WORKERS=${NUM_WORKERS:-4}
 REPORT_TO=${REPORT_TO:-none}
+VAL_DATA=${VAL_DATA:-}
+EVAL_STEPS=${EVAL_STEPS:-500}
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=python
 
@@ -87,6 +91,8 @@ ARGS=(
   --report_to "$REPORT_TO"
   --dataloader_drop_last True
 )
+
+if [ -n "$VAL_DATA" ]; then ARGS+=(--vla_val_data "$VAL_DATA" --vla_eval_steps "$EVAL_STEPS" --per_device_eval_batch_size "$BATCH_SIZE"); fi
 
 mkdir -p "$OUTPUT_DIR"
 if [ "$NUM_GPUS" = "0" ]; then

@@ -55,3 +55,13 @@ def test_apply_weight_counts():
     assert len(apply_weight(base, 1.5, np.random.default_rng(0))) == 150
     assert len(apply_weight(base, 0.25, np.random.default_rng(0))) == 25
     assert apply_weight(base, 0.0, np.random.default_rng(0)) == []
+
+
+def test_larger_weights_keep_the_frames_of_smaller_ones(tmp_path):
+    _write(tmp_path / "a/train.jsonl", 200, "a")
+    kept = []
+    for w in (0.1, 0.3, 0.7):
+        (tmp_path / "m.yaml").write_text(yaml.safe_dump({"datasets": [{"json_path": "a/train.jsonl", "weight": w}]}))
+        kept.append({s["id"] for s in load_data(str(tmp_path / "m.yaml"), seed=3)[0]})
+    assert [len(k) for k in kept] == [20, 60, 140]
+    assert kept[0] <= kept[1] <= kept[2]

@@ -1,0 +1,27 @@
+"""Run every benchmark in bench/ one after another (`make bench`); each prints its ratios against
+the baseline it measures in the same run. Record the numbers in BENCHMARKS.md with machine and date."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHES = ["bench_convert.py", "bench_dataset.py", "bench_predict.py"]
+
+
+def main() -> int:
+    env = {**os.environ, "USE_TF": "0", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE.parent)}
+    failed = []
+    for name in BENCHES:
+        print(f"\n===== {name} =====", flush=True)
+        if subprocess.run([sys.executable, str(HERE / name)], env=env).returncode != 0:
+            failed.append(name)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

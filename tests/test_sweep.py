@@ -1,0 +1,255 @@
+"""llava_vla_plugin.sweep: a grid spec -> run folders and launchers; finished runs never run again.
+
+Training is replaced by a stub finetune script (FINETUNE_SCRIPT) that records its call and writes
+final_metrics.json, so these tests take seconds.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, requires_upstream, subprocess_env
+from llava_vla_plugin.sweep import SweepError, load_spec, plan_sweep, write_sweep
+from test_mixture_tool import _write_converted
+
+STUB = r"""#!/usr/bin/env bash
+set -eu
+echo "$(basename "$(dirname "$OUTPUT_DIR")") MODEL=$MODEL MAX_STEPS=$MAX_STEPS DATA=$DATA VAL_DATA=${VAL_DATA:-} NUM_GPUS=$NUM_GPUS ARGS=$*" >> "$STUB_CALLS"
+if [ "${STUB_FAIL:-}" = "$(basename "$(dirname "$OUTPUT_DIR")")" ]; then echo "stub failure" >&2; exit 3; fi
+echo '{"step": 1, "val_action_loss": 1.0, "train_frames": 1}' > "$OUTPUT_DIR/final_metrics.json"
+"""
+
+EXPECTED = [
+    "frac0.25-mix_bridge_only-steps3-model_tiny",
+    "frac0.25-mix_two-steps3-model_tiny",
+    "frac0.5-mix_bridge_only-steps3-model_tiny",
+    "frac0.5-mix_two-steps3-model_tiny",
+]
+
+
+@pytest.fixture()
+def sweep(tmp_path):
+    converted = _write_converted(tmp_path / "converted")
+    weights = tmp_path / "two.yaml"
+    weights.write_text("bridge_orig: 1\nfractal20220817_data: 1\n")
+    spec = {
+        "name": "unit", "converted": str(converted), "seed": 5,
+        "env": {"NUM_GPUS": 0, "BATCH_SIZE": 2, "EVAL_STEPS": 1},
+        "args": ["--seed", "0"],
+        "grid": {"fraction": [0.25, 0.5], "mixture": [{"name": "bridge_only", "weights": {"bridge_orig": 1}}, str(weights)],
+                 "model": [{"name": "tiny", "path": str(tmp_path / "model-qwen")}], "steps": 3},
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    stub = tmp_path / "stub_finetune.sh"
+    stub.write_text(STUB)
+    env = subprocess_env({"FINETUNE_SCRIPT": str(stub), "STUB_CALLS": str(tmp_path / "calls.txt")})
+    return path, tmp_path / "runs", env, tmp_path / "calls.txt"
+
+
+def _sweep(*args, env):
+    return subprocess.run([sys.executable, "-m", "llava_vla_plugin.sweep", *map(str, args)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _calls(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_writes_run_folders_deterministically(sweep, tmp_path):
+    spec, runs, env, _ = sweep
+    p = _sweep(spec, "-o", runs, env=env)
+    assert p.returncode == 0, p.stderr
+    assert sorted(d.name for d in runs.iterdir() if d.is_dir()) == EXPECTED
+    for name in EXPECTED:
+        d = runs / name
+        assert {f.name for f in d.iterdir()} == {"mixture.yaml", "config.json", "launch.sh"}
+        assert os.access(d / "launch.sh", os.X_OK)
+        cfg = json.loads((d / "config.json").read_text())
+        assert cfg["run"] == name and cfg["steps"] == 3 and cfg["model"] == "tiny" and cfg["seed"] == 5
+        assert cfg["env"]["VAL_DATA"] == str(runs / "val_mixture.yaml") and cfg["env"]["MAX_STEPS"] == "3"
+        mix = yaml.safe_load((d / "mixture.yaml").read_text())
+        assert mix["vla_mixture"]["fraction"] == cfg["fraction"] and mix["vla_mixture"]["balance"] is True
+        assert cfg["planned_train_frames"] == mix["vla_mixture"]["effective_frames"]
+    # bridge_only at 0.5: half of bridge's 40 frames; two (balanced 400:100) at 0.25 of 60 frames
+    assert json.loads((runs / EXPECTED[2] / "config.json").read_text())["planned_train_frames"] == 20
+    assert json.loads((runs / EXPECTED[1] / "config.json").read_text())["mixture_shares"] == pytest.approx(
+        {"bridge_orig": 0.8, "fractal20220817_data": 0.2})
+    # validation data shared by all runs: val.jsonl of every dataset used
+    val = yaml.safe_load((runs / "val_mixture.yaml").read_text())
+    assert sorted(Path(d["json_path"]).parent.name for d in val["datasets"]) == ["bridge_orig", "fractal20220817_data"]
+    launch_all = (runs / "launch_all.sh").read_text()
+    assert all(n in launch_all for n in EXPECTED)
+    # writing again changes nothing
+    before = _digest(runs)
+    assert _sweep(spec, "-o", runs, env=env).returncode == 0
+    assert _digest(runs) == before
+    # --dry-run writes nothing
+    other = tmp_path / "other"
+    p = _sweep(spec, "-o", other, "--dry-run", env=env)
+    assert p.returncode == 0 and not other.exists() and EXPECTED[0] in p.stderr
+
+
+def test_launch_then_relaunch_runs_nothing(sweep):
+    spec, runs, env, calls = sweep
+    p = _sweep(spec, "-o", runs, "--launch", env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    first = _calls(calls)
+    assert sorted(c.split()[0] for c in first) == EXPECTED  # each run once, in order of the grid
+    line = next(c for c in first if c.startswith(EXPECTED[0]))
+    assert f"DATA={runs / EXPECTED[0] / 'mixture.yaml'}" in line and "MAX_STEPS=3" in line and "NUM_GPUS=0" in line
+    assert "--vla_data_seed 5 --seed 0" in line and f"VAL_DATA={runs / 'val_mixture.yaml'}" in line
+    assert all((runs / n / "out/final_metrics.json").exists() and (runs / n / "train.log").exists() for n in EXPECTED)
+
+    # relaunch through every path: nothing runs
+    p = _sweep(spec, "-o", runs, "--launch", env=env)
+    assert p.returncode == 0, p.stderr
+    assert "nothing to run" in p.stderr and all(f"skipped (finished): {n}" in p.stderr for n in EXPECTED)
+    p = subprocess.run(["bash", str(runs / "launch_all.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "ran 0, skipped 4, failed 0" in p.stdout
+    p = subprocess.run(["bash", str(runs / EXPECTED[0] / "launch.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "skipped" in p.stdout
+    p = _sweep(spec, "-o", runs, "--print", env=env)
+    assert p.returncode == 0 and p.stdout == "" and p.stderr.count("skipped (finished)") == 4
+    assert _calls(calls) == first
+
+    # an unfinished run (no final_metrics.json) runs again, only it
+    (runs / EXPECTED[3] / "out/final_metrics.json").unlink()
+    p = _sweep(spec, "-o", runs, "--print", env=env)
+    assert p.stdout.splitlines() == [f"bash {runs / EXPECTED[3] / 'launch.sh'}"]
+    p = subprocess.run(["bash", str(runs / "launch_all.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "ran 1, skipped 3, failed 0" in p.stdout
+    assert [c.split()[0] for c in _calls(calls)[len(first):]] == [EXPECTED[3]]
+
+
+def test_failed_run_is_reported_and_others_run(sweep):
+    spec, runs, env, calls = sweep
+    p = _sweep(spec, "-o", runs, "--launch", env={**env, "STUB_FAIL": EXPECTED[1]})
+    assert p.returncode != 0
+    assert f"FAILED: {EXPECTED[1]}" in p.stderr and "ran 3, skipped 0, failed 1" in p.stdout
+    assert not (runs / EXPECTED[1] / "out/final_metrics.json").exists()
+    p = _sweep(spec, "-o", runs, "--launch", env=env)  # the failed one runs again, the rest are skipped
+    assert p.returncode == 0 and "ran 1, skipped 3, failed 0" in p.stdout
+
+
+def test_started_run_with_changed_config_is_refused(sweep):
+    spec_path, runs, env, _ = sweep
+    assert _sweep(spec_path, "-o", runs, "--launch", env=env).returncode == 0
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["env"]["BATCH_SIZE"] = 4
+    spec_path.write_text(yaml.safe_dump(spec))
+    p = _sweep(spec_path, "-o", runs, env=env)
+    assert p.returncode == 2 and "different configuration" in p.stderr and "env" in p.stderr
+
+
+def test_spec_errors(tmp_path):
+    converted = _write_converted(tmp_path / "converted")
+
+    def plan(**over):
+        spec = {"converted": str(converted), "grid": {"mixture": [{"name": "b", "weights": {"bridge_orig": 1}}], "model": ["m"]}}
+        spec.update(over)
+        path = tmp_path / "s.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        return plan_sweep(load_spec(path), tmp_path / "runs")
+
+    runs, info = plan()
+    assert [r.name for r in runs] == ["frac1-mix_b-stepsall-model_m"]
+    with pytest.raises(SweepError, match="MODEL"):
+        plan(env={"MODEL": "x"})
+    with pytest.raises(SweepError, match="unknown grid axis"):
+        plan(grid={"mixture": ["bridge_rt_1"], "model": ["m"], "lr": [1]})
+    with pytest.raises(SweepError, match="not converted"):
+        plan(grid={"mixture": ["rtx"], "model": ["m"]})
+    with pytest.raises(SweepError, match="duplicate"):
+        plan(grid={"mixture": [{"name": "b", "weights": {"bridge_orig": 1}}], "model": ["a/m", "b/m"]})
+    with pytest.raises(SweepError, match="fraction"):
+        plan(grid={"mixture": ["bridge_rt_1"], "model": ["m"], "fraction": [0]})
+    with pytest.raises(SweepError, match="unknown key"):
+        plan(gird={})
+    runs, info = plan(val_data=None)
+    assert "VAL_DATA" not in runs[0].env
+    write_sweep(runs, info)
+    assert not (tmp_path / "runs/val_mixture.yaml").exists()
+
+
+def test_example_spec_is_valid(tmp_path):
+    """configs/sweeps/example.yaml plans against a converted folder holding its datasets."""
+    spec = load_spec(ROOT / "configs/sweeps/example.yaml")
+    spec["converted"] = str(_write_converted(tmp_path / "converted"))
+    spec.pop("image_folder")
+    runs, info = plan_sweep(spec, tmp_path / "runs")
+    assert len(runs) == 8 and info["val"]["per_dataset"] == 2000
+    assert "frac0.125-mix_bridge_rt_1-steps5000-model_ov-0.5b" in [r.name for r in runs]
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end on CPU: the tiny model, two data fractions, real training with validation, the report.
+
+
+def _trainer_has_val_data() -> bool:
+    return "vla_val_data" in (ROOT / "llava_vla_plugin/arguments.py").read_text()
+
+
+@requires_upstream
+@pytest.mark.slow
+def test_tiny_sweep_end_to_end(tmp_path):
+    if not _trainer_has_val_data():
+        pytest.skip("the trainer has no validation yet (no `vla_val_data` in llava_vla_plugin/arguments.py): "
+                    "runs would not write final_metrics.json / val metrics")
+    from llava_vla_plugin.testing.tiny_model import build_tiny_model
+    from llava_vla_plugin.testing.vla_samples import colour_image, write_vla_dataset
+
+    tiny = build_tiny_model(tmp_path / "tiny", vision_layers=1)
+    converted = tmp_path / "converted"
+    table = [[-0.8] * 6 + [0.0], [0.0] * 6 + [1.0], [0.8] * 6 + [0.0]]
+    for split, n, seed in (("val", 6, 2), ("train", 16, 1)):  # train last: its statistics stay
+        write_vla_dataset(converted, "colours", n, split=split, seed=seed, image_fn=lambda i, r: colour_image(r, i % 3),
+                          action_fn=lambda i, r: table[i % 3])
+    spec = {
+        "name": "e2e", "converted": str(converted), "val_data": "auto",
+        "env": {**tiny.env(), "NUM_GPUS": 0, "BATCH_SIZE": 2, "IMAGE_ASPECT_RATIO": "pad", "NUM_WORKERS": 0,
+                "MODEL_MAX_LENGTH": 1024, "EVAL_STEPS": 2, "SAVE_STEPS": 1000, "LR": 1e-3, "PYTHON": sys.executable},
+        "args": ["--gradient_checkpointing", "False", "--warmup_ratio", "0", "--lr_scheduler_type", "constant",
+                 "--mm_tunable_parts", "mm_mlp_adapter,mm_language_model", "--seed", "0"],
+        "grid": {"fraction": [0.5, 1.0], "mixture": [{"name": "colours", "weights": {"colours": 1}}],
+                 "model": [{"name": "tiny", "path": str(tiny.llava_dir), "vision_tower": tiny.vision_tower}], "steps": 3},
+    }
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    runs = tmp_path / "runs"
+    env = subprocess_env()
+    env.pop("FINETUNE_SCRIPT", None)
+    p = subprocess.run([sys.executable, "-m", "llava_vla_plugin.sweep", str(spec_path), "-o", str(runs), "--launch"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    names = ["frac0.5-mix_colours-steps3-model_tiny", "frac1-mix_colours-steps3-model_tiny"]
+    logs = "".join((runs / n / "train.log").read_text()[-3000:] for n in names if (runs / n / "train.log").exists())
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:] + logs
+    for name, frames in zip(names, (8, 16)):
+        final = json.loads((runs / name / "out/final_metrics.json").read_text())
+        assert final["step"] == 3 and final["train_frames"] == frames
+        for key in ("val_action_loss", "val_action_accuracy", "val_action_l1", "train_tokens_seen", "compute_flops"):
+            assert isinstance(final[key], (int, float)), (key, final)
+        evals = [json.loads(l) for l in (runs / name / "out/vla_metrics.jsonl").read_text().splitlines() if l.strip()]
+        assert evals and all("val_action_loss" in e for e in evals)
+    report = runs / "report"
+    p = subprocess.run([sys.executable, "-m", "llava_vla_plugin.scaling", str(runs), "--x", "frames", "--report", str(report)],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    result = json.loads((report / "scaling.json").read_text())
+    assert result["n_points"] == 2 and result["groups"][0]["fit"] is None and "need at least 3" in p.stdout
+    assert (report / "scaling.png").stat().st_size > 0 and len((report / "scaling.csv").read_text().splitlines()) == 3
+    # relaunching the finished sweep trains nothing
+    p = subprocess.run([sys.executable, "-m", "llava_vla_plugin.sweep", str(spec_path), "-o", str(runs), "--launch"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "nothing to run" in p.stderr
