@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["bench_convert.py", "bench_dataset.py", "bench_predict.py"]
+BENCHES = ["bench_convert.py", "bench_dataset.py", "bench_train_step.py", "bench_predict.py"]
 
 
 def main() -> int:

@@ -1,6 +1,6 @@
 """Upstream LLaVA-NeXT's train entry with the VLA plugin applied.
 
-    python -m llava_vla_plugin.train [every upstream argument] [--vla_skip_bad_samples] [--vla_data_seed N]
+    python -m llava_vla_plugin.train [every upstream argument] [--vla_* options below]
 
 Use it exactly like `llava/train/train_mem.py` (torchrun / deepspeed launchers included).
 """

@@ -99,8 +99,14 @@ if [ "$NUM_GPUS" = "0" ]; then
   echo "[finetune] one CPU process, no DeepSpeed -> $OUTPUT_DIR"
   exec "$PYTHON" -m llava_vla_plugin.train "${ARGS[@]}" --use_cpu True "$@"
 fi
-echo "[finetune] torchrun: $NNODES node(s) x $NUM_GPUS GPU(s), DeepSpeed $DEEPSPEED -> $OUTPUT_DIR"
+DIST_ARGS=()
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  # No CUDA: DeepSpeed still runs (CPU accelerator, gloo), e.g. to check a config before a GPU run.
+  echo "[finetune] no CUDA found: $NUM_GPUS CPU processes with gloo"
+  DIST_ARGS=(--use_cpu True --ddp_backend gloo)
+fi
+echo "[finetune] torchrun: $NNODES node(s) x $NUM_GPUS process(es), DeepSpeed $DEEPSPEED -> $OUTPUT_DIR"
 exec "$PYTHON" -m torch.distributed.run \
   --nproc_per_node "$NUM_GPUS" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-  -m llava_vla_plugin.train --deepspeed "$DEEPSPEED" "${ARGS[@]}" "$@"
+  -m llava_vla_plugin.train --deepspeed "$DEEPSPEED" "${ARGS[@]}" "${DIST_ARGS[@]}" "$@"
