@@ -5,7 +5,6 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 LLAVA_NEXT_SRC ?= https://github.com/LLaVA-VL/LLaVA-NeXT.git
-export LLAVA_NEXT_SRC PYTHON VENV
 
 .PHONY: setup setup-gpu upstream test test-all demo bench clean-upstream help
 
@@ -17,14 +16,16 @@ help:
 	@echo "make bench       run the benchmarks under bench/"
 	@echo "env: LLAVA_NEXT_SRC=$(LLAVA_NEXT_SRC)  REQUIRE_UPSTREAM=1 makes a missing upstream fatal"
 
+SETUP_ENV := LLAVA_NEXT_SRC="$(LLAVA_NEXT_SRC)" PYTHON="$(PYTHON)" VENV="$(VENV)"
+
 setup:
-	@bash scripts/setup.sh
+	@$(SETUP_ENV) bash scripts/setup.sh
 
 setup-gpu: setup
-	@bash scripts/setup.sh --gpu
+	@$(SETUP_ENV) bash scripts/setup.sh --gpu
 
 upstream:
-	@bash scripts/setup.sh --upstream-only
+	@$(SETUP_ENV) bash scripts/setup.sh --upstream-only
 
 test:
 	@$(PY) -m pytest -rs $(PYTEST_ARGS)

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=30, help="training steps")
     ap.add_argument("--image-size", default="96x128", help="HxW of the synthetic camera frames")
     args = ap.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter hides the stage output
     work = Path(args.workdir).resolve()
     if work.exists():
         shutil.rmtree(work)
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                  "DATA": str(out / "mixture.yaml"), "IMAGE_FOLDER": str(out), "OUTPUT_DIR": str(run_dir), "NUM_GPUS": "0",
                  "BATCH_SIZE": "4", "MAX_STEPS": str(args.steps), "SAVE_STEPS": str(args.steps), "LR": "1e-2",
                  "IMAGE_ASPECT_RATIO": "pad", "NUM_WORKERS": "0", "MODEL_MAX_LENGTH": "1024", "VAL_DATA": str(val),
-                 "EVAL_STEPS": "0", "PYTHON": sys.executable}
+                 "EVAL_STEPS": "0", "VLA_PYTHON": sys.executable}
     run(["bash", str(ROOT / "scripts/finetune_ov_vla.sh"), "--gradient_checkpointing", "False", "--warmup_ratio", "0",
          "--mm_tunable_parts", "mm_mlp_adapter,mm_language_model"], train_env, work / "train.log")
     history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]

@@ -10,6 +10,7 @@
 #   MASTER_ADDR, MASTER_PORT as for any torchrun job)  DEEPSPEED=configs/zero2.json (zero3.json too)
 #   BATCH_SIZE=8 GRAD_ACCUM=1 LR=2e-5 EPOCHS=1 MAX_STEPS=-1 SAVE_STEPS=1000 IMAGE_ASPECT_RATIO=anyres_max_9
 #   MODEL_MAX_LENGTH=4096 PRECISION=bf16 (fp32 on CPU) NUM_WORKERS=4 REPORT_TO=none
+#   VLA_PYTHON=.venv/bin/python (the interpreter that has the plugin and upstream)
 #   VAL_DATA=converted/<ds>/val.jsonl (or a mixture) EVAL_STEPS=500: held-out action loss/accuracy/L1
 #   every EVAL_STEPS and at the end -> OUTPUT_DIR/vla_metrics.jsonl, OUTPUT_DIR/final_metrics.json
 set -euo pipefail
@@ -39,7 +40,8 @@ NUM_WORKERS=${NUM_WORKERS:-4}
 REPORT_TO=${REPORT_TO:-none}
 VAL_DATA=${VAL_DATA:-}
 EVAL_STEPS=${EVAL_STEPS:-500}
-PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
+# VLA_PYTHON, not PYTHON: many environments (make, CI images) export PYTHON for other purposes.
+PYTHON=${VLA_PYTHON:-$ROOT/.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=python
 
 if [ "$NUM_GPUS" = "0" ]; then PRECISION=${PRECISION:-fp32}; else PRECISION=${PRECISION:-bf16}; fi

@@ -25,7 +25,7 @@ requires_upstream = pytest.mark.skipif(not upstream_available(), reason=UPSTREAM
 
 
 def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {**os.environ, "USE_TF": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    env = {**os.environ, "USE_TF": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLA_PYTHON": sys.executable,
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.update(extra or {})
     return env

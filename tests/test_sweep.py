@@ -219,7 +219,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
     spec = {
         "name": "e2e", "converted": str(converted), "val_data": "auto",
         "env": {**tiny.env(), "NUM_GPUS": 0, "BATCH_SIZE": 2, "IMAGE_ASPECT_RATIO": "pad", "NUM_WORKERS": 0,
-                "MODEL_MAX_LENGTH": 1024, "EVAL_STEPS": 2, "SAVE_STEPS": 1000, "LR": 1e-3, "PYTHON": sys.executable},
+                "MODEL_MAX_LENGTH": 1024, "EVAL_STEPS": 2, "SAVE_STEPS": 1000, "LR": 1e-3, "VLA_PYTHON": sys.executable},
         "args": ["--gradient_checkpointing", "False", "--warmup_ratio", "0", "--lr_scheduler_type", "constant",
                  "--mm_tunable_parts", "mm_mlp_adapter,mm_language_model", "--seed", "0"],
         "grid": {"fraction": [0.5, 1.0], "mixture": [{"name": "colours", "weights": {"colours": 1}}],

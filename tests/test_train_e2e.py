@@ -39,7 +39,7 @@ def finetune(tiny, data: Path, image_folder: Path, out: Path, steps: int, *extra
         **tiny.env(), "MODEL": str(tiny.llava_dir), "VISION_TOWER": tiny.vision_tower, "DATA": str(data),
         "IMAGE_FOLDER": str(image_folder), "OUTPUT_DIR": str(out), "NUM_GPUS": "0", "BATCH_SIZE": str(batch),
         "MAX_STEPS": str(steps), "SAVE_STEPS": str(save_steps), "LR": str(lr), "IMAGE_ASPECT_RATIO": "pad",
-        "NUM_WORKERS": "0", "MODEL_MAX_LENGTH": "1024", "PYTHON": str(Path(os.sys.executable)),
+        "NUM_WORKERS": "0", "MODEL_MAX_LENGTH": "1024", "VLA_PYTHON": str(Path(os.sys.executable)),
     })
     args = ["bash", str(ROOT / "scripts/finetune_ov_vla.sh"), "--gradient_checkpointing", "False",
             "--warmup_ratio", "0", "--lr_scheduler_type", "constant", "--mm_tunable_parts", "mm_mlp_adapter,mm_language_model",
