@@ -2,13 +2,15 @@
 
 upstream train() looks these names up in `llava.train.train` at call time, so they are replaced
 there (DESIGN.md section 3): LLaVATrainer, LazySupervisedDataset, the three argument dataclasses;
-and two methods of LlavaMetaForCausalLM: initialize_vision_tokenizer (runs before the dataset is
+two methods of LlavaMetaForCausalLM: initialize_vision_tokenizer (runs before the dataset is
 built: the action tokens are added here) and prepare_inputs_labels_for_multimodal (where a too
-small model_max_length silently cuts the action labels off).
+small model_max_length silently cuts the action labels off); and LlavaQwenForCausalLM.forward,
+whose training path runs the LM head on labelled positions only (sparse_head.py).
 """
 from __future__ import annotations
 
 import logging
+
 from llava_vla_plugin.env import apply_env_defaults
 
 log = logging.getLogger(__name__)
@@ -29,12 +31,13 @@ def register() -> None:
         return
     apply_env_defaults()
     import llava.train.train as upstream_train
+    from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
     from llava.model.llava_arch import LlavaMetaForCausalLM
 
+    from llava_vla_plugin import sparse_head
+    from llava_vla_plugin.arguments import DataArguments, ModelArguments, TrainingArguments
     from llava_vla_plugin.dataset import VLADataset
     from llava_vla_plugin.trainer import VLATrainer
-
-    from llava_vla_plugin.arguments import DataArguments, ModelArguments, TrainingArguments
 
     upstream_train.ModelArguments = ModelArguments
     upstream_train.DataArguments = DataArguments
@@ -55,10 +58,6 @@ def register() -> None:
         if labels is not None:
             check_labels_survived(labels, out[5], self.config)
         return out
-
-    from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
-
-    from llava_vla_plugin import sparse_head
 
     sparse_head.install(LlavaQwenForCausalLM)
     LlavaMetaForCausalLM.initialize_vision_tokenizer = initialize_vision_tokenizer
