@@ -22,9 +22,9 @@ from llava.train.llava_trainer import LLaVATrainer, should_only_save_mm_adapter
 
 from llava_vla_plugin import state
 from llava_vla_plugin.action_tokenizer import ActionTokenizer
+from llava_vla_plugin.normalization import STATS_NAME
 
 log = logging.getLogger(__name__)
-STATS_NAME = "dataset_statistics.json"
 
 
 def write_vla_files(output_dir: str, action_tokenizer: ActionTokenizer, statistics: dict) -> None:
