@@ -14,10 +14,27 @@ def main() -> None:
         print(__doc__)
     from llava_vla_plugin.register import register
 
+    _init_cpu_deepspeed()
     register()
     import llava.train.train as upstream_train
 
     upstream_train.train()
+
+
+def _init_cpu_deepspeed() -> None:
+    """With --use_cpu, HF sets up torch.distributed itself but not DeepSpeed's comm layer, and
+    ZeRO-3's zero.Init (run while the model loads) then sees a world of 1 and rejects the batch
+    sizes. Initialise it first where DeepSpeed runs on CPU processes."""
+    import os
+
+    argv = sys.argv[1:]
+    if "--deepspeed" not in argv or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if "--use_cpu" not in argv or argv[argv.index("--use_cpu") + 1:][:1] not in (["True"], ["true"], ["1"]):
+        return
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
 
 
 if __name__ == "__main__":
