@@ -71,6 +71,36 @@ def main() -> int:
     print(f"  ours, cold cache         : {t_ours_cold * 1e3:9.3f} ms   speed-up {t_up / t_ours_cold:8.0f}x")
     print(f"  ours, warm cache         : {t_ours * 1e3:9.3f} ms   speed-up {t_up / t_ours:8.0f}x   (target >= 100x)")
 
+    # memory of the sample list: dicts (upstream's list_data_dict) vs our SampleStore
+    import gc
+    import json
+    import tracemalloc
+
+    from llava_vla_plugin.data_files import load_data, read_samples
+
+    n_mem = 100_000
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "train.jsonl"
+        with path.open("w") as f:
+            for i in range(n_mem):
+                a = actions[i % n].round(6).tolist()
+                f.write(json.dumps({"id": f"bridge_orig/train/{i // 30:06d}/{i % 30:04d}", "image": f"bridge_orig/images/train/{i // 30:06d}/{i % 30:04d}.jpg",
+                                    "conversations": [{"from": "human", "value": f"<image>\nWhat action should the robot take to {instructions[i % n]}?"},
+                                                      {"from": "gpt", "value": a}],
+                                    "dataset": "bridge_orig", "split": "train", "episode": i // 30, "step": i % 30, "action_raw": a}) + "\n")
+        mem = {}
+        for name, fn in [("list of dicts", lambda: read_samples(path)), ("SampleStore", lambda: load_data(str(path))[0])]:
+            gc.collect()
+            tracemalloc.start()
+            obj = fn()
+            mem[name] = tracemalloc.get_traced_memory()[0]
+            tracemalloc.stop()
+            del obj
+        print(f"sample list in memory, {n_mem:,} converted frames (per training process, before DataLoader workers):")
+        for name, b in mem.items():
+            print(f"  {name:14s}: {b / 2**20:7.1f} MB  ({b / n_mem:6.0f} B/sample)")
+        print(f"  SampleStore uses {mem['list of dicts'] / mem['SampleStore']:.1f}x less")
+
     # whole __getitem__ with images
     from PIL import Image
     from llava.model.multimodal_encoder.siglip_encoder import SigLipImageProcessor

@@ -8,6 +8,7 @@ import logging
 import math
 import random
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,27 +25,93 @@ class DataSource:
     weight: float = 1.0
 
 
-def read_samples(path: Path) -> list[dict]:
-    """A .jsonl (one sample a line) or .json (a list) file; errors name the file and line."""
+def iter_raw_samples(path: Path):
+    """(compact JSON bytes, parsed sample) for each sample of a .jsonl or .json file; errors name the file and line."""
     if not path.exists():
         raise FileNotFoundError(f"data file {path} does not exist")
     if path.suffix == ".jsonl":
-        samples = []
-        with path.open() as f:
+        with path.open("rb") as f:
             for lineno, line in enumerate(f, 1):
-                if not line.strip():
+                line = line.strip()
+                if not line:
                     continue
                 try:
-                    samples.append(json.loads(line))
+                    yield line, json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line") from None
-        return samples
+        return
     if path.suffix == ".json":
         data = json.loads(path.read_text())
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of samples")
-        return data
+        for sample in data:
+            yield json.dumps(sample, separators=(",", ":")).encode(), sample
+        return
     raise ValueError(f"{path}: unsupported data file type (use .jsonl, .json or a mixture .yaml)")
+
+
+def read_samples(path: Path) -> list[dict]:
+    return [sample for _, sample in iter_raw_samples(path)]
+
+
+def text_length(sample: dict) -> int:
+    """Upstream's length proxy (words of each turn); an action list counts its tokens plus <|im_end|>."""
+    n = 0
+    for c in sample.get("conversations", ()):
+        v = c.get("value", "")
+        n += len(v) + 1 if isinstance(v, list) else len(str(v).split())
+    return n
+
+
+class SampleStore(Sequence):
+    """The training samples, kept as their JSON text in one buffer and parsed on access.
+
+    Millions of frames as Python dicts cost ~2.5 kB each, per rank, and forked DataLoader workers
+    un-share them by touching refcounts; one bytes buffer plus integer arrays stays small and shared.
+    Weighted copies are indices into the buffer, not copies. Assigned items (upstream-bound samples
+    that needed an <image> token) are kept as overrides.
+    """
+
+    def __init__(self, buffer: bytes, offsets: np.ndarray, line_source: np.ndarray, sources: list[str],
+                 index: np.ndarray, text_len: np.ndarray, has_media: np.ndarray):
+        self._buf = buffer
+        self._off = offsets
+        self._line_source = line_source
+        self._sources = sources
+        self._index = index
+        self._text_len = text_len
+        self._has_media = has_media
+        self._overrides: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample index {i} out of range for {len(self)} samples")
+        if i in self._overrides:
+            return self._overrides[i]
+        line = int(self._index[i])
+        sample = json.loads(self._buf[self._off[line]:self._off[line + 1]])
+        sample["_source"] = self._sources[self._line_source[line]]
+        return sample
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __setitem__(self, i: int, sample: dict) -> None:
+        self._overrides[int(i)] = sample
+
+    def text_lengths(self) -> np.ndarray:
+        return self._text_len[self._index]
+
+    def has_media(self) -> np.ndarray:
+        return self._has_media[self._index]
 
 
 def parse_sources(data_path: str) -> list[DataSource]:
@@ -70,7 +137,7 @@ def parse_sources(data_path: str) -> list[DataSource]:
     return sources
 
 
-def apply_sampling_strategy(samples: list[dict], strategy: str, source: Path) -> list[dict]:
+def apply_sampling_strategy(samples: list, strategy: str, source: Path) -> list:
     """Upstream's `first:N`, `end:N`, `random:N` (N may be a percentage)."""
     if strategy == "all" or ":" not in strategy:
         return samples
@@ -87,7 +154,7 @@ def apply_sampling_strategy(samples: list[dict], strategy: str, source: Path) ->
     raise ValueError(f"{source}: unknown sampling_strategy {strategy!r} (all, first:N, end:N, random:N)")
 
 
-def apply_weight(samples: list[dict], weight: float, rng: np.random.Generator) -> list[dict]:
+def apply_weight(samples: list, weight: float, rng: np.random.Generator) -> list:
     """Seeded up/down-sampling: weight w keeps floor(w) full copies plus a random fraction w - floor(w).
 
     The fraction is a prefix of one seeded permutation, so with the same seed a larger weight keeps
@@ -104,22 +171,29 @@ def apply_weight(samples: list[dict], weight: float, rng: np.random.Generator) -
     return out
 
 
-def load_data(data_path: str, seed: int = 0) -> tuple[list[dict], list[DataSource]]:
+def load_data(data_path: str, seed: int = 0) -> tuple[SampleStore, list[DataSource]]:
     sources = parse_sources(data_path)
-    all_samples: list[dict] = []
-    for src in sources:
-        samples = read_samples(src.path)
-        n_read = len(samples)
-        samples = apply_sampling_strategy(samples, src.sampling_strategy, src.path)
+    buf = bytearray()
+    offsets, line_source, text_len, has_media, index = [0], [], [], [], []
+    for k, src in enumerate(sources):
+        first = len(line_source)
+        for raw, sample in iter_raw_samples(src.path):
+            buf += raw
+            offsets.append(len(buf))
+            line_source.append(k)
+            text_len.append(text_length(sample))
+            has_media.append("image" in sample or "video" in sample)
+        n_read = len(line_source) - first
+        kept = apply_sampling_strategy(list(range(first, first + n_read)), src.sampling_strategy, src.path)
         # one generator per file (seed, file name): a file's subset does not depend on the other entries
         rng = np.random.default_rng([seed, zlib.crc32(src.path.name.encode()), zlib.crc32(str(src.path.parent.name).encode())])
-        samples = apply_weight(samples, src.weight, rng)
-        source_name = str(src.path)
-        for s in samples:
-            s.setdefault("_source", source_name)
-        log.info("read %d samples from %s -> %d after sampling=%s weight=%g", n_read, src.path, len(samples), src.sampling_strategy, src.weight)
-        all_samples.extend(samples)
-    return all_samples, sources
+        kept = apply_weight(kept, src.weight, rng)
+        index.extend(kept)
+        log.info("read %d samples from %s -> %d after sampling=%s weight=%g", n_read, src.path, len(kept), src.sampling_strategy, src.weight)
+    store = SampleStore(bytes(buf), np.asarray(offsets, dtype=np.int64), np.asarray(line_source, dtype=np.int32),
+                        [str(s.path) for s in sources], np.asarray(index, dtype=np.int64),
+                        np.asarray(text_len, dtype=np.int32), np.asarray(has_media, dtype=bool))
+    return store, sources
 
 
 def find_statistics(sources: list[DataSource]) -> dict:

@@ -78,34 +78,25 @@ class VLADataset(LazySupervisedDataset):
         if self.action_tokenizer.first_token_id is None:
             self.action_tokenizer.add_to_tokenizer(tokenizer)
         self.prompt_builder = VLAPromptBuilder(tokenizer, self.action_tokenizer)
-        n_vla = sum(1 for s in self.list_data_dict if is_vla_sample(s))
-        log.warning("VLADataset: %d samples (%d robot-action, %d other) from %s; statistics for %s",
-                    len(self.list_data_dict), n_vla, len(self.list_data_dict) - n_vla, data_path,
-                    sorted(self.dataset_statistics) or "no dataset")
+        log.warning("VLADataset: %d samples from %s; statistics for %s",
+                    len(self.list_data_dict), data_path, sorted(self.dataset_statistics) or "no dataset")
         if not is_eval:  # a checkpoint carries the training data's statistics
             state.set_dataset_statistics(self.dataset_statistics)
         if not self.list_data_dict:
             raise ValueError(f"no samples in {data_path}" + (" (the held-out data is empty: pass another VAL_DATA)" if is_eval else ""))
 
-    # ---- lengths for length-grouped sampling ---------------------------------------------------
-    def _text_len(self, sample: dict) -> int:
-        n = 0
-        for c in sample["conversations"]:
-            v = c["value"]
-            n += len(v) + 1 if isinstance(v, list) else len(v.split())
-        return n
-
+    # ---- lengths for length-grouped sampling (precomputed at load: no pass over the samples) -----
     @property
     def lengths(self):
-        return [self._text_len(s) + (128 if "image" in s else 0) for s in self.list_data_dict]
+        store = self.list_data_dict
+        return (store.text_lengths() + 128 * store.has_media()).tolist()
 
     @property
     def modality_lengths(self):
-        out = []
-        for s in self.list_data_dict:
-            n = self._text_len(s)
-            out.append(n if ("image" in s or "video" in s or self.data_args.early_mix_text) else -n)
-        return out
+        store = self.list_data_dict
+        n = store.text_lengths()
+        positive = store.has_media() | bool(self.data_args.early_mix_text)
+        return np.where(positive, n, -n).tolist()
 
     # ---- items ---------------------------------------------------------------------------------
     def __getitem__(self, i) -> dict[str, Any]:

@@ -65,3 +65,25 @@ def test_larger_weights_keep_the_frames_of_smaller_ones(tmp_path):
         kept.append({s["id"] for s in load_data(str(tmp_path / "m.yaml"), seed=3)[0]})
     assert [len(k) for k in kept] == [20, 60, 140]
     assert kept[0] <= kept[1] <= kept[2]
+
+
+def test_sample_store_access_lengths_and_overrides(tmp_path):
+    import json as _json
+
+    from llava_vla_plugin.data_files import text_length
+
+    _write(tmp_path / "a/train.jsonl", 3, "a")
+    plain = {"id": "p0", "image": "x.jpg", "conversations": [{"from": "human", "value": "what is this thing"}, {"from": "gpt", "value": "a cup"}]}
+    (tmp_path / "b.json").write_text(_json.dumps([plain]))
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({"datasets": [{"json_path": "a/train.jsonl", "weight": 2.0},
+                                                                  {"json_path": "b.json"}]}))
+    store, _ = load_data(str(tmp_path / "m.yaml"))
+    assert len(store) == 7
+    assert [s["id"] for s in store] == ["a/0", "a/1", "a/2", "a/0", "a/1", "a/2", "p0"]
+    assert store[-1]["_source"].endswith("b.json") and store[0]["_source"].endswith("a/train.jsonl")
+    assert store.text_lengths().tolist() == [text_length(s) for s in store] == [9] * 6 + [6]
+    assert store.has_media().tolist() == [False] * 6 + [True]
+    store[6] = {**plain, "id": "fixed"}
+    assert store[6]["id"] == "fixed" and store[5]["id"] == "a/2"
+    with pytest.raises(IndexError):
+        store[7]
