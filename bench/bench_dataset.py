@@ -102,7 +102,6 @@ def main() -> int:
         print(f"  SampleStore uses {mem['list of dicts'] / mem['SampleStore']:.1f}x less")
 
     # whole __getitem__ with images
-    from PIL import Image
     from llava.model.multimodal_encoder.siglip_encoder import SigLipImageProcessor
 
     from llava_vla_plugin import register, state

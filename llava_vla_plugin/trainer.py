@@ -13,7 +13,6 @@ import logging
 import os
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
@@ -38,7 +37,8 @@ def write_vla_files(output_dir: str, action_tokenizer: ActionTokenizer, statisti
 
 
 class ActionMetrics:
-    """Running action-token accuracy and L1 (normalized units) between logging steps."""
+    """Running action-token accuracy, L1 (normalized units) and, optionally, cross-entropy over the
+    action tokens: between logging steps in training, over the whole held-out set in validation."""
 
     def __init__(self) -> None:
         self.reset()
@@ -47,9 +47,10 @@ class ActionMetrics:
         self.correct = 0
         self.total = 0
         self.l1_sum = 0.0
+        self.ce_sum = 0.0
 
     @torch.no_grad()
-    def update(self, logits: torch.Tensor, targets: torch.Tensor, action_tokenizer: ActionTokenizer) -> None:
+    def update(self, logits: torch.Tensor, targets: torch.Tensor, action_tokenizer: ActionTokenizer, with_loss: bool = False) -> None:
         """logits [n, vocab] and targets [n] of the labelled positions (see sparse_head)."""
         first = int(action_tokenizer.token_ids[0])
         n_bins = action_tokenizer.n_bins
@@ -65,6 +66,8 @@ class ActionMetrics:
         self.total += int(mask.sum())
         centers = torch.as_tensor(action_tokenizer.bin_centers, device=pred_bins.device, dtype=torch.float32)
         self.l1_sum += float((centers[pred_bins] - centers[target_bins]).abs().sum())
+        if with_loss:  # the training loss is logged already; validation needs the action-token part
+            self.ce_sum += float(F.cross_entropy(pos_logits.float(), targets[mask], reduction="sum"))
 
     def summary(self) -> dict[str, float]:
         if not self.total:
@@ -112,7 +115,6 @@ class VLATrainer(LLaVATrainer):
         if self.val_dataset is None:
             return {}
         at = state.get_action_tokenizer()
-        first, n_bins = int(at.token_ids[0]), at.n_bins
         rank, world = self.args.process_index, self.args.world_size
         indices = list(range(rank, len(self.val_dataset), world))
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.val_dataset, indices),
@@ -121,24 +123,14 @@ class VLATrainer(LLaVATrainer):
         model = self.model
         was_training = model.training
         model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.args.device)  # ce, correct, l1, count
-        centers = torch.as_tensor(at.bin_centers, dtype=torch.float32, device=self.args.device)
+        val = ActionMetrics()
         for batch in loader:
             batch = self._prepare_inputs(batch)
             out = model(**{k: v for k, v in batch.items() if k not in ("prompts", "ids")})
-            targets = state.pop_targets()
-            logits = out.logits.float()
-            mask = (targets >= first) & (targets < first + n_bins)
-            if not mask.any():
-                continue
-            lg, tg = logits[mask], targets[mask]
-            sums[0] += F.cross_entropy(lg, tg, reduction="sum").double()
-            sums[1] += (lg.argmax(-1) == tg).sum()
-            pred_bins = lg[:, first:first + n_bins].argmax(-1)
-            sums[2] += (centers[pred_bins] - centers[tg - first]).abs().sum().double()
-            sums[3] += mask.sum()
+            val.update(out.logits, state.pop_targets(), at, with_loss=True)
         if was_training:
             model.train()
+        sums = torch.tensor([val.ce_sum, val.correct, val.l1_sum, val.total], dtype=torch.float64, device=self.args.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
         count = max(float(sums[3]), 1.0)

@@ -36,7 +36,7 @@ def _setup(proj: Path, **env) -> subprocess.CompletedProcess:
 
 
 def _deps_hash(proj: Path) -> str:
-    out = subprocess.run(f"cat constraints.txt pyproject.toml | sha256sum | cut -c1-16", shell=True, cwd=proj,
+    out = subprocess.run("cat constraints.txt pyproject.toml | sha256sum | cut -c1-16", shell=True, cwd=proj,
                          capture_output=True, text=True, check=True)
     return out.stdout.strip()
 

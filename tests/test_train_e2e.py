@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, UPSTREAM_REASON, requires_upstream, run_py, subprocess_env, upstream_available
+from conftest import ROOT, UPSTREAM_REASON, requires_upstream, subprocess_env, upstream_available
 from llava_vla_plugin.testing.vla_samples import colour_image, write_vla_dataset
 
 pytestmark = [requires_upstream, pytest.mark.slow]

@@ -3,7 +3,6 @@ import copy
 import json
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 from conftest import requires_upstream

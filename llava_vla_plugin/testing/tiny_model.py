@@ -162,9 +162,11 @@ def _assemble_llava(llm_dir: Path, out_dir: Path, vision_tower: str, seed: int) 
     config = LlavaQwenConfig(**tiny_qwen2_config().to_dict())
     config.architectures = ["LlavaQwenForCausalLM"]
     model = LlavaQwenForCausalLM(config)
-    llm_state = Qwen2ForCausalLM_state(llm_dir)
-    missing = model.load_state_dict(llm_state, strict=False)
-    assert not missing.unexpected_keys, missing.unexpected_keys
+    from safetensors.torch import load_file
+
+    # the LLM weights of tiny-qwen2-llm; the projector and tower are added below
+    result = model.load_state_dict(load_file(str(llm_dir / "model.safetensors")), strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
 
     # The fields initialize_vision_modules reads, as an OneVision checkpoint has them.
     args = SimpleNamespace(
@@ -183,12 +185,6 @@ def _assemble_llava(llm_dir: Path, out_dir: Path, vision_tower: str, seed: int) 
     model.config.use_cache = True
     model.save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(llm_dir).save_pretrained(out_dir)
-
-
-def Qwen2ForCausalLM_state(llm_dir: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(llm_dir / "model.safetensors"))
 
 
 def build_tiny_model(out_dir: str | Path, seed: int = 0, with_llava: bool | None = None, vision_layers: int = 2) -> TinyModel:
