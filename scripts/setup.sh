@@ -104,7 +104,16 @@ rm -rf "$UPSTREAM_DIR.tmp"
 if [ -d "$LLAVA_NEXT_SRC" ] && [ ! -d "$LLAVA_NEXT_SRC/.git" ] && [ ! -f "$LLAVA_NEXT_SRC/HEAD" ]; then
   upstream_missing "LLAVA_NEXT_SRC=$LLAVA_NEXT_SRC is a folder but not a git checkout or mirror (the pinned commit cannot be verified)"
 fi
-if ! GIT_TERMINAL_PROMPT=0 timeout 600 git clone -q --no-checkout "$LLAVA_NEXT_SRC" "$UPSTREAM_DIR.tmp" 2>"$ROOT/.upstream/clone.log"; then
+CLONE_SRC=$LLAVA_NEXT_SRC
+if [ -f "$LLAVA_NEXT_SRC/HEAD" ] && [ -d "$LLAVA_NEXT_SRC/objects" ] && [ ! -d "$LLAVA_NEXT_SRC/refs" ]; then
+  # A bare mirror copied without its (empty) refs/ folder, e.g. a read-only ../shared copy that
+  # holds only packed-refs: git does not recognise it as a repository. Clone from a writable copy.
+  say "$LLAVA_NEXT_SRC has no refs/ folder (read-only copy?): cloning from a temporary copy"
+  rm -rf "$ROOT/.upstream/src.git" && cp -r "$LLAVA_NEXT_SRC" "$ROOT/.upstream/src.git"
+  chmod -R u+w "$ROOT/.upstream/src.git" && mkdir -p "$ROOT/.upstream/src.git/refs/heads" "$ROOT/.upstream/src.git/refs/tags"
+  CLONE_SRC=$ROOT/.upstream/src.git
+fi
+if ! GIT_TERMINAL_PROMPT=0 timeout 600 git clone -q --no-checkout "$CLONE_SRC" "$UPSTREAM_DIR.tmp" 2>"$ROOT/.upstream/clone.log"; then
   upstream_missing "could not clone $LLAVA_NEXT_SRC ($(tail -1 "$ROOT/.upstream/clone.log"))"
 fi
 if ! git -C "$UPSTREAM_DIR.tmp" -c advice.detachedHead=false checkout -q "$UPSTREAM_COMMIT" 2>/dev/null; then
@@ -126,6 +135,7 @@ $(cat "$ROOT/.upstream/patch.log")
 done
 rm -rf "$UPSTREAM_DIR"
 mv "$UPSTREAM_DIR.tmp" "$UPSTREAM_DIR"
+rm -rf "$ROOT/.upstream/src.git"
 say "installing upstream LLaVA-NeXT (--no-deps; its dependencies are our pins)"
 pip_q --no-deps --no-build-isolation "$UPSTREAM_DIR"
 rm -f "$ROOT"/.upstream/.installed-*
