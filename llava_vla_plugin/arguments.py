@@ -31,3 +31,10 @@ class DataArguments(upstream_train.DataArguments):
 class TrainingArguments(upstream_train.TrainingArguments):
     # flash_attention_2 (upstream's default) raises where flash-attn is not installed.
     attn_implementation: str = field(default_factory=default_attn_implementation)
+    vla_resume: str = field(default="auto", metadata={"help": "auto: continue from the newest checkpoint-* in output_dir "
+                                                                "(refused if the run configuration changed); never: refuse "
+                                                                "an output_dir that holds checkpoints; or a checkpoint path"})
+    vla_keep_optimizer_state: str = field(default="latest", metadata={"help": "latest: only the newest checkpoint keeps "
+                                                                              "optimizer state (needed to resume); all"})
+    vla_log_batch_digests: bool = field(default=False, metadata={"help": "write a sha256 of every training batch to "
+                                                                          "output_dir/batch_digests.jsonl (determinism checks)"})

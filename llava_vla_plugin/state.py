@@ -57,5 +57,11 @@ def count_tokens(tokens: int, samples: int) -> None:
     _tokens["samples"] += samples
 
 
+def take_token_count() -> int:
+    """Tokens counted since the last call (the trainer sums them across ranks each step)."""
+    tokens, _tokens["tokens"], _tokens["samples"] = _tokens["tokens"], 0, 0
+    return tokens
+
+
 def tokens_per_sample() -> float | None:
     return _tokens["tokens"] / _tokens["samples"] if _tokens["samples"] else None

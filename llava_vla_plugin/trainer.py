@@ -8,10 +8,15 @@ Upstream fixes done here by subclassing rather than patch files (DESIGN.md secti
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
+import random
 from typing import Optional
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +24,7 @@ import transformers
 from transformers import TrainerCallback
 from llava.train.llava_trainer import LLaVATrainer, should_only_save_mm_adapter
 
-from llava_vla_plugin import state
+from llava_vla_plugin import run_config, state
 from llava_vla_plugin.action_tokenizer import ActionTokenizer
 from llava_vla_plugin.normalization import STATS_NAME
 
@@ -36,15 +41,34 @@ def write_vla_files(output_dir: str, action_tokenizer: ActionTokenizer, statisti
     os.replace(tmp, os.path.join(output_dir, STATS_NAME))
 
 
+METRIC_DOC = """\
+Action metrics and what they measure (all over the action-token positions of the labels):
+  action_accuracy_teacher_forced              argmax over the whole vocabulary == the label's token, each
+                                              position seeing the true previous tokens (teacher forcing).
+                                              A non-action token winning counts as wrong.
+  action_accuracy_teacher_forced_constrained  argmax over the action tokens only, teacher forced: what
+                                              constrained decoding picks given the true previous tokens.
+  action_l1                                   |bin centre of that constrained pick - label's bin centre|,
+                                              normalized units.
+  val_action_loss                             cross-entropy of the action tokens (validation only).
+Eval (`llava_vla_plugin.eval`) reports `action_accuracy_generated`: constrained greedy generation as a
+robot runs it, each token conditioned on the model's own previous picks. It is at most as high as the
+teacher-forced constrained accuracy's first token and usually a little below it for later tokens.
+Renamed from `action_accuracy` / `val_action_accuracy` (the full-vocabulary teacher-forced one).
+"""
+
+
 class ActionMetrics:
-    """Running action-token accuracy, L1 (normalized units) and, optionally, cross-entropy over the
-    action tokens: between logging steps in training, over the whole held-out set in validation."""
+    """Running action-token accuracies, L1 (normalized units) and, optionally, cross-entropy over the
+    action tokens: between logging steps in training, over the whole held-out set in validation.
+    Names and meanings: METRIC_DOC."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         self.correct = 0
+        self.constrained_correct = 0
         self.total = 0
         self.l1_sum = 0.0
         self.ce_sum = 0.0
@@ -63,6 +87,7 @@ class ActionMetrics:
         # L1 decodes the most likely action token, even where a non-action token scored higher.
         pred_bins = pos_logits[:, first:first + n_bins].argmax(-1)
         self.correct += int((pred_ids == targets[mask]).sum())
+        self.constrained_correct += int((pred_bins == target_bins).sum())
         self.total += int(mask.sum())
         centers = torch.as_tensor(action_tokenizer.bin_centers, device=pred_bins.device, dtype=torch.float32)
         self.l1_sum += float((centers[pred_bins] - centers[target_bins]).abs().sum())
@@ -70,9 +95,12 @@ class ActionMetrics:
             self.ce_sum += float(F.cross_entropy(pos_logits.float(), targets[mask], reduction="sum"))
 
     def summary(self) -> dict[str, float]:
+        """Training-log names (validation prefixes `val_`); see METRIC_DOC for what each measures."""
         if not self.total:
             return {}
-        return {"action_accuracy": self.correct / self.total, "action_l1": self.l1_sum / self.total}
+        return {"action_accuracy_teacher_forced": self.correct / self.total,
+                "action_accuracy_teacher_forced_constrained": self.constrained_correct / self.total,
+                "action_l1": self.l1_sum / self.total}
 
 
 class ValidationCallback(TrainerCallback):
@@ -93,6 +121,28 @@ class ValidationCallback(TrainerCallback):
         self.trainer.write_final_metrics(metrics or {})
 
 
+def seed_dataloader_worker(worker_id: int, seed: int, num_workers: int, rank: int) -> None:
+    """worker_init_fn: worker `worker_id` of rank `rank` gets seed + rank * num_workers + worker_id, so
+    every worker's RNGs are distinct and the same in every run with the same --seed. (Upstream passes
+    transformers' seed_worker unbound, which transformers 4.57 calls with two more arguments.)"""
+    worker_seed = (seed + rank * num_workers + worker_id) % 2**32
+    random.seed(worker_seed)
+    np.random.seed(worker_seed)
+    torch.manual_seed(worker_seed)
+
+
+class TokensSeenCallback(TrainerCallback):
+    """Adds the sequence positions (visual + text, padding excluded) every rank processed in the step to
+    state.num_input_tokens_seen: counted, summed across ranks, and saved in trainer_state.json with
+    every checkpoint, so a resumed run continues from the checkpoint's count."""
+
+    def __init__(self, trainer: "VLATrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state_, control, **kwargs):
+        self.trainer.sync_tokens_seen()
+
+
 class VLATrainer(LLaVATrainer):
     def __init__(self, *args, tokenizer=None, **kwargs):
         if tokenizer is not None and kwargs.get("processing_class") is None:
@@ -108,6 +158,73 @@ class VLATrainer(LLaVATrainer):
 
             self.val_dataset = VLADataset(val_path, self.processing_class, data_args, is_eval=True)
         self.add_callback(ValidationCallback(self, int(getattr(data_args, "vla_eval_steps", 0) or 0)))
+        if self.args.include_num_input_tokens_seen not in ("no", False):
+            raise ValueError("--include_num_input_tokens_seen counts input_ids before the image tokens are inserted; the VLA "
+                             "trainer counts every position itself (train_tokens_seen): drop the flag")
+        self.add_callback(TokensSeenCallback(self))
+
+    # ---- data loading: deterministic worker seeds (upstream's crashes with num_workers > 0) -------
+    def get_train_dataloader(self):
+        """Upstream's loader parameters with a worker_init_fn that works on transformers 4.57."""
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        workers = self.args.dataloader_num_workers
+        params = {
+            "batch_size": self._train_batch_size,
+            "collate_fn": self._get_collator_with_removed_columns(self.data_collator, description="training"),
+            "num_workers": workers,
+            "pin_memory": self.args.dataloader_pin_memory,
+            "persistent_workers": self.args.dataloader_persistent_workers and workers > 0,
+            "sampler": self._get_train_sampler(),
+            "drop_last": self.args.dataloader_drop_last,
+        }
+        if workers > 0:
+            params["worker_init_fn"] = functools.partial(seed_dataloader_worker, seed=self.args.seed, num_workers=workers,
+                                                         rank=self.args.process_index)
+            params["prefetch_factor"] = self.args.dataloader_prefetch_factor or 2
+        return self.accelerator.prepare(torch.utils.data.DataLoader(self.train_dataset, **params))
+
+    # ---- explicit resume, run configuration ------------------------------------------------------
+    def run_configuration(self) -> dict:
+        return run_config.run_config(self.args, getattr(self.train_dataset, "data_args", None), getattr(self.model, "config", None))
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Upstream resumes whenever OUTPUT_DIR holds a checkpoint; here --vla_resume decides (run_config)."""
+        mode = getattr(self.args, "vla_resume", "auto") or "auto"
+        ckpt = run_config.resolve_resume(mode, self.args.output_dir)
+        config = self.run_configuration()
+        if ckpt is not None:
+            run_config.check_resumable(ckpt, config)
+            log.warning("resuming from %s (RESUME=%s)", ckpt, mode)
+        else:
+            log.warning("starting a new run in %s (no checkpoint to resume; RESUME=%s)", self.args.output_dir, mode)
+        if self.args.should_save:
+            run_config.write_run_config(self.args.output_dir, config)
+        return super().train(resume_from_checkpoint=ckpt, *args, **kwargs)
+
+    # ---- tokens seen ------------------------------------------------------------------------------
+    def sync_tokens_seen(self) -> None:
+        t = torch.tensor([state.take_token_count()], dtype=torch.int64, device=self.args.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t)
+        self.state.num_input_tokens_seen = int(self.state.num_input_tokens_seen or 0) + int(t[0])
+
+    def record_batch_digest(self, inputs: dict) -> None:
+        """--vla_log_batch_digests: one sha256 per micro-batch (token ids, labels, pixels) in
+        OUTPUT_DIR/batch_digests.jsonl, so two runs can be checked to have seen the same data in the
+        same order (e.g. with different --dataloader_num_workers). Rank 0's batches only."""
+        if not getattr(self.args, "vla_log_batch_digests", False) or self.args.process_index != 0:
+            return
+        h = hashlib.sha256()
+        for key in sorted(inputs):
+            values = inputs[key] if isinstance(inputs[key], (list, tuple)) else [inputs[key]]
+            for v in values:
+                if isinstance(v, torch.Tensor):
+                    h.update(key.encode())
+                    h.update(v.detach().float().cpu().numpy().tobytes())
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, "batch_digests.jsonl"), "a") as f:
+            f.write(json.dumps({"step": self.state.global_step, "sha256": h.hexdigest()}) + "\n")
 
     # ---- held-out validation -------------------------------------------------------------------
     @torch.no_grad()
@@ -130,12 +247,14 @@ class VLATrainer(LLaVATrainer):
             val.update(out.logits, state.pop_targets(), at, with_loss=True)
         if was_training:
             model.train()
-        sums = torch.tensor([val.ce_sum, val.correct, val.l1_sum, val.total], dtype=torch.float64, device=self.args.device)
+        sums = torch.tensor([val.ce_sum, val.correct, val.constrained_correct, val.l1_sum, val.total],
+                            dtype=torch.float64, device=self.args.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
-        count = max(float(sums[3]), 1.0)
-        metrics = {"val_action_loss": float(sums[0]) / count, "val_action_accuracy": float(sums[1]) / count,
-                   "val_action_l1": float(sums[2]) / count, "val_action_tokens": int(sums[3])}
+        count = max(float(sums[4]), 1.0)
+        metrics = {"val_action_loss": float(sums[0]) / count, "val_action_accuracy_teacher_forced": float(sums[1]) / count,
+                   "val_action_accuracy_teacher_forced_constrained": float(sums[2]) / count,
+                   "val_action_l1": float(sums[3]) / count, "val_action_tokens": int(sums[4])}
         self.last_val_metrics = metrics
         self.log(dict(metrics))
         if self.args.should_save:
@@ -151,8 +270,7 @@ class VLATrainer(LLaVATrainer):
         params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
         global_batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         samples_seen = self.state.global_step * global_batch
-        per_sample = state.tokens_per_sample()
-        tokens_seen = int(per_sample * samples_seen) if per_sample else None
+        tokens_seen = int(self.state.num_input_tokens_seen or 0) or None  # counted: TokensSeenCallback
         final = {"step": self.state.global_step, **val_metrics, "train_frames": len(self.train_dataset),
                  "train_samples_seen": samples_seen, "train_tokens_seen": tokens_seen, "model_params": params,
                  "compute_flops": 6.0 * params * tokens_seen if tokens_seen else None}
@@ -177,7 +295,18 @@ class VLATrainer(LLaVATrainer):
                 out = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
                 write_vla_files(out, state.get_action_tokenizer(), state.get_dataset_statistics())
             return None
-        return transformers.Trainer._save_checkpoint(self, model, trial)
+        transformers.Trainer._save_checkpoint(self, model, trial)
+        self._after_checkpoint(trial)
+        return None
+
+    def _after_checkpoint(self, trial) -> None:
+        """Each checkpoint records the run configuration (checked on resume); older checkpoints lose
+        their optimizer state unless --vla_keep_optimizer_state all (run_config.prune_optimizer_state)."""
+        if not self.args.should_save:
+            return
+        run_dir = self._get_output_dir(trial=trial)
+        run_config.write_run_config(os.path.join(run_dir, f"checkpoint-{self.state.global_step}"), self.run_configuration())
+        run_config.prune_optimizer_state(run_dir, getattr(self.args, "vla_keep_optimizer_state", "latest"))
 
     # ---- VLA checkpoint files ------------------------------------------------------------------
     def _save(self, output_dir: Optional[str] = None, state_dict=None):
@@ -188,6 +317,7 @@ class VLATrainer(LLaVATrainer):
 
     # ---- metrics -------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.record_batch_digest(inputs)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         targets = state.pop_targets()
         logits = getattr(outputs, "logits", None)
@@ -199,4 +329,5 @@ class VLATrainer(LLaVATrainer):
         if "loss" in logs:
             logs.update(self.action_metrics.summary())
             self.action_metrics.reset()
+            logs["train_tokens_seen"] = int(self.state.num_input_tokens_seen or 0)
         super().log(logs, *args, **kwargs)

@@ -1,21 +1,46 @@
 #!/usr/bin/env bash
 # Fine-tune LLaVA-OneVision as a VLA on converted Open X-Embodiment data.
 # Defaults: one 8-GPU node, DeepSpeed ZeRO-2, from lmms-lab/llava-onevision-qwen2-7b-ov.
-# Every setting is an environment variable; extra arguments go to the trainer unchanged
-# (they come last, so they override the defaults below).
+# Every setting is an environment variable (or a key of CONFIG=run.yaml; the environment wins);
+# extra arguments go to the trainer unchanged (they come last, so they override the defaults below).
+# Relative paths resolve against the directory you run from; DEEPSPEED also against the repository.
 #
 #   MODEL=lmms-lab/llava-onevision-qwen2-7b-ov  VISION_TOWER=google/siglip-so400m-patch14-384
 #   DATA=converted/mixture.yaml  IMAGE_FOLDER=converted  OUTPUT_DIR=runs/ov-vla
 #   NUM_GPUS=8 (0 = one CPU process, no DeepSpeed)  NNODES=1 (multi-node: set NODE_RANK,
-#   MASTER_ADDR, MASTER_PORT as for any torchrun job)  DEEPSPEED=configs/zero2.json (zero3.json too)
+#   MASTER_ADDR, MASTER_PORT as for any torchrun job; scripts/slurm_finetune.sbatch)  DEEPSPEED=configs/zero2.json (zero3.json too)
 #   BATCH_SIZE=8 GRAD_ACCUM=1 LR=2e-5 EPOCHS=1 MAX_STEPS=-1 SAVE_STEPS=1000 IMAGE_ASPECT_RATIO=anyres_max_9
-#   MODEL_MAX_LENGTH=4096 PRECISION=bf16 (fp32 on CPU) NUM_WORKERS=4 REPORT_TO=none
+#   MODEL_MAX_LENGTH=4096 PRECISION=bf16 where CUDA is found, else fp32 NUM_WORKERS=4 REPORT_TO=none SEED=42
+#   GRADIENT_CHECKPOINTING=True (recomputes activations: ~30% slower steps, far less activation memory)
+#   RESUME=auto (continue from the newest OUTPUT_DIR/checkpoint-*, refused if the run configuration
+#     changed) | never (refuse an OUTPUT_DIR that holds checkpoints) | <checkpoint path>
+#   SAVE_TOTAL_LIMIT=2 (checkpoints kept; older ones are deleted) KEEP_OPTIMIZER=latest (only the newest
+#     checkpoint keeps optimizer state, which resuming needs; older ones keep weights only) | all
 #   VLA_PYTHON=.venv/bin/python (the interpreter that has the plugin and upstream)
 #   VAL_DATA=converted/<ds>/val.jsonl (or a mixture) EVAL_STEPS=500: held-out action loss/accuracy/L1
 #   every EVAL_STEPS and at the end -> OUTPUT_DIR/vla_metrics.jsonl, OUTPUT_DIR/final_metrics.json
+#   CONFIG=run.yaml: settings from a file (scripts/launch_config.py); every launch writes the resolved
+#   settings to OUTPUT_DIR/launch_config.yaml, so CONFIG=OUTPUT_DIR/launch_config.yaml replays a run.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-ROOT=$(pwd)
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+CALLER=$(pwd)
+# VLA_PYTHON, not PYTHON: many environments (make, CI images) export PYTHON for other purposes.
+PYTHON=${VLA_PYTHON:-$ROOT/.venv/bin/python}
+[ -x "$PYTHON" ] || PYTHON=python
+# This checkout's plugin, whatever the current directory or the installed copy.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+abspath() {  # a user path -> absolute, against the directory the launcher was run from
+  case "$1" in /*|"") printf '%s' "$1" ;; *) printf '%s/%s' "$CALLER" "${1#./}" ;; esac
+}
+
+CONFIG_ARGS=()
+if [ -n "${CONFIG:-}" ]; then
+  CONFIG=$(abspath "$CONFIG")
+  CONFIG_SHELL=$("$PYTHON" "$ROOT/scripts/launch_config.py" read "$CONFIG")
+  eval "$CONFIG_SHELL"
+  echo "[finetune] settings from $CONFIG (environment variables override it)"
+fi
 
 MODEL=${MODEL:-lmms-lab/llava-onevision-qwen2-7b-ov}
 VISION_TOWER=${VISION_TOWER:-google/siglip-so400m-patch14-384}
@@ -27,7 +52,7 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
-DEEPSPEED=${DEEPSPEED:-configs/zero2.json}
+DEEPSPEED=${DEEPSPEED:-$ROOT/configs/zero2.json}
 BATCH_SIZE=${BATCH_SIZE:-8}
 GRAD_ACCUM=${GRAD_ACCUM:-1}
 LR=${LR:-2e-5}
@@ -40,13 +65,30 @@ NUM_WORKERS=${NUM_WORKERS:-4}
 REPORT_TO=${REPORT_TO:-none}
 VAL_DATA=${VAL_DATA:-}
 EVAL_STEPS=${EVAL_STEPS:-500}
-# VLA_PYTHON, not PYTHON: many environments (make, CI images) export PYTHON for other purposes.
-PYTHON=${VLA_PYTHON:-$ROOT/.venv/bin/python}
-[ -x "$PYTHON" ] || PYTHON=python
+SEED=${SEED:-42}
+GRADIENT_CHECKPOINTING=${GRADIENT_CHECKPOINTING:-True}
+RESUME=${RESUME:-auto}
+SAVE_TOTAL_LIMIT=${SAVE_TOTAL_LIMIT:-2}
+KEEP_OPTIMIZER=${KEEP_OPTIMIZER:-latest}
 
-if [ "$NUM_GPUS" = "0" ]; then PRECISION=${PRECISION:-fp32}; else PRECISION=${PRECISION:-bf16}; fi
+# User paths: against the caller's directory (the launcher used to cd to the repository first).
+DATA=$(abspath "$DATA"); IMAGE_FOLDER=$(abspath "$IMAGE_FOLDER"); OUTPUT_DIR=$(abspath "$OUTPUT_DIR")
+VAL_DATA=$(abspath "$VAL_DATA")
+if [ -e "$MODEL" ]; then MODEL=$(abspath "$MODEL"); fi  # else a hub id
+case "$RESUME" in auto|never) ;; *) RESUME=$(abspath "$RESUME") ;; esac
+case "$DEEPSPEED" in
+  /*) ;;
+  *) if [ -e "$CALLER/$DEEPSPEED" ]; then DEEPSPEED=$(abspath "$DEEPSPEED")
+     elif [ -e "$ROOT/$DEEPSPEED" ]; then DEEPSPEED="$ROOT/$DEEPSPEED"  # configs/zero3.json from anywhere
+     else echo "DEEPSPEED=$DEEPSPEED: no such file in $CALLER or $ROOT" >&2; exit 2; fi ;;
+esac
+
+# CUDA decides the process setup and the precision default (tf32 and bf16 autocast need a GPU).
+HAS_CUDA=0
+if [ "$NUM_GPUS" != "0" ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then HAS_CUDA=1; fi
+if [ "$HAS_CUDA" = "1" ]; then PRECISION=${PRECISION:-bf16}; else PRECISION=${PRECISION:-fp32}; fi
 case "$PRECISION" in
-  bf16) PREC_ARGS=(--bf16 True --tf32 True) ;;
+  bf16) PREC_ARGS=(--bf16 True); if [ "$HAS_CUDA" = "1" ]; then PREC_ARGS+=(--tf32 True); fi ;;
   fp16) PREC_ARGS=(--fp16 True) ;;
   fp32) PREC_ARGS=(--bf16 False --fp16 False) ;;
   *) echo "PRECISION must be bf16, fp16 or fp32" >&2; exit 2 ;;
@@ -80,14 +122,17 @@ ARGS=(
   --gradient_accumulation_steps "$GRAD_ACCUM"
   --save_strategy steps
   --save_steps "$SAVE_STEPS"
-  --save_total_limit 2
+  --save_total_limit "$SAVE_TOTAL_LIMIT"
+  --vla_keep_optimizer_state "$KEEP_OPTIMIZER"
+  --vla_resume "$RESUME"
+  --seed "$SEED"
   --learning_rate "$LR"
   --weight_decay 0.
   --warmup_ratio 0.03
   --lr_scheduler_type cosine
   --logging_steps 1
   --model_max_length "$MODEL_MAX_LENGTH"
-  --gradient_checkpointing True
+  --gradient_checkpointing "$GRADIENT_CHECKPOINTING"
   --dataloader_num_workers "$NUM_WORKERS"
   --lazy_preprocess True
   --report_to "$REPORT_TO"
@@ -96,18 +141,31 @@ ARGS=(
 
 if [ -n "$VAL_DATA" ]; then ARGS+=(--vla_val_data "$VAL_DATA" --vla_eval_steps "$EVAL_STEPS" --per_device_eval_batch_size "$BATCH_SIZE"); fi
 
+ARGS+=("${CONFIG_ARGS[@]}")
+
 mkdir -p "$OUTPUT_DIR"
+if [ "$NODE_RANK" = "0" ]; then
+  "$PYTHON" "$ROOT/scripts/launch_config.py" write "$OUTPUT_DIR/launch_config.yaml" \
+    MODEL="$MODEL" VISION_TOWER="$VISION_TOWER" DATA="$DATA" IMAGE_FOLDER="$IMAGE_FOLDER" OUTPUT_DIR="$OUTPUT_DIR" \
+    NUM_GPUS="$NUM_GPUS" NNODES="$NNODES" MASTER_PORT="$MASTER_PORT" DEEPSPEED="$DEEPSPEED" BATCH_SIZE="$BATCH_SIZE" \
+    GRAD_ACCUM="$GRAD_ACCUM" LR="$LR" EPOCHS="$EPOCHS" MAX_STEPS="$MAX_STEPS" SAVE_STEPS="$SAVE_STEPS" \
+    IMAGE_ASPECT_RATIO="$IMAGE_ASPECT_RATIO" MODEL_MAX_LENGTH="$MODEL_MAX_LENGTH" PRECISION="$PRECISION" \
+    NUM_WORKERS="$NUM_WORKERS" REPORT_TO="$REPORT_TO" VAL_DATA="$VAL_DATA" EVAL_STEPS="$EVAL_STEPS" SEED="$SEED" \
+    GRADIENT_CHECKPOINTING="$GRADIENT_CHECKPOINTING" RESUME="$RESUME" SAVE_TOTAL_LIMIT="$SAVE_TOTAL_LIMIT" \
+    KEEP_OPTIMIZER="$KEEP_OPTIMIZER" -- "${CONFIG_ARGS[@]}" "$@"
+  echo "[finetune] resolved settings -> $OUTPUT_DIR/launch_config.yaml"
+fi
 if [ "$NUM_GPUS" = "0" ]; then
-  echo "[finetune] one CPU process, no DeepSpeed -> $OUTPUT_DIR"
+  echo "[finetune] one CPU process, no DeepSpeed, $PRECISION -> $OUTPUT_DIR"
   exec "$PYTHON" -m llava_vla_plugin.train "${ARGS[@]}" --use_cpu True "$@"
 fi
 DIST_ARGS=()
-if ! command -v nvidia-smi >/dev/null 2>&1; then
+if [ "$HAS_CUDA" = "0" ]; then
   # No CUDA: DeepSpeed still runs (CPU accelerator, gloo), e.g. to check a config before a GPU run.
-  echo "[finetune] no CUDA found: $NUM_GPUS CPU processes with gloo"
+  echo "[finetune] no CUDA found: $NUM_GPUS CPU process(es) per node with gloo, $PRECISION"
   DIST_ARGS=(--use_cpu True --ddp_backend gloo)
 fi
-echo "[finetune] torchrun: $NNODES node(s) x $NUM_GPUS process(es), DeepSpeed $DEEPSPEED -> $OUTPUT_DIR"
+echo "[finetune] torchrun: node $NODE_RANK of $NNODES x $NUM_GPUS process(es), DeepSpeed $DEEPSPEED -> $OUTPUT_DIR"
 exec "$PYTHON" -m torch.distributed.run \
   --nproc_per_node "$NUM_GPUS" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
