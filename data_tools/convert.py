@@ -177,7 +177,9 @@ class DatasetPlan:
 
 
 def plan_dataset(data_dir: Path, req: DatasetRequest, registry: Registry, opts: RunOptions) -> DatasetPlan:
-    import tensorflow_datasets as tfds
+    from llava_vla_plugin.env import import_quietly
+
+    tfds = import_quietly("tensorflow_datasets")  # without TensorFlow's start-up lines
 
     from data_tools.rlds_io import feature_leaves
 

@@ -149,7 +149,9 @@ class LeafSpec:
 
 def feature_leaves(features: Any) -> dict[str, LeafSpec]:
     """Flatten a tfds FeaturesDict into {flat key: LeafSpec}, as tfds' example serializer names them."""
-    import tensorflow_datasets as tfds
+    from llava_vla_plugin.env import import_quietly
+
+    tfds = import_quietly("tensorflow_datasets")  # without TensorFlow's start-up lines
 
     out: dict[str, LeafSpec] = {}
 

@@ -5,10 +5,17 @@ Nothing here overrides a variable the user set.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
 import importlib.util
+import io
+import json
 import logging
 import os
+import re
 import socket
+import sys
+import tempfile
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,133 @@ def apply_env_defaults() -> dict[str, str]:
     if "HF_HUB_OFFLINE" not in os.environ and not hub_reachable():
         setdefault("HF_HUB_OFFLINE", "1")
         setdefault("TRANSFORMERS_OFFLINE", "1")
+    # TensorFlow (data tools only): INFO lines after start-up; the start-up lines: import_quietly().
+    setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    install_noise_filters()
     if set_now:
         log.debug("llava_vla_plugin set environment defaults: %s", set_now)
     return set_now
+
+
+# ---- known-benign noise, silenced where it is emitted --------------------------------------------
+# Each entry is an exact message a dependency prints on every command although nothing is wrong for
+# this product; anything else those sources print still gets through.
+
+# upstream LLaVA-NeXT prints these at import (video and OpenCLIP towers are not used by the VLA)
+UPSTREAM_IMPORT_PRINTS = {
+    "llava.utils": ("Please install pyav to use video processing functions.",),
+    "llava.model.multimodal_encoder.open_clip_encoder": ("OpenCLIP not installed",),
+}
+# TensorFlow's C++ start-up lines, written to fd 2 before absl logging is initialised (so
+# TF_CPP_MIN_LOG_LEVEL cannot hide them)
+TF_STARTUP_LINES = (
+    re.compile(r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$"),
+    re.compile(r"^I\d{4} [\d:. ]+\d+ port\.cc:\d+\] oneDNN custom operations are on\."),
+    re.compile(r"^I\d{4} [\d:. ]+\d+ cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized to use available CPU"),
+    re.compile(r"^To enable the following instructions: .*rebuild TensorFlow with the appropriate compiler flags\.$"),
+    re.compile(r"^E\d{4} [\d:. ]+\d+ cuda_(dnn|fft|blas)\.cc:\d+\] Unable to register cu(DNN|FFT|BLAS) factory"),
+    re.compile(r"^W\d{4} [\d:. ]+\d+ cuda_executor\.cc:\d+\] Could not find cuda drivers"),
+)
+MISTRAL_FAMILY = ("mistral", "mistral3", "voxtral", "ministral", "pixtral")
+
+
+class _MistralRegexFilter(logging.Filter):
+    """transformers 4.57 warns that tokenizers saved by transformers <= 4.57.2 have Mistral's broken
+    pre-tokenizer regex, for every such tokenizer, Qwen2's included. Qwen2's regex is its own and
+    correct (tests/test_prompt.py checks the ids); the warning is dropped for non-Mistral models only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "incorrect regex pattern" not in msg or "fix_mistral_regex" not in msg:
+            return True
+        m = re.search(r"loading from '([^']*)'", msg)
+        path = m.group(1) if m else ""
+        if "mistral" in path.lower():
+            return True
+        try:
+            with open(os.path.join(path, "config.json")) as f:
+                model_type = str(json.load(f).get("model_type", ""))
+        except (OSError, ValueError):
+            model_type = ""
+        return model_type in MISTRAL_FAMILY
+
+
+class _QuietImportLoader(importlib.abc.Loader):
+    def __init__(self, loader, lines: tuple[str, ...]):
+        self.loader, self.lines = loader, lines
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        buf = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(buf):
+                self.loader.exec_module(module)
+        finally:
+            for line in buf.getvalue().splitlines(keepends=True):
+                if line.rstrip("\n") not in self.lines:
+                    sys.stdout.write(line)
+
+
+class _QuietUpstreamImports(importlib.abc.MetaPathFinder):
+    """Runs the modules of UPSTREAM_IMPORT_PRINTS with their exact known prints dropped."""
+
+    def find_spec(self, name, path, target=None):
+        if name not in UPSTREAM_IMPORT_PRINTS:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _QuietImportLoader(spec.loader, UPSTREAM_IMPORT_PRINTS[name])
+                return spec
+        return None
+
+
+def install_noise_filters() -> None:
+    """Idempotent; cheap (imports nothing heavy)."""
+    tok_log = logging.getLogger("transformers.tokenization_utils_base")
+    if not any(isinstance(f, _MistralRegexFilter) for f in tok_log.filters):
+        tok_log.addFilter(_MistralRegexFilter())
+    if not any(isinstance(f, _QuietUpstreamImports) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietUpstreamImports())
+
+
+@contextlib.contextmanager
+def native_stderr_filtered(patterns=TF_STARTUP_LINES):
+    """Capture fd 2 (C++ writes bypass sys.stderr), then replay every line no pattern matches."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read().decode(errors="replace").splitlines(keepends=True):
+                if not any(p.search(line) for p in patterns):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+def import_quietly(name: str):
+    """`import tensorflow` / `tensorflow_datasets` without TensorFlow's known start-up lines."""
+    if name in sys.modules:
+        return sys.modules[name]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    with native_stderr_filtered():
+        module = importlib.import_module(name)
+        if name.startswith("tensorflow"):
+            importlib.import_module("tensorflow")  # its lazy loader prints the start-up lines a second time
+            try:
+                import tensorflow as tf
+
+                tf.constant(0)  # forces the lazy runtime load (the second batch of lines) inside the filter
+            except Exception:  # noqa: BLE001 - a broken TF install fails loudly at its first real use
+                pass
+    return module

@@ -7,7 +7,11 @@
 Each sample is run through VLAPolicy exactly as a robot would (constrained greedy generation,
 decode, un-normalize with the sample's dataset statistics) and compared with its labels. Per
 dataset (the sample's `dataset` field) and per action dimension:
-  action_token_accuracy   predicted action token == the label's token (the bin of the normalized value)
+  action_accuracy_generated  predicted action token == the label's token (the bin of the normalized
+                          value), tokens generated greedily among the action tokens, each after the
+                          model's own previous picks. Training's validation logs teacher-forced
+                          accuracies instead (llava_vla_plugin.trainer.METRIC_DOC); this one is what a
+                          robot gets. (Called action_token_accuracy before.)
   l1_normalized           |predicted bin centre - normalized label| (the label as in the data, [-1, 1])
   l1_unnormalized         |un-normalized prediction - action_raw| (the raw action when the sample has
                           it, else the un-normalized label)
@@ -84,8 +88,8 @@ def summarize(pred_bins, true_bins, pred_norm, true_norm, pred_raw, true_raw, se
     n = len(pred_bins)
     return {
         "n": n,
-        "action_token_accuracy": float(correct.mean()),
-        "action_token_accuracy_per_dim": correct.mean(0).tolist(),
+        "action_accuracy_generated": float(correct.mean()),
+        "action_accuracy_generated_per_dim": correct.mean(0).tolist(),
         "l1_normalized": float(l1n.mean()),
         "l1_normalized_per_dim": l1n.mean(0).tolist(),
         "l1_unnormalized": float(l1u.mean()),
@@ -109,7 +113,7 @@ def plot_report(report: dict, arrays: dict, path: Path) -> None:
         dims = np.arange(len(r["l1_normalized_per_dim"]))
         ax = row[0]
         ax.bar(dims - 0.2, r["l1_normalized_per_dim"], width=0.4, label="L1 normalized")
-        ax.bar(dims + 0.2, 1 - np.asarray(r["action_token_accuracy_per_dim"]), width=0.4, label="token error rate")
+        ax.bar(dims + 0.2, 1 - np.asarray(r["action_accuracy_generated_per_dim"]), width=0.4, label="token error rate")
         ax.set_xticks(dims)
         ax.set_xlabel("action dimension")
         ax.set_title(f"{name}: per-dimension error (n={r['n']})")
@@ -190,7 +194,7 @@ def overall(summaries: dict) -> dict:
     """Sample-weighted means over datasets."""
     n = sum(s["n"] for s in summaries.values())
     out = {"n": n}
-    for key in ("action_token_accuracy", "l1_normalized", "l1_unnormalized", "gripper_accuracy"):
+    for key in ("action_accuracy_generated", "l1_normalized", "l1_unnormalized", "gripper_accuracy"):
         out[key] = sum(s[key] * s["n"] for s in summaries.values()) / n
     seconds = sum(s["seconds"] for s in summaries.values())
     out["seconds"] = seconds
@@ -256,10 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     plot_report(report, arrays, out / "report.png")
     o = report["overall"]
-    print(f"{o['n']} samples, {o['samples_per_s']:.2f} samples/s: token accuracy {o['action_token_accuracy']:.3f}, "
+    print(f"{o['n']} samples, {o['samples_per_s']:.2f} samples/s: generated token accuracy {o['action_accuracy_generated']:.3f}, "
           f"L1 normalized {o['l1_normalized']:.4f}, L1 {o['l1_unnormalized']:.4f}, gripper accuracy {o['gripper_accuracy']:.3f}")
     for name, s in summaries.items():
-        print(f"  {name}: n={s['n']} token acc {s['action_token_accuracy']:.3f}  L1n {s['l1_normalized']:.4f}  "
+        print(f"  {name}: n={s['n']} token acc {s['action_accuracy_generated']:.3f}  L1n {s['l1_normalized']:.4f}  "
               f"L1 {s['l1_unnormalized']:.4f}  gripper {s['gripper_accuracy']:.3f}")
     print(f"report: {out / 'report.json'}  figure: {out / 'report.png'}")
     return 0

@@ -33,7 +33,10 @@ import numpy as np
 
 X_KEYS = {"frames": "train_frames", "tokens": "train_tokens_seen", "compute": "compute_flops"}
 DEFAULT_GROUP_BY = {"frames": ("mixture", "model", "steps"), "tokens": ("mixture", "model"), "compute": ("mixture", "model")}
-METRIC_COLUMNS = ("step", "val_action_loss", "val_action_accuracy", "val_action_l1", "train_frames", "train_samples_seen",
+# Metrics renamed since (old final_metrics.json files are read under the new names): see trainer.METRIC_DOC.
+RENAMED_METRICS = {"val_action_accuracy": "val_action_accuracy_teacher_forced"}
+METRIC_COLUMNS = ("step", "val_action_loss", "val_action_accuracy_teacher_forced", "val_action_accuracy_teacher_forced_constrained",
+                  "val_action_l1", "train_frames", "train_samples_seen",
                   "train_tokens_seen", "model_params", "compute_flops")
 CONFIG_COLUMNS = ("mixture", "model", "fraction", "steps")
 N_PARAMS = 3
@@ -170,9 +173,17 @@ def bootstrap_power_law(x: Sequence[float], y: Sequence[float], n_boot: int = 10
 def _read_json(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else None
+        return _with_new_names(data) if isinstance(data, dict) else None
     except (OSError, ValueError):
         return None
+
+
+def _with_new_names(metrics: dict) -> dict:
+    """Runs written before a metric was renamed: their values under the new name too (old kept)."""
+    for old, new in RENAMED_METRICS.items():
+        if old in metrics and new not in metrics:
+            metrics[new] = metrics[old]
+    return metrics
 
 
 def _last_eval(path: Path) -> dict:
@@ -181,7 +192,7 @@ def _last_eval(path: Path) -> dict:
         for line in path.read_text().splitlines():
             if line.strip():
                 try:
-                    last = json.loads(line)
+                    last = _with_new_names(json.loads(line))
                 except ValueError:
                     continue
     except OSError:
@@ -275,7 +286,7 @@ def mixture_tables(rows: list[dict[str, Any]], y: str) -> list[dict[str, Any]]:
         tables.append({
             "fraction": fraction, "model": model, "steps": steps, "metric": y,
             "rows": [{"rank": i + 1, "mixture": m["mixture"], y: m["y"], "val_action_loss": m.get("val_action_loss"),
-                      "val_action_accuracy": m.get("val_action_accuracy"), "val_action_l1": m.get("val_action_l1"),
+                      "val_action_accuracy_teacher_forced": m.get("val_action_accuracy_teacher_forced"), "val_action_l1": m.get("val_action_l1"),
                       "train_frames": m.get("train_frames"), "run": m["run"]} for i, m in enumerate(ordered)],
         })
     return tables
@@ -339,7 +350,7 @@ def build_report(paths: Sequence[str | Path], x: str, y: str, report: str | Path
     _write_csv(report / "scaling.csv", rows, ["run", "status", "group", *CONFIG_COLUMNS, "x", "y", "fit_y", *METRIC_COLUMNS])
     if mixtures:
         flat = [{"fraction": t["fraction"], "model": t["model"], "steps": t["steps"], **r} for t in mixtures for r in t["rows"]]
-        cols = ["fraction", "model", "steps", "rank", "mixture", y, "val_action_loss", "val_action_accuracy", "val_action_l1",
+        cols = ["fraction", "model", "steps", "rank", "mixture", y, "val_action_loss", "val_action_accuracy_teacher_forced", "val_action_l1",
                 "train_frames", "run"]
         _write_csv(report / "mixtures.csv", flat, list(dict.fromkeys(cols)))
     _plot(report / "scaling.png", group_results, x, y, ci)
@@ -403,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="runs folder(s) of a sweep, or run folders")
     p.add_argument("--x", choices=sorted(X_KEYS), default="frames")
-    p.add_argument("--y", default="val_action_loss", help="a key of final_metrics.json (default val_action_loss)")
+    p.add_argument("--y", default="val_action_loss", help="a key of final_metrics.json (default val_action_loss); "
+                   "val_action_accuracy (renamed val_action_accuracy_teacher_forced) still reads older runs")
     p.add_argument("--report", required=True, help="folder for scaling.json/.csv/.png (+ mixtures.csv)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--ci", type=float, default=0.95, help="confidence level (default 0.95)")
@@ -414,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--ci must be in (0, 1) and --bootstrap >= 10")
     group_by = [g for g in args.group_by.split(",") if g] if args.group_by is not None else None
     try:
-        result = build_report(args.runs, args.x, args.y, args.report, args.bootstrap, args.ci, args.seed, group_by)
+        result = build_report(args.runs, args.x, RENAMED_METRICS.get(args.y, args.y), args.report, args.bootstrap, args.ci, args.seed, group_by)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

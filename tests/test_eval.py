@@ -10,7 +10,7 @@ from conftest import requires_upstream, run_py
 from llava_vla_plugin.eval import sample_instruction, summarize
 from test_policy import policy_results
 
-SUMMARY_KEYS = {"n", "action_token_accuracy", "action_token_accuracy_per_dim", "l1_normalized", "l1_normalized_per_dim",
+SUMMARY_KEYS = {"n", "action_accuracy_generated", "action_accuracy_generated_per_dim", "l1_normalized", "l1_normalized_per_dim",
                 "l1_unnormalized", "l1_unnormalized_per_dim", "gripper_accuracy", "seconds", "samples_per_s"}
 
 
@@ -23,7 +23,7 @@ def test_summarize_by_hand():
     true_raw = np.array([[0.0, 1.0], [2.0, 1.0]])
     s = summarize(pred_bins, true_bins, pred_norm, true_norm, pred_raw, true_raw, seconds=4.0)
     assert set(s) == SUMMARY_KEYS
-    assert s["action_token_accuracy"] == 0.75 and s["action_token_accuracy_per_dim"] == [1.0, 0.5]
+    assert s["action_accuracy_generated"] == 0.75 and s["action_accuracy_generated_per_dim"] == [1.0, 0.5]
     assert s["l1_normalized_per_dim"] == pytest.approx([0.25, 0.1])
     assert s["l1_unnormalized_per_dim"] == pytest.approx([0.5, 0.5]) and s["l1_unnormalized"] == pytest.approx(0.5)
     assert s["gripper_accuracy"] == 0.5 and s["samples_per_s"] == 0.5
@@ -58,9 +58,9 @@ def test_eval_writes_report_and_figure(tiny_model, tmp_path_factory):
     assert set(report["datasets"]) == {"ds_a", "ds_b"}
     for name, s in report["datasets"].items():
         assert set(s) == SUMMARY_KEYS | {"unnorm_key"} and s["n"] == 2 and s["unnorm_key"] == name
-        for key in ("action_token_accuracy_per_dim", "l1_normalized_per_dim", "l1_unnormalized_per_dim"):
+        for key in ("action_accuracy_generated_per_dim", "l1_normalized_per_dim", "l1_unnormalized_per_dim"):
             assert len(s[key]) == 7
-        assert 0 <= s["action_token_accuracy"] <= 1 and 0 <= s["gripper_accuracy"] <= 1 and s["samples_per_s"] > 0
+        assert 0 <= s["action_accuracy_generated"] <= 1 and 0 <= s["gripper_accuracy"] <= 1 and s["samples_per_s"] > 0
         assert s["l1_normalized"] == pytest.approx(np.mean(s["l1_normalized_per_dim"]))
     assert report["overall"]["n"] == 4 and {"samples_per_s", "l1_unnormalized", "gripper_accuracy"} <= set(report["overall"])
     png = (report_dir / "report.png").read_bytes()

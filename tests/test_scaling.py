@@ -137,3 +137,22 @@ def test_x_that_barely_varies_is_not_fitted(tmp_path):
     assert result["groups"][0]["fit"] is None and "spans only" in result["groups"][0]["message"]
     result = build_report([runs], "frames", "val_action_loss", tmp_path / "report2", n_boot=50)
     assert result["groups"][0]["fit"] is not None
+
+
+def test_runs_written_before_the_accuracy_rename_are_read_under_both_names(tmp_path):
+    """final_metrics.json before the rename had `val_action_accuracy` (teacher-forced, full vocabulary);
+    `--y val_action_accuracy` (old spelling) and the new name both read old and new runs."""
+    runs = tmp_path / "runs"
+    for i, f in enumerate([0.25, 0.5, 1.0]):  # _make_run writes the old name
+        _make_run(runs, f"old{i}", "a", f, int(1000 * f), 2.0 - i * 0.3)
+    d = _make_run(runs, "new", "a", 0.125, 125, 2.5)
+    m = json.loads((d / "out/final_metrics.json").read_text())
+    m["val_action_accuracy_teacher_forced"] = m.pop("val_action_accuracy")
+    (d / "out/final_metrics.json").write_text(json.dumps(m))
+    for y in ("val_action_accuracy_teacher_forced", "val_action_accuracy"):
+        proc = subprocess.run([sys.executable, "-m", "llava_vla_plugin.scaling", str(runs), "--x", "frames", "--y", y,
+                               "--report", str(tmp_path / y), "--bootstrap", "20"], env=subprocess_env(), cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads((tmp_path / y / "scaling.json").read_text())
+        assert result["n_points"] == 4, result["messages"]

@@ -238,7 +238,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
     for name, frames in zip(names, (8, 16)):
         final = json.loads((runs / name / "out/final_metrics.json").read_text())
         assert final["step"] == 3 and final["train_frames"] == frames
-        for key in ("val_action_loss", "val_action_accuracy", "val_action_l1", "train_tokens_seen", "compute_flops"):
+        for key in ("val_action_loss", "val_action_accuracy_teacher_forced", "val_action_l1", "train_tokens_seen", "compute_flops"):
             assert isinstance(final[key], (int, float)), (key, final)
         evals = [json.loads(l) for l in (runs / name / "out/vla_metrics.jsonl").read_text().splitlines() if l.strip()]
         assert evals and all("val_action_loss" in e for e in evals)
