@@ -198,6 +198,10 @@ class VLATrainer(LLaVATrainer):
             log.warning("resuming from %s (RESUME=%s)", ckpt, mode)
         else:
             log.warning("starting a new run in %s (no checkpoint to resume; RESUME=%s)", self.args.output_dir, mode)
+        # what the launcher's defaults turned on, as the model and loader actually have it
+        log.warning("gradient checkpointing %s, %d dataloader workers, image_aspect_ratio %s",
+                    "on" if getattr(self.model, "is_gradient_checkpointing", False) else "off",
+                    self.args.dataloader_num_workers, config.get("image_aspect_ratio"))
         if self.args.should_save:
             run_config.write_run_config(self.args.output_dir, config)
         return super().train(resume_from_checkpoint=ckpt, *args, **kwargs)
@@ -215,16 +219,20 @@ class VLATrainer(LLaVATrainer):
         same order (e.g. with different --dataloader_num_workers). Rank 0's batches only."""
         if not getattr(self.args, "vla_log_batch_digests", False) or self.args.process_index != 0:
             return
-        h = hashlib.sha256()
+        text, everything = hashlib.sha256(), hashlib.sha256()
         for key in sorted(inputs):
             values = inputs[key] if isinstance(inputs[key], (list, tuple)) else [inputs[key]]
             for v in values:
                 if isinstance(v, torch.Tensor):
-                    h.update(key.encode())
-                    h.update(v.detach().float().cpu().numpy().tobytes())
+                    data = key.encode() + v.detach().float().cpu().numpy().tobytes()
+                    everything.update(data)
+                    if key in ("input_ids", "labels"):
+                        text.update(data)
         os.makedirs(self.args.output_dir, exist_ok=True)
         with open(os.path.join(self.args.output_dir, "batch_digests.jsonl"), "a") as f:
-            f.write(json.dumps({"step": self.state.global_step, "sha256": h.hexdigest()}) + "\n")
+            # text: token ids and labels only (the same samples in the same order, whatever the image mode)
+            f.write(json.dumps({"step": self.state.global_step, "text_sha256": text.hexdigest(),
+                                "sha256": everything.hexdigest()}) + "\n")
 
     # ---- held-out validation -------------------------------------------------------------------
     @torch.no_grad()
