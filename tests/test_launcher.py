@@ -182,3 +182,26 @@ def test_tensorflow_imports_without_start_up_lines():
     p = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd="/")
     assert p.returncode == 0, p.stderr
     assert p.stderr.strip() == "a real warning", p.stderr
+
+
+def test_slurm_example_sets_node_ranks(tmp_path):
+    """scripts/slurm_finetune.sbatch with stand-in srun/scontrol (no SLURM here): each task gets its
+    NODE_RANK and the shared master address/port, and the launcher gets the job's arguments."""
+    bin_dir, repo = tmp_path / "bin", tmp_path / "clone"
+    (bin_dir).mkdir()
+    (repo / "scripts").mkdir(parents=True)
+    (bin_dir / "srun").write_text('#!/bin/bash\nshift\nfor n in 0 1; do SLURM_NODEID=$n "$@"; done\n')
+    (bin_dir / "scontrol").write_text("#!/bin/bash\nprintf 'node-a\\nnode-b\\n'\n")
+    (repo / "scripts/finetune_ov_vla.sh").write_text('echo "rank=$NODE_RANK of $NNODES gpus=$NUM_GPUS master=$MASTER_ADDR:$MASTER_PORT args=$*"\n')
+    for f in (bin_dir / "srun", bin_dir / "scontrol"):
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "REPO": str(repo), "SLURM_NNODES": "2",
+           "SLURM_GPUS_PER_NODE": "h100:8", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_ID": "123",
+           "SLURM_SUBMIT_DIR": str(tmp_path)}
+    for k in ("NUM_GPUS", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "NNODES"):
+        env.pop(k, None)
+    p = subprocess.run(["bash", str(ROOT / "scripts/slurm_finetune.sbatch"), "--report_to", "wandb"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    lines = [l for l in p.stdout.splitlines() if l.startswith("rank=")]
+    assert lines == [f"rank={r} of 2 gpus=8 master=node-a:20123 args=--report_to wandb" for r in (0, 1)], p.stdout
