@@ -143,6 +143,20 @@ class TokensSeenCallback(TrainerCallback):
         self.trainer.sync_tokens_seen()
 
 
+class SetupReportCallback(TrainerCallback):
+    """Logs what the launcher's defaults turned on, as the model and loader have it once training
+    starts (HF enables gradient checkpointing inside the training loop, not before)."""
+
+    def __init__(self, trainer: "VLATrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state_, control, **kwargs):
+        model = self.trainer.model
+        log.warning("gradient checkpointing %s, %d dataloader workers, image_aspect_ratio %s",
+                    "on" if getattr(model, "is_gradient_checkpointing", False) else "off", args.dataloader_num_workers,
+                    getattr(getattr(model, "config", None), "image_aspect_ratio", "?"))
+
+
 class VLATrainer(LLaVATrainer):
     def __init__(self, *args, tokenizer=None, **kwargs):
         if tokenizer is not None and kwargs.get("processing_class") is None:
@@ -162,6 +176,7 @@ class VLATrainer(LLaVATrainer):
             raise ValueError("--include_num_input_tokens_seen counts input_ids before the image tokens are inserted; the VLA "
                              "trainer counts every position itself (train_tokens_seen): drop the flag")
         self.add_callback(TokensSeenCallback(self))
+        self.add_callback(SetupReportCallback(self))
 
     # ---- data loading: deterministic worker seeds (upstream's crashes with num_workers > 0) -------
     def get_train_dataloader(self):
@@ -198,10 +213,6 @@ class VLATrainer(LLaVATrainer):
             log.warning("resuming from %s (RESUME=%s)", ckpt, mode)
         else:
             log.warning("starting a new run in %s (no checkpoint to resume; RESUME=%s)", self.args.output_dir, mode)
-        # what the launcher's defaults turned on, as the model and loader actually have it
-        log.warning("gradient checkpointing %s, %d dataloader workers, image_aspect_ratio %s",
-                    "on" if getattr(self.model, "is_gradient_checkpointing", False) else "off",
-                    self.args.dataloader_num_workers, config.get("image_aspect_ratio"))
         if self.args.should_save:
             run_config.write_run_config(self.args.output_dir, config)
         return super().train(resume_from_checkpoint=ckpt, *args, **kwargs)
