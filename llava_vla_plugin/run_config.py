@@ -24,6 +24,7 @@ from typing import Any, Optional
 log = logging.getLogger(__name__)
 
 RUN_CONFIG_NAME = "vla_run_config.json"
+LAUNCH_PENDING, LAUNCH_CONFIG = "launch_config.pending.yaml", "launch_config.yaml"  # scripts/launch_config.py
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
                 "adapter_model.safetensors", "adapter_model.bin")
@@ -103,11 +104,23 @@ def check_resumable(ckpt: str, config: dict) -> None:
                     RUN_CONFIG_NAME)
         return
     saved = json.loads(saved_file.read_text())
-    changed = [f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in RUN_KEYS if k in saved and saved.get(k) != config.get(k)]
+    changed = [f"{k}: {_short(saved.get(k))} -> {_short(config.get(k))}" for k in RUN_KEYS if k in saved and saved.get(k) != config.get(k)]
     if changed:
         raise ValueError(f"refusing to resume from {ckpt}: the configuration changed since it was saved ("
                          + "; ".join(changed) + "). Run with the checkpoint's settings to continue it, or start a new run "
                          "with a new OUTPUT_DIR (or RESUME=never into an empty one).")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 5] + "...]"
+
+
+def commit_launch_config(output_dir: str) -> None:
+    """The launcher's resolved settings become the run's record only once the run really starts."""
+    pending = os.path.join(output_dir, LAUNCH_PENDING)
+    if os.path.exists(pending):
+        os.replace(pending, os.path.join(output_dir, LAUNCH_CONFIG))
 
 
 def prune_optimizer_state(output_dir: str, keep: str) -> list[str]:

@@ -215,6 +215,7 @@ class VLATrainer(LLaVATrainer):
             log.warning("starting a new run in %s (no checkpoint to resume; RESUME=%s)", self.args.output_dir, mode)
         if self.args.should_save:
             run_config.write_run_config(self.args.output_dir, config)
+            run_config.commit_launch_config(self.args.output_dir)
         return super().train(resume_from_checkpoint=ckpt, *args, **kwargs)
 
     # ---- tokens seen ------------------------------------------------------------------------------

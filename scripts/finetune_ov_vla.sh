@@ -145,7 +145,9 @@ ARGS+=("${CONFIG_ARGS[@]}")
 
 mkdir -p "$OUTPUT_DIR"
 if [ "$NODE_RANK" = "0" ]; then
-  "$PYTHON" "$ROOT/scripts/launch_config.py" write "$OUTPUT_DIR/launch_config.yaml" \
+  # launch_config.pending.yaml: the trainer renames it to launch_config.yaml once the run starts, so a
+  # refused rerun (e.g. a changed configuration) does not overwrite the record of the run in OUTPUT_DIR.
+  "$PYTHON" "$ROOT/scripts/launch_config.py" write "$OUTPUT_DIR/launch_config.pending.yaml" \
     MODEL="$MODEL" VISION_TOWER="$VISION_TOWER" DATA="$DATA" IMAGE_FOLDER="$IMAGE_FOLDER" OUTPUT_DIR="$OUTPUT_DIR" \
     NUM_GPUS="$NUM_GPUS" NNODES="$NNODES" MASTER_PORT="$MASTER_PORT" DEEPSPEED="$DEEPSPEED" BATCH_SIZE="$BATCH_SIZE" \
     GRAD_ACCUM="$GRAD_ACCUM" LR="$LR" EPOCHS="$EPOCHS" MAX_STEPS="$MAX_STEPS" SAVE_STEPS="$SAVE_STEPS" \
@@ -153,7 +155,7 @@ if [ "$NODE_RANK" = "0" ]; then
     NUM_WORKERS="$NUM_WORKERS" REPORT_TO="$REPORT_TO" VAL_DATA="$VAL_DATA" EVAL_STEPS="$EVAL_STEPS" SEED="$SEED" \
     GRADIENT_CHECKPOINTING="$GRADIENT_CHECKPOINTING" RESUME="$RESUME" SAVE_TOTAL_LIMIT="$SAVE_TOTAL_LIMIT" \
     KEEP_OPTIMIZER="$KEEP_OPTIMIZER" -- "${CONFIG_ARGS[@]}" "$@"
-  echo "[finetune] resolved settings -> $OUTPUT_DIR/launch_config.yaml"
+  echo "[finetune] resolved settings -> $OUTPUT_DIR/launch_config.yaml (once training starts)"
 fi
 if [ "$NUM_GPUS" = "0" ]; then
   echo "[finetune] one CPU process, no DeepSpeed, $PRECISION -> $OUTPUT_DIR"

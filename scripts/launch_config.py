@@ -62,9 +62,10 @@ def write(path: str, pairs: list[str], extra: list[str]) -> None:
         data[key] = parsed if isinstance(parsed, (int, float, bool, type(None))) else value
     data["ARGS"] = extra
     tmp = path + ".tmp"
+    final = path.replace(".pending.yaml", ".yaml")
     with open(tmp, "w") as f:
         f.write("# Resolved settings of scripts/finetune_ov_vla.sh for this run. Replay it with\n"
-                f"#   CONFIG={path} bash scripts/finetune_ov_vla.sh\n"
+                f"#   CONFIG={final} bash scripts/finetune_ov_vla.sh\n"
                 "# (environment variables still override the values below).\n")
         yaml.safe_dump(data, f, sort_keys=False, default_flow_style=False)
     os.replace(tmp, path)

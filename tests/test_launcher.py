@@ -123,6 +123,7 @@ def test_rerun_refuses_a_changed_configuration_and_resumes_an_unchanged_one(work
     before = _history(d / "runs/c")[-1]["train_tokens_seen"]
     p = launch(work, "runs/c", IMAGE_ASPECT_RATIO="pad", check=False)
     assert p.returncode != 0 and "refusing to resume" in p.stderr and "image_aspect_ratio: 'anyres_max_9' -> 'pad'" in p.stderr
+    assert "IMAGE_ASPECT_RATIO: anyres_max_9" in (d / "runs/c/launch_config.yaml").read_text()  # the record is intact
     # replay from the saved settings; the environment overrides the file (one more step, another dir)
     p = launch(work, "runs/c", CONFIG="runs/c/launch_config.yaml", OUTPUT_DIR="runs/c", MAX_STEPS="3")
     assert "settings from" in p.stdout and f"resuming from {d / 'runs/c/checkpoint-2'}" in p.stderr
