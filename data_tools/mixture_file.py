@@ -233,8 +233,10 @@ def _entry(raw: Any, where: str, source_root: str | None) -> DatasetEntry:
     )
 
 
-def parse_mixture(data: Any, name: str = "mixture", path: Path | None = None) -> Mixture:
-    """Validate an already-parsed YAML document."""
+def parse_mixture(data: Any, name: str = "mixture", path: Path | None = None,
+                  source_root: str | None = None) -> Mixture:
+    """Validate an already-parsed YAML document. `source_root`, when given, replaces the file's
+    `source_root` and the shipped default sources (download --source-root: a local copy of the bucket)."""
     where = str(path) if path else name
     if not isinstance(data, Mapping):
         raise MixtureError(f"{where}: expected a mapping with a `datasets` list at the top")
@@ -244,7 +246,8 @@ def parse_mixture(data: Any, name: str = "mixture", path: Path | None = None) ->
     raw_datasets = data.get("datasets")
     if not isinstance(raw_datasets, list) or not raw_datasets:
         raise MixtureError(f"{where}: `datasets` must be a non-empty list")
-    source_root = data.get("source_root")
+    if source_root is None:
+        source_root = data.get("source_root")
     if source_root is not None and not isinstance(source_root, str):
         raise MixtureError(f"{where}: `source_root` must be a URL or path string")
     entries: list[DatasetEntry] = []
@@ -277,8 +280,9 @@ def resolve_mixture_path(spec: str | Path) -> Path:
     raise MixtureError(f"mixture file {str(spec)!r} not found{hint}")
 
 
-def load_mixture(spec: str | Path) -> Mixture:
-    """Load and validate a mixture file (path or shipped name); raises MixtureError."""
+def load_mixture(spec: str | Path, source_root: str | None = None) -> Mixture:
+    """Load and validate a mixture file (path or shipped name); raises MixtureError.
+    `source_root` overrides where datasets without an explicit `source:` come from."""
     path = resolve_mixture_path(spec)
     try:
         data = yaml.safe_load(path.read_text())
@@ -286,4 +290,4 @@ def load_mixture(spec: str | Path) -> Mixture:
         raise MixtureError(f"{path}: not valid YAML: {err}") from None
     except OSError as err:
         raise MixtureError(f"{path}: cannot read: {err}") from None
-    return parse_mixture(data, name=path.stem, path=path)
+    return parse_mixture(data, name=path.stem, path=path, source_root=source_root)
