@@ -33,6 +33,8 @@ from typing import Any
 
 import yaml
 
+from data_tools.cli import add_common_flags, add_output, setup_logging
+
 __all__ = [
     "MixtureToolError",
     "ConvertedDataset",
@@ -347,27 +349,30 @@ def write_training_mixture(plan: MixturePlan, path: str | Path) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_tools.mixture", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--converted", required=True, help="output folder of data_tools convert (OUT/<dataset>/train.jsonl)")
+    p.add_argument("--data-dir", "--converted", dest="data_dir", required=True,
+                   help="output folder of data_tools convert (OUT/<dataset>/train.jsonl) (also: --converted)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", help="YAML {dataset: weight}, a data_tools mixture file, or a training mixture")
     src.add_argument("--preset", help="a shipped mixture name (data_tools/mixtures/NAME.yaml), e.g. bridge_rt_1")
     p.add_argument("--fraction", type=float, default=1.0, help="effective frames / train frames of the mixture's datasets (default 1)")
     p.add_argument("--balance", action="store_true", help="multiply weights by each dataset's num_transitions (OpenVLA)")
     p.add_argument("--seed", type=int, default=0, help="recorded in the mixture; pass the same to the trainer's --vla_data_seed")
-    p.add_argument("-o", "--output", required=True, help="the training mixture YAML to write")
+    add_output(p, "-o", "--output", type=str, metavar="YAML", help="the training mixture YAML to write")
+    add_common_flags(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging(args)
     try:
         label, weights = read_weights(args.weights, args.preset)
-        plan = plan_mixture(args.converted, weights, args.fraction, args.balance, args.seed, weights_source=label)
+        plan = plan_mixture(args.data_dir, weights, args.fraction, args.balance, args.seed, weights_source=label)
     except MixtureToolError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(plan))
-    out = write_training_mixture(plan, args.output)
+    out = write_training_mixture(plan, args.out)
     print(f"wrote {out}")
     return 0
 

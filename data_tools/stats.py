@@ -14,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from data_tools.cli import add_common_flags, add_input, add_output, resolve_input, setup_logging
+
 DIMS = ["x", "y", "z", "roll", "pitch", "yaw", "grip"]
 
 
@@ -80,21 +82,30 @@ def plot(out: Path, plot_dir: Path) -> list[Path]:
     return written
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_tools.stats", description=__doc__.split("\n\n")[1],
+                                epilog="Exit codes: 0 printed, 2 not a converted directory.")
+    add_input(p, "output directory of data_tools.convert (positional or --data-dir)")
+    add_output(p, "--plot", required=False, metavar="DIR", help="write PNG histograms and table.md here")
+    add_common_flags(p)
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_tools.stats", description=__doc__.split("\n\n")[1])
-    p.add_argument("out", type=Path, help="output directory of data_tools.convert")
-    p.add_argument("--plot", type=Path, default=None, metavar="DIR", help="write PNG histograms and table.md here")
+    p = build_parser()
     args = p.parse_args(argv)
-    if not any(args.out.glob("*/manifest.json")):
-        print(f"error: {args.out} holds no converted dataset", file=sys.stderr)
+    converted = resolve_input(p, args)
+    setup_logging(args)
+    if not any(converted.glob("*/manifest.json")):
+        print(f"error: {converted} holds no converted dataset", file=sys.stderr)
         return 2
-    text = format_table(table(args.out))
+    text = format_table(table(converted))
     print(text)
-    if args.plot:
-        for path in plot(args.out, args.plot):
+    if args.out:
+        for path in plot(converted, args.out):
             print(f"wrote {path}")
-        (args.plot / "table.md").write_text(text)
-        print(f"wrote {args.plot / 'table.md'}")
+        (args.out / "table.md").write_text(text)
+        print(f"wrote {args.out / 'table.md'}")
     return 0
 
 

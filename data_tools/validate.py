@@ -16,6 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
+from data_tools.cli import add_common_flags, add_input, resolve_input, setup_logging
+
 import numpy as np
 
 from data_tools.normalize import normalize_bounds_q99
@@ -167,16 +169,24 @@ def validate(out: Path, decode: bool = True) -> tuple[Report, dict[str, dict[str
     return rep, summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_tools.validate", description=__doc__.split("\n\n")[1],
                                 epilog="Exit codes: 0 valid, 1 problems found, 2 not a converted directory.")
-    p.add_argument("out", type=Path, help="output directory of data_tools.convert")
+    add_input(p, "output directory of data_tools.convert (positional or --data-dir)")
     p.add_argument("--no-decode", action="store_true", help="only check that images exist (faster)")
+    add_common_flags(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
-    if not args.out.is_dir() or not any(args.out.glob("*/manifest.json")):
-        print(f"error: {args.out} holds no converted dataset (*/manifest.json)", file=sys.stderr)
+    converted = resolve_input(p, args)
+    setup_logging(args)
+    if not converted.is_dir() or not any(converted.glob("*/manifest.json")):
+        print(f"error: {converted} holds no converted dataset (*/manifest.json)", file=sys.stderr)
         return 2
-    rep, summary = validate(args.out, decode=not args.no_decode)
+    rep, summary = validate(converted, decode=not args.no_decode)
     for name, splits in summary.items():
         print(f"{name}: " + ", ".join(f"{s} {n} samples" for s, n in splits.items()))
     if rep.ok:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.cli import add_common_flags, add_output, setup_logging
 from llava_vla_plugin.data_files import read_samples
 
 GRIPPER_THRESHOLD = 0.5
@@ -198,20 +199,26 @@ def overall(summaries: dict) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llava_vla_plugin.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory")
     parser.add_argument("--data", required=True, nargs="+", help="converted val.jsonl file(s)")
     parser.add_argument("--image-folder", required=True, help="folder the samples' image paths are relative to (the converter's OUT)")
-    parser.add_argument("--report", required=True, help="output folder for report.json, report.png, predictions.jsonl")
+    add_output(parser, "--report", type=str, help="output folder for report.json, report.png, predictions.jsonl")
     parser.add_argument("--max-samples", type=int, default=None, help="at most this many samples per data file")
     parser.add_argument("--batch-size", type=int, default=8, help="images per generate call (default 8)")
     parser.add_argument("--unnorm-key", default=None, help="statistics for all samples (default: each sample's `dataset`)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_common_flags(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging(args)
     if args.max_samples is not None and args.max_samples < 1:
         parser.error("--max-samples must be >= 1")
     if args.batch_size < 1:
@@ -239,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
-    out = Path(args.report)
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {
         "checkpoint": str(args.checkpoint),

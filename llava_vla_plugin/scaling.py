@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from data_tools.cli import add_common_flags, add_output, setup_logging
+
 X_KEYS = {"frames": "train_frames", "tokens": "train_tokens_seen", "compute": "compute_flops"}
 DEFAULT_GROUP_BY = {"frames": ("mixture", "model", "steps"), "tokens": ("mixture", "model"), "compute": ("mixture", "model")}
 METRIC_COLUMNS = ("step", "val_action_loss", "val_action_accuracy", "val_action_l1", "train_frames", "train_samples_seen",
@@ -398,28 +400,35 @@ def _plot(path: Path, groups: list[dict[str, Any]], x: str, y: str, ci: float) -
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llava_vla_plugin.scaling", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="runs folder(s) of a sweep, or run folders")
     p.add_argument("--x", choices=sorted(X_KEYS), default="frames")
     p.add_argument("--y", default="val_action_loss", help="a key of final_metrics.json (default val_action_loss)")
-    p.add_argument("--report", required=True, help="folder for scaling.json/.csv/.png (+ mixtures.csv)")
+    add_output(p, "--report", type=str, metavar="DIR", help="folder for scaling.json/.csv/.png (+ mixtures.csv)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--ci", type=float, default=0.95, help="confidence level (default 0.95)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--group-by", help="comma-separated config keys to fit separately (default: all but the scale axes)")
+    add_common_flags(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
+    setup_logging(args)
     if not 0 < args.ci < 1 or args.bootstrap < 10:
         p.error("--ci must be in (0, 1) and --bootstrap >= 10")
     group_by = [g for g in args.group_by.split(",") if g] if args.group_by is not None else None
     try:
-        result = build_report(args.runs, args.x, args.y, args.report, args.bootstrap, args.ci, args.seed, group_by)
+        result = build_report(args.runs, args.x, args.y, args.out, args.bootstrap, args.ci, args.seed, group_by)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_summary(result))
-    print(f"wrote {Path(args.report) / 'scaling.json'}, scaling.csv, scaling.png" + (", mixtures.csv" if result["mixtures"] else ""))
+    print(f"wrote {Path(args.out) / 'scaling.json'}, scaling.csv, scaling.png" + (", mixtures.csv" if result["mixtures"] else ""))
     return 0 if result["n_points"] else 1
 
 

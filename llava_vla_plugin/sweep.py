@@ -54,6 +54,7 @@ from typing import Any
 
 import yaml
 
+from data_tools.cli import add_common_flags, add_output, setup_logging
 from data_tools.mixture import MixturePlan, MixtureToolError, plan_mixture, read_weights, write_training_mixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -440,18 +441,25 @@ def format_plan(runs: list[Run]) -> str:
     return "\n".join([fmt(head), *map(fmt, rows)])
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llava_vla_plugin.sweep", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", help="sweep spec YAML")
-    p.add_argument("-o", "--output", required=True, help="runs folder (one sub-folder per run)")
+    add_output(p, "-o", "--output", type=str, metavar="RUNS", help="runs folder (one sub-folder per run)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--launch", action="store_true", help="run the unfinished runs one after another")
     mode.add_argument("--print", dest="print_cmds", action="store_true", help="print one command per unfinished run")
     p.add_argument("--dry-run", action="store_true", help="write and run nothing; show what would happen")
+    add_common_flags(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
+    setup_logging(args)
     try:
-        runs, info = plan_sweep(load_spec(args.spec), args.output)
+        runs, info = plan_sweep(load_spec(args.spec), args.out)
         if not args.dry_run:
             write_sweep(runs, info)
     except SweepError as e:
