@@ -127,10 +127,11 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict:
     work, bucket = base / "work", base / "bucket"
     work.mkdir()
     assert ROOT not in work.resolve().parents, "the flow must run outside the clone"
-    # the datasets of the README's mixture, few frames (BATCH_SIZE 8 with drop_last needs >= 8 train frames)
-    write_rlds_dataset(bucket, "bridge_orig", splits={"train": 2, "val": 1}, steps=(4, 5), shards=2,
+    # the datasets of the README's mixture, few frames: ~25 train frames, so that the default BATCH_SIZE 8
+    # (drop_last) gives both steps in one epoch (a second epoch would start the 4 workers again)
+    write_rlds_dataset(bucket, "bridge_orig", splits={"train": 3, "val": 1}, steps=(4, 5), shards={"train": 2},
                        image_size=(48, 64), seed=3)
-    write_rlds_dataset(bucket, "fractal20220817_data", splits={"train": 2}, steps=(4, 5), shards=2,
+    write_rlds_dataset(bucket, "fractal20220817_data", splits={"train": 3}, steps=(4, 5), shards=2,
                        image_size=(48, 60), seed=4)
     tiny = build_tiny_model(base / "tiny")
 
