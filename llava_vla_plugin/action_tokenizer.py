@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.converted_format import PROMPT_TEMPLATE as DEFAULT_INSTRUCTION_PROMPT
+
 CONFIG_NAME = "vla_action_tokenizer.json"
-DEFAULT_INSTRUCTION_PROMPT = "What action should the robot take to {instruction}?"
 
 
 @dataclass
