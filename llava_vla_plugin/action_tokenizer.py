@@ -1,4 +1,4 @@
-"""Continuous robot actions <-> dedicated action tokens (DESIGN.md 2.3).
+"""Continuous robot actions <-> dedicated action tokens (docs/DESIGN.md 2.3).
 
 256 new tokens `<ACTION_0>`..`<ACTION_255>` are added to the Qwen2 tokenizer (they fit in the spare
 embedding rows). Values in [-1, 1] fall into 256 equal intervals; +1 goes to the last; decoding

@@ -1,4 +1,4 @@
-"""Offline evaluation of a VLA checkpoint on held-out converted samples (DESIGN.md 2.1, 2.6).
+"""Offline evaluation of a VLA checkpoint on held-out converted samples (docs/DESIGN.md 2.1, 2.6).
 
     python -m llava_vla_plugin.eval --checkpoint runs/ov-vla \\
         --data converted/bridge_orig/val.jsonl converted/fractal20220817_data/val.jsonl \\

@@ -1,4 +1,4 @@
-"""Prompt and labels for VLA samples (DESIGN.md 2.4), with the tokenizer prepared once.
+"""Prompt and labels for VLA samples (docs/DESIGN.md 2.4), with the tokenizer prepared once.
 
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
     <|im_start|>user\\n<image>\\nWhat action should the robot take to {instruction}?<|im_end|>\\n

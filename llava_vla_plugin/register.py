@@ -1,7 +1,7 @@
 """Install the VLA hooks into upstream LLaVA-NeXT (idempotent).
 
 upstream train() looks these names up in `llava.train.train` at call time, so they are replaced
-there (DESIGN.md section 3): LLaVATrainer, LazySupervisedDataset, the three argument dataclasses;
+there (docs/DESIGN.md section 3): LLaVATrainer, LazySupervisedDataset, the three argument dataclasses;
 two methods of LlavaMetaForCausalLM: initialize_vision_tokenizer (runs before the dataset is
 built: the action tokens are added here) and prepare_inputs_labels_for_multimodal (where a too
 small model_max_length silently cuts the action labels off); and LlavaQwenForCausalLM.forward,

@@ -1,6 +1,6 @@
 """VLATrainer: upstream's LLaVATrainer made to run on transformers 4.57, plus VLA checkpoints and metrics.
 
-Upstream fixes done here by subclassing rather than patch files (DESIGN.md section 3, edits 1, 3, 4, 8):
+Upstream fixes done here by subclassing rather than patch files (docs/DESIGN.md section 3, edits 1, 3, 4, 8):
   1 `_inner_training_loop`: upstream's MeZO rewrite has ~30 undefined names; use HF's unless trainer_mode == "zo".
   3 `create_accelerator_and_postprocess`: upstream's passes arguments accelerate 1.x removed; use HF's.
   4 `_save_checkpoint(model, trial)`: HF dropped the `metrics` argument upstream still passes.
