@@ -27,6 +27,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import yaml
 
+from data_tools.converted_format import (
+    MANIFEST_FILE,
+    MIXTURE_FILE,
+    STATISTICS_FILE,
+    TRAIN_FILE,
+    ConvertedSample,
+    image_relpath,
+    split_file,
+)
 from data_tools.images import ImageDecodeError, MissingImageError, frame_jpeg, write_atomic
 from data_tools.normalize import (
     compute_statistics,
@@ -40,7 +49,6 @@ from data_tools.rlds_io import CorruptRecordError, LeafSpec, iter_tfrecord, pars
 from data_tools.transforms import Episode, standardize
 
 TOOL_VERSION = "data_tools.convert 1"
-PROMPT = "What action should the robot take to {instruction}?"
 WORK_DIR = ".work"
 CRASH_ENV = "DATA_TOOLS_CONVERT_CRASH_AFTER_EPISODES"  # tests: hard-exit mid-run to exercise resume
 
@@ -254,29 +262,6 @@ def _file_digest(path: str | None) -> str | None:
 # One unit (runs in a worker process; no TensorFlow)
 
 
-def _f32_list(values: np.ndarray) -> list[float]:
-    """Shortest decimal that round-trips to the same float32 (compact, exact, deterministic)."""
-    return [float(str(v)) for v in np.asarray(values, dtype=np.float32)]
-
-
-def _f32_json(values: np.ndarray) -> str:
-    """A JSON array of the shortest decimals that round-trip to the same float32 values."""
-    return "[" + ", ".join(str(v) for v in np.asarray(values, dtype=np.float32)) + "]"
-
-
-def _sample_line(name: str, split: str, episode: int, step: int, rel: str, instruction: str,
-                 action: np.ndarray, action_raw: np.ndarray) -> str:
-    """One LLaVA sample (DESIGN.md 2.1), formatted directly: json.dumps of the nested dict costs 3x more and
-    this runs once per frame in the main process. Equal to json.dumps(sample) of the same fields."""
-    human = json.dumps("<image>\n" + PROMPT.format(instruction=instruction.lower()), ensure_ascii=False)
-    return (
-        f'{{"id": "{name}/{split}/{episode:06d}/{step:04d}", "image": "{name}/images/{rel}", '
-        f'"conversations": [{{"from": "human", "value": {human}}}, {{"from": "gpt", "value": {_f32_json(action)}}}], '
-        f'"dataset": "{name}", "split": "{split}", "episode": {episode}, "step": {step}, '
-        f'"action_raw": {_f32_json(action_raw)}}}\n'
-    )
-
-
 def _route(routes: Sequence[tuple[int, int, str]], index: int) -> str | None:
     for lo, hi, dst in routes:
         if lo <= index < hi:
@@ -480,7 +465,7 @@ def finalize_dataset(plan: DatasetPlan, out_dir: Path, opts: RunOptions, unit_co
         stats_source = 'computed over split="all" (OpenVLA get_dataset_statistics)'
     counts = _merge_counts([unit_counts[u.unit_id] for u in units])
     zero_filters = [f.params for f in spec.frame_filters if f.name == "zero_action"]
-    outputs = {s: open(final / f"{s}.jsonl.tmp", "w") for s in ("train", "val")}
+    outputs = {s: open(final / (split_file(s) + ".tmp"), "w") for s in ("train", "val")}
     try:
         for u in units:
             unit_dir = work / "units" / u.unit_id
@@ -494,18 +479,18 @@ def finalize_dataset(plan: DatasetPlan, out_dir: Path, opts: RunOptions, unit_co
                 keep &= zero_action_keep_mask(norm, params["q01"], params["q99"])
             for line, a_raw, a, ok in zip(lines, raw, norm, keep):
                 split, episode, step, instruction = json.loads(line)
-                rel = f"{split}/{episode:06d}/{step:04d}.jpg"
+                rel = image_relpath(split, episode, step)
                 if not ok:
                     _bump(counts["splits"][split]["dropped_frames"], "zero_action")
                     counts["splits"][split]["frames"] -= 1
                     os.unlink(final / "images" / rel)
                     continue
-                outputs[split].write(_sample_line(name, split, episode, step, rel, instruction, a, a_raw))
+                outputs[split].write(ConvertedSample(name, split, episode, step, instruction, a, a_raw).to_json_line())
     finally:
         for f in outputs.values():
             f.close()
     for s in ("train", "val"):
-        os.replace(final / f"{s}.jsonl.tmp", final / f"{s}.jsonl")
+        os.replace(final / (split_file(s) + ".tmp"), final / split_file(s))
     (final / "images").mkdir(exist_ok=True)
     warnings = []
     if plan.request.flip_wrist_image_channels:
@@ -513,7 +498,7 @@ def finalize_dataset(plan: DatasetPlan, out_dir: Path, opts: RunOptions, unit_co
     for s in ("train", "val"):
         if counts["splits"].get(s, {}).get("frames", 0) == 0:
             warnings.append(f"{s} split is empty")
-    _write_json_atomic(final / "dataset_statistics.json", {name: stats})
+    _write_json_atomic(final / STATISTICS_FILE, {name: stats})
     manifest = {
         "tool_version": TOOL_VERSION,
         "dataset": name,
@@ -532,7 +517,7 @@ def finalize_dataset(plan: DatasetPlan, out_dir: Path, opts: RunOptions, unit_co
         "warnings": warnings,
         "fingerprint": plan.fingerprint,
     }
-    _write_json_atomic(final / "manifest.json", manifest)
+    _write_json_atomic(final / MANIFEST_FILE, manifest)
     target = out_dir / name
     os.replace(final, target)  # the whole dataset appears at once
     shutil.rmtree(work, ignore_errors=True)
@@ -545,7 +530,7 @@ def finalize_dataset(plan: DatasetPlan, out_dir: Path, opts: RunOptions, unit_co
 
 def _existing_fingerprint(path: Path) -> str | None:
     try:
-        return json.loads((path / "manifest.json").read_text()).get("fingerprint")
+        return json.loads((path / MANIFEST_FILE).read_text()).get("fingerprint")
     except (OSError, ValueError):
         return None
 
@@ -554,15 +539,15 @@ def _write_top_level(out_dir: Path, requests: Sequence[DatasetRequest]) -> None:
     combined = {}
     entries = []
     for req in requests:
-        combined.update(json.loads((out_dir / req.name / "dataset_statistics.json").read_text()))
+        combined.update(json.loads((out_dir / req.name / STATISTICS_FILE).read_text()))
         entries.append(
-            {"json_path": str((out_dir / req.name / "train.jsonl").resolve()), "sampling_strategy": "all",
+            {"json_path": str((out_dir / req.name / TRAIN_FILE).resolve()), "sampling_strategy": "all",
              "weight": req.weight}
         )
-    _write_json_atomic(out_dir / "dataset_statistics.json", combined)
+    _write_json_atomic(out_dir / STATISTICS_FILE, combined)
     text = "# LLaVA-NeXT --data_path file; images are relative to --image_folder " + str(out_dir.resolve()) + "\n"
     text += yaml.safe_dump({"datasets": entries}, sort_keys=False)
-    write_atomic(out_dir / "mixture.yaml", text.encode())
+    write_atomic(out_dir / MIXTURE_FILE, text.encode())
 
 
 def convert(
@@ -688,10 +673,10 @@ def convert(
         bar.close()
 
     if failures:
-        log.error("not written: mixture.yaml and dataset_statistics.json (failed: %s)", ", ".join(sorted(failures)))
+        log.error("not written: %s and %s (failed: %s)", MIXTURE_FILE, STATISTICS_FILE, ", ".join(sorted(failures)))
     else:
         _write_top_level(out_dir, requests)
-        log.info("wrote %s and %s", out_dir / "mixture.yaml", out_dir / "dataset_statistics.json")
+        log.info("wrote %s and %s", out_dir / MIXTURE_FILE, out_dir / STATISTICS_FILE)
         try:
             (out_dir / WORK_DIR).rmdir()
         except OSError:

@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from data_tools.cli import add_common_flags, add_output, setup_logging
+from data_tools.converted_format import MANIFEST_FILE, STATISTICS_FILE, TRAIN_FILE
 
 __all__ = [
     "MixtureToolError",
@@ -124,17 +125,17 @@ def _count_lines(path: Path) -> int:
 
 
 def _num_transitions(folder: Path, name: str, frames: int) -> tuple[int, str]:
-    stats_path = folder / "dataset_statistics.json"
+    stats_path = folder / STATISTICS_FILE
     try:
         stats = json.loads(stats_path.read_text())
         entry = stats.get(name) if name in stats else (next(iter(stats.values())) if len(stats) == 1 else None)
         if entry and "num_transitions" in entry:
-            return int(entry["num_transitions"]), "dataset_statistics.json"
+            return int(entry["num_transitions"]), STATISTICS_FILE
     except (OSError, ValueError, AttributeError):
         pass
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        return int(manifest["counts"]["num_transitions"]), "manifest.json"
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        return int(manifest["counts"]["num_transitions"]), MANIFEST_FILE
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return frames, "train frames"
@@ -142,7 +143,7 @@ def _num_transitions(folder: Path, name: str, frames: int) -> tuple[int, str]:
 
 def converted_names(converted: Path) -> list[str]:
     """Datasets of a converted directory: the folders that hold a train.jsonl."""
-    return sorted(p.parent.name for p in converted.glob("*/train.jsonl"))
+    return sorted(p.parent.name for p in converted.glob(f"*/{TRAIN_FILE}"))
 
 
 def converted_datasets(converted: str | Path, names: list[str] | None = None) -> dict[str, ConvertedDataset]:
@@ -162,9 +163,9 @@ def converted_datasets(converted: str | Path, names: list[str] | None = None) ->
     out = {}
     for name in wanted:
         folder = converted / name
-        frames = _count_lines(folder / "train.jsonl")
+        frames = _count_lines(folder / TRAIN_FILE)
         n, source = _num_transitions(folder, name, frames)
-        out[name] = ConvertedDataset(name, folder / "train.jsonl", frames, n, source)
+        out[name] = ConvertedDataset(name, folder / TRAIN_FILE, frames, n, source)
     return out
 
 
@@ -319,7 +320,7 @@ def format_table(plan: MixturePlan) -> str:
 def mixture_yaml_text(plan: MixturePlan) -> str:
     spec = {
         "datasets": [
-            {"json_path": str(plan.converted / r.name / "train.jsonl"), "sampling_strategy": "all", "weight": r.weight}
+            {"json_path": str(plan.converted / r.name / TRAIN_FILE), "sampling_strategy": "all", "weight": r.weight}
             for r in plan.rows
         ],
         "vla_mixture": plan.to_dict(),

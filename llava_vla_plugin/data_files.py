@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from data_tools.converted_format import STATISTICS_FILE
+
 log = logging.getLogger(__name__)
 
 
@@ -201,7 +203,7 @@ def find_statistics(sources: list[DataSource]) -> dict:
     stats: dict = {}
     for src in sources:
         for folder in (src.path.parent, src.path.parent.parent):
-            f = folder / "dataset_statistics.json"
+            f = folder / STATISTICS_FILE
             if f.exists():
                 stats.update(json.loads(f.read_text()))
                 break

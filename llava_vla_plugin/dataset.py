@@ -19,21 +19,16 @@ import numpy as np
 import torch
 from llava.train.train import LazySupervisedDataset
 
+from data_tools.converted_format import SampleFormatError, is_action_sample, sample_action, sample_instruction
+from llava_vla_plugin.action_tokenizer import ActionTokenizer
 from llava_vla_plugin.data_files import find_statistics, load_data
 from llava_vla_plugin.prompt import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX, VLAPromptBuilder
-from llava_vla_plugin import state
 
 log = logging.getLogger(__name__)
 
 
 class BadSampleError(ValueError):
     pass
-
-
-def is_vla_sample(sample: dict) -> bool:
-    conv = sample.get("conversations") or []
-    return len(conv) >= 2 and isinstance(conv[1].get("value"), list)
-
 
 def _sample_name(sample: dict, i: int) -> str:
     return f"sample {sample.get('id', i)!r} (index {i}) from {sample.get('_source', '?')}"
@@ -74,14 +69,12 @@ class VLADataset(LazySupervisedDataset):
         self.blind = bool(getattr(data_args, "vla_blind", False))
         if self.blind:
             log.warning("VLADataset: --vla_blind: the <image> token is dropped; the model will NOT see its images")
-        self.action_tokenizer = state.get_action_tokenizer()
-        if self.action_tokenizer.first_token_id is None:
-            self.action_tokenizer.add_to_tokenizer(tokenizer)
+        # The tokens were added to the model's tokenizer by register.add_action_tokens; binding is idempotent.
+        self.action_tokenizer = ActionTokenizer()
+        self.action_tokenizer.add_to_tokenizer(tokenizer)
         self.prompt_builder = VLAPromptBuilder(tokenizer, self.action_tokenizer)
         log.warning("VLADataset: %d samples from %s; statistics for %s",
                     len(self.list_data_dict), data_path, sorted(self.dataset_statistics) or "no dataset")
-        if not is_eval:  # a checkpoint carries the training data's statistics
-            state.set_dataset_statistics(self.dataset_statistics)
         if not self.list_data_dict:
             raise ValueError(f"no samples in {data_path}" + (" (the held-out data is empty: pass another VAL_DATA)" if is_eval else ""))
 
@@ -114,7 +107,7 @@ class VLADataset(LazySupervisedDataset):
 
     def _get_checked(self, i: int) -> dict[str, Any]:
         sample = self.list_data_dict[i]
-        if not is_vla_sample(sample):
+        if not is_action_sample(sample):
             fixed = ensure_image_token(sample)
             if fixed is not sample:
                 self.list_data_dict[i] = fixed
@@ -122,16 +115,15 @@ class VLADataset(LazySupervisedDataset):
         return self._get_vla_item(i, sample)
 
     def _get_vla_item(self, i: int, sample: dict) -> dict[str, Any]:
-        conv = sample["conversations"]
-        human = conv[0].get("value", "")
-        action = conv[1]["value"]
+        action = sample_action(sample)
         if len(action) != self.action_tokenizer.action_dim:
             raise BadSampleError(f"action has {len(action)} values, expected {self.action_tokenizer.action_dim}")
         if not all(isinstance(a, (int, float)) and math.isfinite(a) for a in action):
             raise BadSampleError(f"action has non-numeric or non-finite values: {action}")
-        instruction = sample.get("instruction")
-        if instruction is None:
-            instruction = _instruction_from_human(human, self.action_tokenizer.prompt)
+        try:
+            instruction = sample_instruction(sample, self.action_tokenizer.prompt)
+        except SampleFormatError as e:
+            raise BadSampleError(str(e)) from None
         input_ids, labels = self.prompt_builder.build(instruction, action)
         if self.blind:
             keep = input_ids != IMAGE_TOKEN_INDEX
@@ -148,13 +140,3 @@ class VLADataset(LazySupervisedDataset):
         out["id"] = sample.get("id", i)
         return out
 
-
-def _instruction_from_human(human: str, template: str) -> str:
-    """Recover the instruction from the human turn our converter writes: `<image>\\nWhat action ... to X?`."""
-    text = human.replace(DEFAULT_IMAGE_TOKEN, "").strip()
-    head, _, tail = template.partition("{instruction}")
-    if text.startswith(head) and text.endswith(tail):
-        return text[len(head): len(text) - len(tail) if tail else None]
-    # Free-form human turns are kept as the whole instruction sentence.
-    raise BadSampleError(f"human turn {human[:80]!r} does not follow the prompt template {template!r}; "
-                         "give the sample an `instruction` field")

@@ -1,4 +1,4 @@
-"""Offline evaluation of a VLA checkpoint on held-out converted samples (DESIGN.md 2.1, 2.6).
+"""Offline evaluation of a VLA checkpoint on held-out converted samples (docs/DESIGN.md 2.1, 2.6).
 
     python -m llava_vla_plugin.eval --checkpoint runs/ov-vla \\
         --data converted/bridge_orig/val.jsonl converted/fractal20220817_data/val.jsonl \\
@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.cli import add_common_flags, add_output, setup_logging
+from data_tools.converted_format import SampleFormatError, is_action_sample, sample_action
+from data_tools.converted_format import sample_instruction as _sample_instruction
 from llava_vla_plugin.data_files import read_samples
 
 GRIPPER_THRESHOLD = 0.5
@@ -41,14 +43,11 @@ class EvalDataError(ValueError):
 
 
 def sample_instruction(sample: dict, template: str) -> str:
-    """The instruction the training prompt was built from: `instruction`, else parsed from the human turn."""
-    if sample.get("instruction"):
-        return sample["instruction"]
-    human = sample["conversations"][0]["value"].replace("<image>", "").strip()
-    head, _, tail = template.partition("{instruction}")
-    if human.startswith(head) and human.endswith(tail):
-        return human[len(head): len(human) - len(tail) if tail else None]
-    raise EvalDataError(f"human turn {human[:80]!r} does not follow the prompt template {template!r}")
+    """The instruction the training prompt was built from (data_tools.converted_format owns the rule)."""
+    try:
+        return _sample_instruction(sample, template)
+    except SampleFormatError as e:
+        raise EvalDataError(str(e)) from None
 
 
 def load_eval_samples(paths: list[str], image_folder: str, max_samples: int | None, action_dim: int) -> list[dict]:
@@ -59,10 +58,9 @@ def load_eval_samples(paths: list[str], image_folder: str, max_samples: int | No
         for i, s in enumerate(read_samples(Path(path))):
             if max_samples is not None and taken >= max_samples:
                 break
-            conv = s.get("conversations") or []
-            if len(conv) < 2 or not isinstance(conv[1].get("value"), list) or "image" not in s:
+            if not is_action_sample(s) or "image" not in s:
                 continue  # not a VLA sample (co-training data): nothing to score
-            action = conv[1]["value"]
+            action = sample_action(s)
             if len(action) != action_dim:
                 raise EvalDataError(f"{path}: sample {s.get('id', i)} has a {len(action)}-d action, the model predicts {action_dim}")
             name = s.get("dataset") or Path(path).parent.name

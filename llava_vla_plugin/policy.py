@@ -4,7 +4,7 @@
     policy = VLAPolicy.from_pretrained("runs/ov-vla", device="cuda", dtype="bfloat16")
     action = policy.predict_action(image, "put the cup in the sink", unnorm_key="bridge_orig")
 
-What happens (DESIGN.md 2.3-2.6):
+What happens (docs/DESIGN.md 2.3-2.6):
   * the checkpoint loads with plain upstream `load_pretrained_model(path, None, "llava_qwen")`;
   * the prompt ids are exactly the training prompt's (VLAPromptBuilder), with the image placeholder;
   * the image goes through upstream's `process_images` with the checkpoint's `image_aspect_ratio`,

@@ -1,7 +1,7 @@
 """Install the VLA hooks into upstream LLaVA-NeXT (idempotent).
 
 upstream train() looks these names up in `llava.train.train` at call time, so they are replaced
-there (DESIGN.md section 3): LLaVATrainer, LazySupervisedDataset, the three argument dataclasses;
+there (docs/DESIGN.md section 3): LLaVATrainer, LazySupervisedDataset, the three argument dataclasses;
 two methods of LlavaMetaForCausalLM: initialize_vision_tokenizer (runs before the dataset is
 built: the action tokens are added here) and prepare_inputs_labels_for_multimodal (where a too
 small model_max_length silently cuts the action labels off); and LlavaQwenForCausalLM.forward,
@@ -87,8 +87,10 @@ def check_configuration(model_args, tokenizer, config) -> None:
 
 def check_labels_survived(labels, new_labels, config) -> None:
     """Upstream truncates embeddings and labels to tokenizer_model_max_length without a word."""
-    before = int((labels != -100).sum())
-    after = int((new_labels != -100).sum())
+    from data_tools.converted_format import IGNORE_INDEX
+
+    before = int((labels != IGNORE_INDEX).sum())
+    after = int((new_labels != IGNORE_INDEX).sum())
     if after < before:
         limit = getattr(config, "tokenizer_model_max_length", None)
         raise ConfigurationError(
@@ -107,9 +109,9 @@ def add_action_tokens(model, tokenizer) -> int:
     """
     import torch
 
-    from llava_vla_plugin import state
+    from llava_vla_plugin.action_tokenizer import ActionTokenizer
 
-    at = state.get_action_tokenizer()
+    at = ActionTokenizer()
     n_before = len(tokenizer)
     added = at.add_to_tokenizer(tokenizer)
     if not added:

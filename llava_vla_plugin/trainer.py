@@ -1,6 +1,6 @@
 """VLATrainer: upstream's LLaVATrainer made to run on transformers 4.57, plus VLA checkpoints and metrics.
 
-Upstream fixes done here by subclassing rather than patch files (DESIGN.md section 3, edits 1, 3, 4, 8):
+Upstream fixes done here by subclassing rather than patch files (docs/DESIGN.md section 3, edits 1, 3, 4, 8):
   1 `_inner_training_loop`: upstream's MeZO rewrite has ~30 undefined names; use HF's unless trainer_mode == "zo".
   3 `create_accelerator_and_postprocess`: upstream's passes arguments accelerate 1.x removed; use HF's.
   4 `_save_checkpoint(model, trial)`: HF dropped the `metrics` argument upstream still passes.
@@ -19,7 +19,6 @@ import transformers
 from transformers import TrainerCallback
 from llava.train.llava_trainer import LLaVATrainer, should_only_save_mm_adapter
 
-from llava_vla_plugin import state
 from llava_vla_plugin.action_tokenizer import ActionTokenizer
 from llava_vla_plugin.normalization import STATS_NAME
 
@@ -99,6 +98,7 @@ class VLATrainer(LLaVATrainer):
             kwargs["processing_class"] = tokenizer
         super().__init__(*args, **kwargs)
         self.action_metrics = ActionMetrics()
+        self.tokens_seen, self.sequences_seen = 0, 0  # this rank's, from the sparse head's outputs
         self.val_dataset = None
         self.last_val_metrics: dict = {}
         data_args = getattr(self.train_dataset, "data_args", None)
@@ -109,12 +109,23 @@ class VLATrainer(LLaVATrainer):
             self.val_dataset = VLADataset(val_path, self.processing_class, data_args, is_eval=True)
         self.add_callback(ValidationCallback(self, int(getattr(data_args, "vla_eval_steps", 0) or 0)))
 
+    # ---- what the training data carries (no process-wide state: the dataset owns both) ----------
+    @property
+    def action_tokenizer(self) -> ActionTokenizer:
+        """The train dataset's action tokenizer, bound to the tokenizer the dataset was built with."""
+        return self.train_dataset.action_tokenizer
+
+    @property
+    def dataset_statistics(self) -> dict:
+        """The statistics of the training data (a checkpoint carries them for un-normalization)."""
+        return self.train_dataset.dataset_statistics
+
     # ---- held-out validation -------------------------------------------------------------------
     @torch.no_grad()
     def run_validation(self) -> dict:
         if self.val_dataset is None:
             return {}
-        at = state.get_action_tokenizer()
+        at = self.action_tokenizer
         rank, world = self.args.process_index, self.args.world_size
         indices = list(range(rank, len(self.val_dataset), world))
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.val_dataset, indices),
@@ -127,7 +138,7 @@ class VLATrainer(LLaVATrainer):
         for batch in loader:
             batch = self._prepare_inputs(batch)
             out = model(**{k: v for k, v in batch.items() if k not in ("prompts", "ids")})
-            val.update(out.logits, state.pop_targets(), at, with_loss=True)
+            val.update(out.logits, out.targets, at, with_loss=True)
         if was_training:
             model.train()
         sums = torch.tensor([val.ce_sum, val.correct, val.l1_sum, val.total], dtype=torch.float64, device=self.args.device)
@@ -151,7 +162,7 @@ class VLATrainer(LLaVATrainer):
         params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
         global_batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         samples_seen = self.state.global_step * global_batch
-        per_sample = state.tokens_per_sample()
+        per_sample = self.tokens_seen / self.sequences_seen if self.sequences_seen else None
         tokens_seen = int(per_sample * samples_seen) if per_sample else None
         final = {"step": self.state.global_step, **val_metrics, "train_frames": len(self.train_dataset),
                  "train_samples_seen": samples_seen, "train_tokens_seen": tokens_seen, "model_params": params,
@@ -175,7 +186,7 @@ class VLATrainer(LLaVATrainer):
             LLaVATrainer._save_checkpoint(self, model, trial)
             if self.args.should_save:
                 out = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-                write_vla_files(out, state.get_action_tokenizer(), state.get_dataset_statistics())
+                write_vla_files(out, self.action_tokenizer, self.dataset_statistics)
             return None
         return transformers.Trainer._save_checkpoint(self, model, trial)
 
@@ -184,15 +195,18 @@ class VLATrainer(LLaVATrainer):
         super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
-            write_vla_files(output_dir, state.get_action_tokenizer(), state.get_dataset_statistics())
+            write_vla_files(output_dir, self.action_tokenizer, self.dataset_statistics)
 
     # ---- metrics -------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        targets = state.pop_targets()
+        targets = getattr(outputs, "targets", None)  # sparse_head.SparseHeadOutput
         logits = getattr(outputs, "logits", None)
-        if targets is not None and logits is not None and state.get_action_tokenizer().first_token_id is not None:
-            self.action_metrics.update(logits.detach(), targets.to(logits.device), state.get_action_tokenizer())
+        if getattr(outputs, "num_tokens", None) is not None:
+            self.tokens_seen += outputs.num_tokens
+            self.sequences_seen += outputs.num_sequences
+        if targets is not None and logits is not None and self.action_tokenizer.first_token_id is not None:
+            self.action_metrics.update(logits.detach(), targets.to(logits.device), self.action_tokenizer)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
