@@ -162,6 +162,24 @@ def save_lora_extras(model, output_dir: str, state_dict: dict | None = None) -> 
     model.get_base_model().config.save_pretrained(output_dir)
 
 
+def load_non_lora_trainables(model, checkpoint: str | os.PathLike) -> int:
+    """Resume (without DeepSpeed, whose own checkpoint holds everything): HF's trainer restores the
+    adapter only; the projector / vision tower weights trained beside it come from here."""
+    path = Path(checkpoint) / NON_LORA_NAME
+    if not path.is_file():
+        raise LoRACheckpointError(f"{checkpoint} lacks {NON_LORA_NAME}: cannot resume the weights trained beside "
+                                  "the adapter (projector, vision tower); resume from a checkpoint this plugin wrote")
+    extras = torch.load(path, map_location="cpu")
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n and TOKEN_ADAPTER_KEY not in n}
+    missing = sorted(trained - set(extras))
+    unexpected = sorted(set(extras) - {n for n, _ in model.named_parameters()})
+    if missing or unexpected:
+        raise LoRACheckpointError(f"{path} does not match this run's trained parameters (missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]}): was mm_tunable_parts changed?")
+    model.load_state_dict(extras, strict=False)
+    return len(extras)
+
+
 def request_merge(output_dir: str) -> None:
     """Called by the trainer on the saving rank; train.main merges once upstream's train() returned."""
     global _pending_merge

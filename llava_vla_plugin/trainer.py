@@ -197,6 +197,11 @@ class VLATrainer(LLaVATrainer):
             return None
         return transformers.Trainer._save_checkpoint(self, model, trial)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if lora.is_peft_model(model if model is not None else self.model):  # HF restores the adapter only
+            lora.load_non_lora_trainables(model if model is not None else self.model, resume_from_checkpoint)
+
     # ---- VLA checkpoint files ------------------------------------------------------------------
     def _save(self, output_dir: Optional[str] = None, state_dict=None):
         super()._save(output_dir, state_dict)
