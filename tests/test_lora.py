@@ -3,7 +3,8 @@
 One training run (module fixture) on 4 samples through the launcher, then: the action-token rows
 were trained (PEFT's token adapter) and nothing outside LoRA, those rows and the mm_tunable_parts
 changed; every checkpoint holds the VLA files; VLAPolicy predicts the same actions from the
-adapter unmerged, merged in memory, merged on disk (OUTPUT_DIR/merged) and from checkpoint-N;
+adapter unmerged, merged on disk (OUTPUT_DIR/merged), from checkpoint-N, and merged in memory
+(eval's and serve's default load, compared with the unmerged answers);
 the loss fell and the action tokens are predicted above chance; resume restores the weights
 trained beside the adapter; `python -m llava_vla_plugin.eval` and `.serve` run on the LoRA
 directory. The run is 8 steps: a longer overfit does not fit the suite's budget on 2 busy cores
@@ -19,7 +20,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,7 +49,8 @@ def lora_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("lora")
     # vision_layers=1: same code path as the 2-layer tower, cheaper images
     tiny = build_tiny_model(d / "model", vision_layers=1)
-    data = write_vla_dataset(d, "ds", 4, image_fn=_image, action_fn=lambda i, r: r.uniform(-1, 1, 7),
+    # one value per sample in all 7 dimensions: 4 distinct targets that 8 steps can start to fit
+    data = write_vla_dataset(d, "ds", 4, image_fn=_image, action_fn=lambda i, r: [(-0.75, -0.25, 0.25, 0.75)[i]] * 7,
                              instruction_fn=lambda i: f"pick up the {OBJECTS[i]}")
     out = d / "run"
     env = subprocess_env({
@@ -86,13 +87,13 @@ out, last, samples_path, result_path = sys.argv[1:5]
 samples = json.loads(open(samples_path).read())
 images = [np.asarray(s["image"], dtype=np.uint8) for s in samples]
 texts = [s["instruction"] for s in samples]
+# merged in memory (the default) is what eval and serve load; their answers are compared with these
 policies = {"unmerged": VLAPolicy.from_pretrained(out, device="cpu", merge_lora=False),
-            "merged_in_memory": VLAPolicy.from_pretrained(out, device="cpu"),
             "merged_on_disk": VLAPolicy.from_pretrained(out + "/merged", device="cpu"),
             "checkpoint": VLAPolicy.from_pretrained(last, device="cpu")}
 result = {"peft": {k: isinstance(p.model, PeftModel) for k, p in policies.items()},
           "ids": {k: p.predict_action_ids(images, texts).tolist() for k, p in policies.items()},
-          "actions": policies["merged_in_memory"].predict_actions(images, texts, "ds").tolist(),
+          "actions": policies["unmerged"].predict_actions(images, texts, "ds").tolist(),
           "want": [policies["unmerged"].action_tokenizer.token_ids[policies["unmerged"].action_tokenizer.encode(s["action"])].tolist()
                    for s in samples]}
 # resume: what the trainer's _load_from_checkpoint adds for LoRA runs (HF's restores the adapter only)
@@ -111,7 +112,7 @@ open(result_path, "w").write(json.dumps(result))
 
 @pytest.fixture(scope="module")
 def policy_results(lora_run):
-    """VLAPolicy on the LoRA run four ways, in a subprocess (the tiny tower resolves through HF_HOME)."""
+    """VLAPolicy on the LoRA run three ways, in a subprocess (the tiny tower resolves through HF_HOME)."""
     d = lora_run["dir"]
     samples = [{**s, "image": s["image"].tolist()} for s in _samples(lora_run)]
     (d / "samples.json").write_text(json.dumps(samples))
@@ -181,23 +182,24 @@ def test_only_intended_parameters_trained(lora_run):
 
 def test_same_actions_merged_and_unmerged(policy_results):
     r = policy_results
-    assert r["peft"] == {"unmerged": True, "merged_in_memory": False, "merged_on_disk": False, "checkpoint": False}
+    assert r["peft"] == {"unmerged": True, "merged_on_disk": False, "checkpoint": False}
     for name, got in r["ids"].items():  # checkpoint-N is the same state as OUTPUT_DIR (the last step)
         assert got == r["ids"]["unmerged"], f"{name} predicts {got}, unmerged {r['ids']['unmerged']}"
 
 
 def test_lora_model_learns(lora_run, policy_results):
     """Before training every action row is the same vector (teacher-forced accuracy 0); after the
-    short run the loss has fallen and the policy predicts some of the 4 samples' tokens
-    (chance: 1/256 per token)."""
+    short run the loss has fallen and the policy predicts most of the 4 samples' tokens (chance:
+    1/256 per token; measured: teacher-forced 0 -> 0.93, policy 0.75)."""
     history = json.loads((lora_run["out"] / "trainer_state.json").read_text())["log_history"]
     logged = [h for h in history if "action_accuracy" in h]
     first, last = logged[0], logged[-1]
     assert first["action_accuracy"] <= 0.1, first
-    assert last["loss"] < 0.8 * first["loss"], (first["loss"], last["loss"])
-    ids, want = np.array(policy_results["ids"]["merged_in_memory"]), np.array(policy_results["want"])
+    assert last["action_accuracy"] >= 0.5, last  # teacher-forced, as logged during training
+    assert last["loss"] < 0.9 * first["loss"], (first["loss"], last["loss"])
+    ids, want = np.array(policy_results["ids"]["unmerged"]), np.array(policy_results["want"])
     accuracy = float((ids == want).mean())
-    assert accuracy >= 0.1, f"action-token accuracy {accuracy:.2f} on the 4 training samples after {STEPS} LoRA steps"
+    assert accuracy >= 0.5, f"action-token accuracy {accuracy:.2f} on the 4 training samples after {STEPS} LoRA steps"
 
 
 def test_resume_restores_weights_trained_beside_the_adapter(policy_results):
