@@ -31,3 +31,6 @@ class DataArguments(upstream_train.DataArguments):
 class TrainingArguments(upstream_train.TrainingArguments):
     # flash_attention_2 (upstream's default) raises where flash-attn is not installed.
     attn_implementation: str = field(default_factory=default_attn_implementation)
+    vla_lora_merge: bool = field(default=True, metadata={"help": "with --lora_enable True: after training also write "
+                                                                  "OUTPUT_DIR/merged, a full checkpoint with the adapter merged in "
+                                                                  "(as large as a full fine-tune; plain upstream loads it)"})

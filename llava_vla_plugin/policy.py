@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from llava_vla_plugin import lora
 from llava_vla_plugin.action_tokenizer import ActionTokenizer
 from llava_vla_plugin.normalization import action_stats, load_statistics, resolve_unnorm_key, unnormalize_actions
 from llava_vla_plugin.prompt import VLAPromptBuilder
@@ -169,7 +170,9 @@ class VLAPolicy:
             raise ValueError(f"the model's LM head has {n_rows} rows, fewer than the action token ids need")
         # Batches are left-padded for generation (upstream pads by this config field).
         model.config.tokenizer_padding_side = "left"
-        self.last_logits_only = keep_last_logits_only(model) if last_logits_only else False
+        # an unmerged LoRA model (PEFT wrapper) generates through its base model's forward
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.last_logits_only = keep_last_logits_only(base) if last_logits_only else False
         self.generation_config = GenerationConfig(
             do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None, min_p=None, typical_p=None,
             repetition_penalty=None, no_repeat_ngram_size=None, max_new_tokens=self.action_dim + 1,
@@ -182,10 +185,14 @@ class VLAPolicy:
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike, device: str | None = None, dtype=None,
-                        attn_implementation: str | None = None, last_logits_only: bool = True) -> "VLAPolicy":
+                        attn_implementation: str | None = None, last_logits_only: bool = True,
+                        base_model: str | None = None, merge_lora: bool = True) -> "VLAPolicy":
         """Load with plain upstream `load_pretrained_model`; device defaults to cuda when present.
 
         The vision tower id in the checkpoint's config must resolve (HF cache / hub) as for upstream.
+        A LoRA checkpoint (adapter_config.json: `--lora_enable True` runs, OUTPUT_DIR or checkpoint-N)
+        loads its base model (adapter_config.json's, or `base_model`) plus the adapter, merged in
+        memory unless `merge_lora=False` (lora.py); OUTPUT_DIR/merged loads like a full checkpoint.
         """
         from llava.model.builder import load_pretrained_model
 
@@ -199,10 +206,14 @@ class VLAPolicy:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = resolve_dtype(dtype, device)
         name = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[torch_dtype]
+        attn = attn_implementation or default_attn_implementation()
         try:
-            tokenizer, model, image_processor, _ = load_pretrained_model(
-                str(path), None, "llava_qwen", device_map=str(device), torch_dtype=name,
-                attn_implementation=attn_implementation or default_attn_implementation())
+            if lora.is_lora_checkpoint(path):
+                tokenizer, model, image_processor = lora.load_lora_checkpoint(
+                    path, base=base_model, device=str(device), torch_dtype=name, attn_implementation=attn, merge=merge_lora)
+            else:
+                tokenizer, model, image_processor, _ = load_pretrained_model(
+                    str(path), None, "llava_qwen", device_map=str(device), torch_dtype=name, attn_implementation=attn)
         except OSError as e:
             tower = json.loads((path / "config.json").read_text()).get("mm_vision_tower")
             raise OSError(f"loading {path} failed: {e}\n(the vision tower {tower!r} named in its config.json must "

@@ -5,7 +5,8 @@ there (docs/DESIGN.md section 3): LLaVATrainer, LazySupervisedDataset, the three
 two methods of LlavaMetaForCausalLM: initialize_vision_tokenizer (runs before the dataset is
 built: the action tokens are added here) and prepare_inputs_labels_for_multimodal (where a too
 small model_max_length silently cuts the action labels off); and LlavaQwenForCausalLM.forward,
-whose training path runs the LM head on labelled positions only (sparse_head.py).
+whose training path runs the LM head on labelled positions only (sparse_head.py); upstream's LoRA
+state-dict helpers, so its final LoRA save keeps the action-token rows (lora.py).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def register() -> None:
     from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
     from llava.model.llava_arch import LlavaMetaForCausalLM
 
-    from llava_vla_plugin import sparse_head
+    from llava_vla_plugin import lora, sparse_head
     from llava_vla_plugin.arguments import DataArguments, ModelArguments, TrainingArguments
     from llava_vla_plugin.dataset import VLADataset
     from llava_vla_plugin.trainer import VLATrainer
@@ -60,6 +61,7 @@ def register() -> None:
         return out
 
     sparse_head.install(LlavaQwenForCausalLM)
+    lora.install_upstream_save_hooks()
     LlavaMetaForCausalLM.initialize_vision_tokenizer = initialize_vision_tokenizer
     LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal = prepare_inputs_labels_for_multimodal
     _registered = True

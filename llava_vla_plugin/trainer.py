@@ -19,6 +19,7 @@ import transformers
 from transformers import TrainerCallback
 from llava.train.llava_trainer import LLaVATrainer, should_only_save_mm_adapter
 
+from llava_vla_plugin import lora
 from llava_vla_plugin.action_tokenizer import ActionTokenizer
 from llava_vla_plugin.normalization import STATS_NAME
 
@@ -92,10 +93,26 @@ class ValidationCallback(TrainerCallback):
         self.trainer.write_final_metrics(metrics or {})
 
 
+class LoRAFinalSaveCallback(TrainerCallback):
+    """LoRA runs: a complete checkpoint in OUTPUT_DIR (upstream's own LoRA save after train() writes no
+    tokenizer and no VLA files), then, after train() returned, OUTPUT_DIR/merged (lora.merge_pending)."""
+
+    def __init__(self, trainer: "VLATrainer"):
+        self.trainer = trainer
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.save_model(args.output_dir)  # every rank: gathers ZeRO-3 weights
+        if args.should_save and getattr(args, "vla_lora_merge", True):
+            lora.request_merge(args.output_dir)
+
+
 class VLATrainer(LLaVATrainer):
     def __init__(self, *args, tokenizer=None, **kwargs):
         if tokenizer is not None and kwargs.get("processing_class") is None:
             kwargs["processing_class"] = tokenizer
+        is_lora = lora.is_peft_model(kwargs.get("model"))
+        if is_lora:  # before the optimizer exists: the action rows must be among its parameters
+            lora.enable_action_token_training(kwargs["model"], kwargs["train_dataset"].action_tokenizer.token_ids)
         super().__init__(*args, **kwargs)
         self.action_metrics = ActionMetrics()
         self.tokens_seen, self.sequences_seen = 0, 0  # this rank's, from the sparse head's outputs
@@ -108,6 +125,8 @@ class VLATrainer(LLaVATrainer):
 
             self.val_dataset = VLADataset(val_path, self.processing_class, data_args, is_eval=True)
         self.add_callback(ValidationCallback(self, int(getattr(data_args, "vla_eval_steps", 0) or 0)))
+        if is_lora:
+            self.add_callback(LoRAFinalSaveCallback(self))
 
     # ---- what the training data carries (no process-wide state: the dataset owns both) ----------
     @property
@@ -190,10 +209,17 @@ class VLATrainer(LLaVATrainer):
             return None
         return transformers.Trainer._save_checkpoint(self, model, trial)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if lora.is_peft_model(model if model is not None else self.model):  # HF restores the adapter only
+            lora.load_non_lora_trainables(model if model is not None else self.model, resume_from_checkpoint)
+
     # ---- VLA checkpoint files ------------------------------------------------------------------
     def _save(self, output_dir: Optional[str] = None, state_dict=None):
         super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save and lora.is_peft_model(self.model):
+            lora.save_lora_extras(self.model, output_dir, state_dict)
         if self.args.should_save:
             write_vla_files(output_dir, self.action_tokenizer, self.dataset_statistics)
 
