@@ -198,7 +198,10 @@ class LlavaVLAModelServer(PredictModelServer):
             self._adopt_chunk(actions.shape[0], ctx)
         self.latencies_s.append(time.perf_counter() - t0)
         if self.trace_dir is not None:
-            self._trace(obs_image=image, model_image=inp, instruction=text, model_output=raw, sent=actions)
+            extra = {}
+            if hasattr(self.policy, "predict_action_ids"):  # debugging only: the tokens, by a second greedy pass
+                extra["action_ids"] = self.policy.predict_action_ids([inp], [text])[0]
+            self._trace(obs_image=image, model_image=inp, instruction=text, model_output=raw, sent=actions, **extra)
         return {"actions": actions.astype(np.float32)}
 
     def _adopt_chunk(self, horizon: int, ctx: SessionContext) -> None:
