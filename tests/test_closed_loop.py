@@ -136,3 +136,33 @@ def test_tiny_model_closed_loop(render_ok, tiny_model, tmp_path_factory, tmp_pat
     expected[-1] = -1.0 if 2 * unnorm[-1] - 1 > 0 else 1.0  # dataset 1 = open -> robosuite -1
     received = np.load(env_trace / "ep0_step1.npz")["received"]
     np.testing.assert_allclose(received, expected, rtol=1e-6, atol=1e-7)  # float32 on the wire
+
+
+def test_eval_demo_reduced(render_ok, tiny_model, tmp_path):
+    """`make eval-demo` end to end (demos -> RLDS -> convert -> train -> vla-eval -> table, video), reduced:
+    2 demonstrations of 4 steps, 2 training steps, 1 closed-loop episode of 2 steps, and the session's tiny
+    model (--tiny-model) instead of a second build. The defaults (6 x 40 demo steps, 60 train steps, 2 x 60
+    eval steps) take about 10 minutes of CPU; `make eval-demo` runs them. Run from outside the repository."""
+    work = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "llava_vla_plugin.eval_demo", "--workdir", str(work), "--episodes", "2",
+                           "--demo-steps", "4", "--train-steps", "2", "--eval-episodes", "1", "--eval-max-steps", "2",
+                           "--tiny-model", str(tiny_model.root)], cwd=tmp_path,
+                          env=subprocess_env({**tiny_model.env(), "MUJOCO_GL": "egl"}), capture_output=True, text=True,
+                          timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeds rarely or never" in proc.stdout
+    assert "| **all** | 1 |" in proc.stdout  # the success table: one episode
+    summary = json.loads((work / "summary.json").read_text())
+    assert [Path(v).exists() for v in summary["videos"]] == [True]
+    assert str(summary["videos"][0]) in proc.stdout and str(work / "run") in proc.stdout  # absolute paths printed
+    agg = json.loads(Path(summary["aggregate"]).read_text())
+    assert [e["steps"] for e in agg["tasks"][0]["episodes"]] == [2]
+
+    # the demonstrations went through the registry entry: 8 frames, LIBERO's gripper convention
+    # (robosuite -1 open / +1 close -> [0 close, 1 open]); the scripted controller starts with the gripper open
+    rows = [json.loads(l) for l in (work / "converted" / "lift_scripted" / "train.jsonl").open()]
+    assert summary["train_frames"] == len(rows) == 8
+    assert {r["action_raw"][-1] for r in rows} <= {0.0, 1.0}
+    starts = [r for r in rows if r["step"] == 0]
+    assert len(starts) == 2 and all(r["action_raw"][-1] == 1.0 for r in starts)
+    assert all("lift the red cube" in r["conversations"][0]["value"] for r in rows)
