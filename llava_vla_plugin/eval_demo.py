@@ -60,17 +60,21 @@ def run(cmd: list[str], env: dict[str, str], log: Path, timeout: float | None = 
 
 
 # ---- 1-2: demonstrations as RLDS ---------------------------------------------------------------
-def lift_features(resolution: int):
-    """The LIBERO-like RLDS schema (OpenVLA's modified LIBERO RLDS, less the wrist camera and joint state)."""
+def libero_like_features(resolution: int, full: bool = False):
+    """OpenVLA's modified LIBERO RLDS schema (image, wrist_image, 8-d state, 7-d joint_state, 7-d action).
+
+    full=False drops the wrist camera and joint state: the eval demo renders only agentview (a second
+    camera doubles the simulator's cost) and nothing reads joint_state."""
     import tensorflow_datasets as tfds
 
     f = tfds.features
+    image = lambda: f.Image(shape=(resolution, resolution, 3), dtype=np.uint8, encoding_format="jpeg")  # noqa: E731
+    observation = {"image": image(), "state": f.Tensor(shape=(8,), dtype=np.float32)}
+    if full:
+        observation.update(wrist_image=image(), joint_state=f.Tensor(shape=(7,), dtype=np.float32))
     return f.FeaturesDict({
         "steps": f.Dataset({
-            "observation": f.FeaturesDict({
-                "image": f.Image(shape=(resolution, resolution, 3), dtype=np.uint8, encoding_format="jpeg"),
-                "state": f.Tensor(shape=(8,), dtype=np.float32),
-            }),
+            "observation": f.FeaturesDict(observation),
             "action": f.Tensor(shape=(7,), dtype=np.float32),
             "discount": f.Scalar(dtype=np.float32),
             "reward": f.Scalar(dtype=np.float32),
@@ -123,7 +127,7 @@ def write_demos_rlds(root: Path, demos: list[list[dict]], resolution: int) -> Pa
 
     schema_dir = root / "_schema" / DATASET
     schema_dir.mkdir(parents=True, exist_ok=True)
-    lift_features(resolution).save_config(str(schema_dir))
+    libero_like_features(resolution).save_config(str(schema_dir))
     steps = len(demos[0])
     path = write_rlds_dataset(root, DATASET, "1.0.0", schema=schema_dir, splits={"train": len(demos)}, steps=steps,
                               step_fn=lambda ep, t, rng: demos[ep][t])
