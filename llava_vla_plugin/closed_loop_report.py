@@ -112,6 +112,33 @@ def collect(result_dirs: Iterable[Path], suites: Iterable[str]) -> tuple[dict[st
     return out, unmatched
 
 
+REPORT_DIR = "closed_loop"  # a run's closed-loop report: <run>/closed_loop/report.json (--out <run>/closed_loop)
+
+
+def closed_loop_metrics(run_dir: Path) -> dict[str, float]:
+    """A run's closed-loop success as scaling.py's y values (fractions in [0, 1]), from <run_dir>/closed_loop/report.json:
+    `closed_loop_<suite>` per suite, `closed_loop_<average>` (e.g. closed_loop_LIBERO) per complete average, and
+    `closed_loop_success`: the average when there is exactly one, else the single suite, else absent."""
+    data = None
+    for d in (run_dir / REPORT_DIR, run_dir / "out" / REPORT_DIR):
+        try:
+            data = json.loads((d / "report.json").read_text())
+            break
+        except (OSError, ValueError):
+            continue
+    if not isinstance(data, dict):
+        return {}
+    out = {f"closed_loop_{s}": r["success_pct"] / 100 for s, r in (data.get("suites") or {}).items()
+           if r.get("success_pct") is not None}
+    averages = {f"closed_loop_{a}": v["success_pct"] / 100 for a, v in (data.get("averages") or {}).items()}
+    out.update(averages)
+    if len(averages) == 1:
+        out["closed_loop_success"] = next(iter(averages.values()))
+    elif not averages and len(out) == 1:
+        out["closed_loop_success"] = next(iter(out.values()))
+    return out
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}"
 

@@ -90,3 +90,22 @@ def test_cli_writes_the_report(results, tmp_path):
     assert "published, not re-run" in (out / "report.md").read_text()
     bad = run_py(["-m", "llava_vla_plugin.closed_loop_report", str(tmp_path / "nothing_here"), "--out", str(out)])
     assert bad.returncode == 2 and "aggregate" in bad.stderr
+
+
+def test_scaling_takes_closed_loop_success_as_y(results, tmp_path):
+    """A run's report written with --out <run>/closed_loop is scaling.py's y: closed_loop_success (the LIBERO
+    average when all four suites are there), closed_loop_<suite>."""
+    from llava_vla_plugin.closed_loop_report import main as report_main
+    from llava_vla_plugin.scaling import collect_runs
+    from test_scaling import _make_run
+
+    runs = tmp_path / "runs"
+    for i, frames in enumerate((1000, 2000, 4000)):
+        d = _make_run(runs, f"r{i}", "libero_4_suites", 0.25 * (i + 1), frames, 1.0)
+        suites = ["libero_spatial", "libero_object", "libero_goal", "libero_10"] if i else ["libero_spatial"]
+        assert report_main([*(str(results / s) for s in suites), "--out", str(d / "closed_loop")]) == 0
+    rows = {r["run"]: r for r in collect_runs([runs], "frames", "closed_loop_success")}
+    assert rows["r1"]["y"] == pytest.approx((0.9 + 0.8 + 0.7 + 0.5) / 4) and rows["r1"]["x"] == 2000
+    assert rows["r0"]["y"] == pytest.approx(0.9)  # one suite: its success
+    rows = {r["run"]: r for r in collect_runs([runs], "frames", "closed_loop_libero_10")}
+    assert rows["r2"]["y"] == pytest.approx(0.5) and rows["r0"]["y"] is None and "closed_loop_libero_10" in rows["r0"]["status"]
