@@ -283,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     print("next:\n"
           f"  serve it yourself:   python -m llava_vla_plugin.vla_eval_server --checkpoint {run_dir} --unnorm-key {DATASET}\n"
           f"  evaluate (2nd shell): vla-eval run -c {EVAL_CONFIG} --no-docker --output-dir {work / 'eval2'}\n"
+          f"  report:               python -m llava_vla_plugin.closed_loop_report {results} --out {work / 'report'}\n"
           f"  more data/steps:      make eval-demo EVAL_DEMO_ARGS='--episodes 50 --train-steps 2000'  (a GPU helps)\n"
           f"  the real thing:       the LIBERO recipe in README.md (configs/vla_eval/libero_*.yaml)")
     return 0
