@@ -83,7 +83,8 @@ class SourceUnreachable(DatasetError):
 
 
 def open_source(url: str, timeout: float | None = DEFAULT_TIMEOUT) -> tuple[Any, str]:
-    """(fsspec filesystem, root path) for a dataset folder: gs:// (anonymous), http(s)://, file:// or a path.
+    """(fsspec filesystem, root path) for a dataset folder: gs:// (anonymous), hf://datasets/..., http(s)://,
+    file:// or a path.
 
     `timeout` bounds connecting and each read's silence (not a whole file's transfer time)."""
     import fsspec
@@ -99,6 +100,8 @@ def open_source(url: str, timeout: float | None = DEFAULT_TIMEOUT) -> tuple[Any,
         from gcsfs.core import GCSFileSystem
 
         return GCSFileSystem(token="anon", requests_timeout=client_timeout), url[len("gs://"):].rstrip("/")
+    if url.startswith(HF_PREFIX):
+        return hf_filesystem(), url[len(HF_PREFIX):].rstrip("/")
     if url.startswith(("http://", "https://")):
         # directory listings resolve relative links only against a URL ending in "/"
         kwargs = {"client_kwargs": {"timeout": client_timeout}} if client_timeout else {}
@@ -107,10 +110,29 @@ def open_source(url: str, timeout: float | None = DEFAULT_TIMEOUT) -> tuple[Any,
     return fs, path.rstrip("/")
 
 
+HF_PREFIX = "hf://"  # hf://datasets/<owner>/<repo>/<dataset>/<version>: a Hugging Face dataset repository's folder
+
+
+def hf_filesystem():
+    """huggingface_hub's fsspec filesystem (anonymous unless the user is logged in; HF_ENDPOINT for a mirror).
+
+    Why: Hugging Face datasets (OpenVLA's modified LIBERO RLDS) have no plain directory listing over
+    HTTPS; the Hub API lists a repository folder with file sizes, which is what planning needs.
+    Timeouts are huggingface_hub's own (HF_HUB_ETAG_TIMEOUT, HF_HUB_DOWNLOAD_TIMEOUT)."""
+    try:
+        from huggingface_hub import HfFileSystem
+    except ImportError as err:  # a dependency of transformers, so present after `make setup`
+        raise DatasetError("hf:// sources need the huggingface_hub package (pip install huggingface-hub)") from err
+    return HfFileSystem()
+
+
 def _endpoint(url: str) -> tuple[str, int] | None:
     """(host, port) a remote source connects to; None for local paths."""
     if url.startswith("gs://"):
         return "storage.googleapis.com", 443
+    if url.startswith(HF_PREFIX):
+        parts = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+        return parts.hostname or "", parts.port or 443
     if url.startswith(("http://", "https://")):
         parts = urlsplit(url)
         return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)

@@ -39,7 +39,7 @@ See data_tools/registry/oxe.yaml for every op (drop_first, relabel_from_state, r
 
 
 OXE_BUCKET = "gs://gresearch/robotics"
-VERSION_SOURCES = {"schema", "oxe_colab", "unverified", "none"}
+VERSION_SOURCES = {"schema", "oxe_colab", "unverified", "none", "hf_repo"}
 
 
 class RegistryError(ValueError):

@@ -6,7 +6,9 @@
 A run is a folder with out/final_metrics.json (or final_metrics.json) and, from llava_vla_plugin.sweep,
 config.json (fraction, mixture, model, steps). x: frames = `train_frames` (frames in the training
 mixture), tokens = `train_tokens_seen`, compute = `compute_flops` (6 x params x tokens). y: any key of
-final_metrics.json (default val_action_loss; the last vla_metrics.jsonl entry is a fallback).
+final_metrics.json (default val_action_loss; the last vla_metrics.jsonl entry is a fallback), or closed-loop
+success: closed_loop_success / closed_loop_<suite> / closed_loop_LIBERO from <run>/closed_loop/report.json
+(`python -m llava_vla_plugin.closed_loop_report RESULTS --out <run>/closed_loop`).
 
 Runs are grouped by the settings that are not the scale axis (frames: mixture, model, steps; tokens and
 compute: mixture, model) and each group with at least 3 distinct x gets a fit. The fit is least squares
@@ -230,6 +232,10 @@ def collect_runs(paths: Iterable[str | Path], x: str, y: str) -> list[dict[str, 
         metrics = dict(final)
         if y not in metrics:
             metrics.update({k: v for k, v in _last_eval(out / "vla_metrics.jsonl").items() if k not in metrics})
+        if y.startswith("closed_loop_"):  # closed-loop success (closed_loop_report --out <run>/closed_loop)
+            from llava_vla_plugin.closed_loop_report import closed_loop_metrics
+
+            metrics.update(closed_loop_metrics(d))
         xv = metrics.get(X_KEYS[x])
         if xv is None and x == "frames":
             xv = config.get("planned_train_frames")
@@ -405,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="runs folder(s) of a sweep, or run folders")
     p.add_argument("--x", choices=sorted(X_KEYS), default="frames")
-    p.add_argument("--y", default="val_action_loss", help="a key of final_metrics.json (default val_action_loss)")
+    p.add_argument("--y", default="val_action_loss", help="a key of final_metrics.json (default val_action_loss), or "
+                   "closed_loop_success / closed_loop_<suite> (the run's closed_loop/report.json)")
     add_output(p, "--report", type=str, metavar="DIR", help="folder for scaling.json/.csv/.png (+ mixtures.csv)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--ci", type=float, default=0.95, help="confidence level (default 0.95)")

@@ -150,5 +150,5 @@ def test_catalog_versions_match_the_shared_schemas():
         assert catalog[name].version_source == "schema", name
         checked += 1
     assert checked >= 4
-    assert {i.version_source for i in catalog.values()} <= {"schema", "oxe_colab", "unverified", "none"}
+    assert {i.version_source for i in catalog.values()} <= {"schema", "oxe_colab", "unverified", "none", "hf_repo"}
     assert all((i.version is None) == (i.version_source == "none") for i in catalog.values())
