@@ -195,13 +195,22 @@ class EpisodeActions:
     absolute_mask: np.ndarray  # [D] bool
 
     def save(self, path) -> None:
-        """Written to `path` + '.tmp.npz' then renamed: a reader never sees half a file."""
+        """An .npz (np.load reads it) written byte-identically for the same arrays: np.savez stamps each member
+        with the current time, so the zip is written here with a fixed date. Written to a temp name, then
+        renamed: a reader never sees half a file."""
+        import io
         import os
+        import zipfile
 
-        tmp = f"{path}.tmp.npz"
-        np.savez(tmp, actions=np.asarray(self.actions, np.float32), steps=np.asarray(self.steps, np.int64),
-                 episodes=np.asarray(self.episodes, np.int64), offsets=np.asarray(self.offsets, np.int64),
-                 absolute_mask=np.asarray(self.absolute_mask, bool))
+        arrays = {"actions": np.asarray(self.actions, np.float32), "steps": np.asarray(self.steps, np.int64),
+                  "episodes": np.asarray(self.episodes, np.int64), "offsets": np.asarray(self.offsets, np.int64),
+                  "absolute_mask": np.asarray(self.absolute_mask, bool)}
+        tmp = f"{path}.tmp"
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for name, arr in arrays.items():
+                buf = io.BytesIO()
+                np.lib.format.write_array(buf, arr, allow_pickle=False)
+                zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
         os.replace(tmp, path)
 
     @classmethod
