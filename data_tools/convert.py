@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import yaml
 
+from data_tools.converted_format import EEF_POS_ABSOLUTE_MASK, EpisodeActions, episode_actions_file
 from data_tools.converted_format import (
     MANIFEST_FILE,
     MIXTURE_FILE,
@@ -336,6 +337,7 @@ def _process_unit(job: dict[str, Any]) -> dict[str, Any]:
     stat_rows: list[np.ndarray] = []
     made_dirs: set[str] = set()
     sample_actions: list[np.ndarray] = []
+    episode_actions: dict[str, np.ndarray] = {}  # each kept episode's full standardized sequence (chunk windows)
     with open(tmp / "samples.jsonl", "w") as out:
         for record, payload in iter_tfrecord(unit.path, unit.skip, unit.take):
             gidx = unit.global_start + (record - unit.skip)
@@ -410,11 +412,14 @@ def _process_unit(job: dict[str, Any]) -> dict[str, Any]:
             if written:
                 sc["episodes_kept"] += 1
                 sc["frames"] += written
+                episode_actions[f"{split}/{gidx}/action"] = action
+                episode_actions[f"{split}/{gidx}/step"] = ep.step_index
             else:
                 _bump(sc["dropped_episodes"], "no_frames")
     rows = np.concatenate(stat_rows) if stat_rows else np.zeros((0, 7), np.float32)
     np.save(tmp / "actions.npy", rows.astype(np.float32))
     np.save(tmp / "sample_actions.npy", np.asarray(sample_actions, np.float32).reshape(-1, 7))
+    np.savez(tmp / "episode_actions.npz", **episode_actions)
     (tmp / "counts.json").write_text(json.dumps(counts, sort_keys=True))
     shutil.rmtree(done_dir, ignore_errors=True)
     os.replace(tmp, done_dir)  # the unit exists only once complete
@@ -443,6 +448,24 @@ def _merge_counts(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 for k, v in sc[key].items():
                     _bump(t[key], k, v)
     return total
+
+
+def _write_episode_actions(work: Path, units: Sequence[Unit], final: Path, stats: Mapping[str, Any]) -> None:
+    """<split>_actions.npz: every kept episode's full normalized action sequence, from which training builds
+    H-step windows (llava_vla_plugin/chunk_data.py), so H needs no re-conversion. The gripper is absolute
+    (EEF_POS, the only encoding converted), the rest relative, as OpenVLA's absolute_action_mask."""
+    for split in ("train", "val"):
+        episodes = {}
+        for u in units:
+            path = work / "units" / u.unit_id / "episode_actions.npz"
+            if not path.exists():
+                continue
+            with np.load(path) as z:
+                for key in z.files:
+                    s, gidx, kind = key.split("/")
+                    if s == split and kind == "action":
+                        episodes[int(gidx)] = (normalize_bounds_q99(z[key], stats), z[f"{s}/{gidx}/step"])
+        EpisodeActions.from_episodes(episodes, EEF_POS_ABSOLUTE_MASK).save(final / episode_actions_file(split))
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -491,6 +514,7 @@ def finalize_dataset(plan: DatasetPlan, out_dir: Path, opts: RunOptions, unit_co
             f.close()
     for s in ("train", "val"):
         os.replace(final / (split_file(s) + ".tmp"), final / split_file(s))
+    _write_episode_actions(work, units, final, stats)
     (final / "images").mkdir(exist_ok=True)
     warnings = []
     if plan.request.flip_wrist_image_channels:

@@ -166,3 +166,74 @@ def sample_instruction(sample: Mapping[str, Any], template: str = PROMPT_TEMPLAT
         return human[len(head): len(human) - len(tail) if tail else None]
     raise SampleFormatError(f"sample {sample.get('id', '?')!r}: human turn {human[:80]!r} does not follow the prompt "
                             f"template {template!r}; give the sample an `instruction` field")
+
+
+# ---- per-episode action sequences (future-action windows are built from them at training time) ----
+def episode_actions_file(split: str) -> str:
+    """`train_actions.npz` / `val_actions.npz` beside the split's jsonl: every kept episode's full normalized
+    action sequence, so the chunk length H is a training option and needs no re-conversion."""
+    return f"{split}_actions.npz"
+
+
+# OpenVLA's `absolute_action_mask` for ActionEncoding.EEF_POS (the only encoding converted): the gripper is an
+# absolute command, the 6 end-effector deltas are relative (oxe/utils/... make_oxe_dataset_kwargs).
+EEF_POS_ABSOLUTE_MASK = (False,) * 6 + (True,)
+
+
+@dataclass(frozen=True)
+class EpisodeActions:
+    """The normalized action sequences of one dataset split, concatenated.
+
+    `actions[offsets[e]:offsets[e+1]]` is episode `episodes[e]`'s standardized trajectory (every step the
+    standardization kept, not only the exported frames), `steps` the raw step index of each row (a sample's
+    `step`), `absolute_mask` which dimensions are absolute (repeated past the episode's end in OpenVLA's rule)."""
+
+    actions: np.ndarray  # [N, D] float32, normalized
+    steps: np.ndarray  # [N] int64
+    episodes: np.ndarray  # [E] int64, the samples' `episode`
+    offsets: np.ndarray  # [E + 1] int64
+    absolute_mask: np.ndarray  # [D] bool
+
+    def save(self, path) -> None:
+        """An .npz (np.load reads it) written byte-identically for the same arrays: np.savez stamps each member
+        with the current time, so the zip is written here with a fixed date. Written to a temp name, then
+        renamed: a reader never sees half a file."""
+        import io
+        import os
+        import zipfile
+
+        arrays = {"actions": np.asarray(self.actions, np.float32), "steps": np.asarray(self.steps, np.int64),
+                  "episodes": np.asarray(self.episodes, np.int64), "offsets": np.asarray(self.offsets, np.int64),
+                  "absolute_mask": np.asarray(self.absolute_mask, bool)}
+        tmp = f"{path}.tmp"
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for name, arr in arrays.items():
+                buf = io.BytesIO()
+                np.lib.format.write_array(buf, arr, allow_pickle=False)
+                zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path) -> "EpisodeActions":
+        with np.load(path) as z:
+            return cls(z["actions"], z["steps"], z["episodes"], z["offsets"], z["absolute_mask"])
+
+    @classmethod
+    def from_episodes(cls, episodes: Mapping[int, tuple[np.ndarray, np.ndarray]], absolute_mask: Sequence[bool]) -> "EpisodeActions":
+        """{episode: (normalized actions [T, D], raw step indices [T])} -> the concatenated form (episode order)."""
+        keys = sorted(episodes)
+        dim = len(absolute_mask)
+        acts = [np.asarray(episodes[k][0], np.float32).reshape(-1, dim) for k in keys]
+        steps = [np.asarray(episodes[k][1], np.int64) for k in keys]
+        offsets = np.concatenate([[0], np.cumsum([len(a) for a in acts])]).astype(np.int64)
+        return cls(np.concatenate(acts) if acts else np.zeros((0, dim), np.float32),
+                   np.concatenate(steps) if steps else np.zeros(0, np.int64),
+                   np.asarray(keys, np.int64), offsets, np.asarray(absolute_mask, bool))
+
+    def episode(self, episode: int) -> tuple[np.ndarray, np.ndarray]:
+        """(actions [T, D], raw steps [T]) of one episode; KeyError when it is not in the file."""
+        pos = int(np.searchsorted(self.episodes, episode))
+        if pos >= len(self.episodes) or self.episodes[pos] != episode:
+            raise KeyError(f"episode {episode} has no action sequence")
+        lo, hi = int(self.offsets[pos]), int(self.offsets[pos + 1])
+        return self.actions[lo:hi], self.steps[lo:hi]

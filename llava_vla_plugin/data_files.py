@@ -109,6 +109,13 @@ class SampleStore(Sequence):
     def __setitem__(self, i: int, sample: dict) -> None:
         self._overrides[int(i)] = sample
 
+    def select(self, keep: np.ndarray) -> "SampleStore":
+        """The samples where `keep` is true (same buffer; for frames a training rule drops, e.g. the oft windows)."""
+        if self._overrides:
+            raise RuntimeError("select() before any sample was replaced")
+        return SampleStore(self._buf, self._off, self._line_source, self._sources, self._index[np.asarray(keep, bool)],
+                           self._text_len, self._has_media)
+
     def text_lengths(self) -> np.ndarray:
         return self._text_len[self._index]
 

@@ -20,8 +20,11 @@ import torch
 from llava.train.train import LazySupervisedDataset
 
 from data_tools.converted_format import SampleFormatError, is_action_sample, sample_action, sample_instruction
+from llava_vla_plugin.action_repr import PROMPT_FRAMING_TOKENS, ActionReprConfig, make_representation
 from llava_vla_plugin.action_tokenizer import ActionTokenizer
+from llava_vla_plugin.chunk_data import WindowSource
 from llava_vla_plugin.data_files import find_statistics, load_data
+from llava_vla_plugin.register import PROMPT_TEXT_TOKENS_MIN, check_max_length
 from llava_vla_plugin.prompt import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX, VLAPromptBuilder
 
 log = logging.getLogger(__name__)
@@ -71,8 +74,21 @@ class VLADataset(LazySupervisedDataset):
             log.warning("VLADataset: --vla_blind: the <image> token is dropped; the model will NOT see its images")
         # The tokens were added to the model's tokenizer by register.add_action_tokens; binding is idempotent.
         self.action_tokenizer = ActionTokenizer()
-        self.action_tokenizer.add_to_tokenizer(tokenizer)
+        # The action representation (action_repr.py) makes the targets; binding its tokens is idempotent.
+        self.action_repr = make_representation(ActionReprConfig.from_args(data_args), self.action_tokenizer)
+        self.action_repr.bind(tokenizer)
+        if self.action_repr.answer_tokens + PROMPT_FRAMING_TOKENS > PROMPT_TEXT_TOKENS_MIN:  # longer answers than `bins`
+            check_max_length(tokenizer, PROMPT_FRAMING_TOKENS + self.action_repr.answer_tokens)
         self.prompt_builder = VLAPromptBuilder(tokenizer, self.action_tokenizer)
+        self.windows = None
+        if self.action_repr.horizon > 1:  # future-action windows from the per-episode sequences (chunk_data.py)
+            self.windows = WindowSource(self.action_repr.horizon, self.action_repr.config.window_mode)
+            keep = self.windows.keep_mask(self.list_data_dict)
+            if not keep.all():
+                log.warning("VLADataset: window mode %r, H=%d: %d of %d frames have no full window (the last H-1 of "
+                            "each episode) and are not training samples", self.windows.mode, self.windows.horizon,
+                            int((~keep).sum()), len(keep))
+                self.list_data_dict = self.list_data_dict.select(keep)
         log.warning("VLADataset: %d samples from %s; statistics for %s",
                     len(self.list_data_dict), data_path, sorted(self.dataset_statistics) or "no dataset")
         if not self.list_data_dict:
@@ -124,11 +140,12 @@ class VLADataset(LazySupervisedDataset):
             instruction = sample_instruction(sample, self.action_tokenizer.prompt)
         except SampleFormatError as e:
             raise BadSampleError(str(e)) from None
-        input_ids, labels = self.prompt_builder.build(instruction, action)
+        window = self.windows.window(sample) if self.windows is not None else np.asarray([action], dtype=np.float64)
+        input_ids, labels, extra = self.action_repr.build(self.prompt_builder, instruction, window)
         if self.blind:
             keep = input_ids != IMAGE_TOKEN_INDEX
             input_ids, labels = input_ids[keep], labels[keep]
-        out: dict[str, Any] = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
+        out: dict[str, Any] = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels), **extra}
         if "image" in sample:
             image_file = sample["image"]
             path = os.path.join(self.data_args.image_folder or "", image_file)

@@ -7,7 +7,9 @@
 Each sample is run through VLAPolicy exactly as a robot would (constrained greedy generation,
 decode, un-normalize with the sample's dataset statistics) and compared with its labels. Per
 dataset (the sample's `dataset` field) and per action dimension:
-  action_token_accuracy   predicted action token == the label's token (the bin of the normalized value)
+  action_token_accuracy   predicted action token == the label's token (the bin of the normalized value);
+                          continuous heads (parallel_l1): the prediction's bin. Chunked checkpoints are
+                          scored on chunk step 0 (the sample's own step)
   l1_normalized           |predicted bin centre - normalized label| (the label as in the data, [-1, 1])
   l1_unnormalized         |un-normalized prediction - action_raw| (the raw action when the sample has
                           it, else the un-normalized label)
@@ -155,7 +157,7 @@ def evaluate(policy, samples: list[dict], batch_size: int = 8, progress: bool = 
     summaries, arrays, rows = {}, {}, []
     bar = tqdm(total=len(samples), desc="eval", unit="sample", disable=not progress, file=sys.stderr)
     for name, group in by_ds.items():
-        pred_ids, seconds = [], 0.0
+        pred_steps, seconds = [], 0.0
         for start in range(0, len(group), batch_size):
             batch = group[start:start + batch_size]
             images = []
@@ -164,12 +166,13 @@ def evaluate(policy, samples: list[dict], batch_size: int = 8, progress: bool = 
                     images.append(im.convert("RGB"))
             instructions = [sample_instruction(s["sample"], template) for s in batch]
             t0 = time.perf_counter()
-            pred_ids.append(policy.predict_action_ids(images, instructions))
+            # [B, H, D] from the checkpoint's representation; a sample's label is its own step: chunk step 0 is scored
+            pred_steps.append(policy.predict_normalized(images, instructions)[:, 0])
             seconds += time.perf_counter() - t0
             bar.update(len(batch))
-        ids = np.concatenate(pred_ids)
-        pred_bins = at.ids_to_bins(ids)
-        pred_norm = at.decode(pred_bins)
+        pred_norm = np.concatenate(pred_steps)
+        pred_bins = at.encode(pred_norm)  # for token representations the decoded bin centres encode to their own bins
+        ids = pred_bins + at.token_ids[0]
         true_norm = np.stack([s["action"] for s in group])
         true_bins = at.encode(true_norm)
         key = keys[name]

@@ -36,6 +36,7 @@ from PIL import Image
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from llava_vla_plugin import lora
+from llava_vla_plugin.action_repr import ActionReprConfig, ActionRepresentation, make_representation
 from llava_vla_plugin.action_tokenizer import ActionTokenizer
 from llava_vla_plugin.normalization import action_stats, load_statistics, resolve_unnorm_key, unnormalize_actions
 from llava_vla_plugin.prompt import VLAPromptBuilder
@@ -150,7 +151,8 @@ class PreparedInputs:
 
 class VLAPolicy:
     def __init__(self, model, tokenizer, image_processor, action_tokenizer: ActionTokenizer, norm_stats: dict,
-                 checkpoint: str | None = None, last_logits_only: bool = True):
+                 checkpoint: str | None = None, last_logits_only: bool = True,
+                 action_repr: ActionRepresentation | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -161,6 +163,10 @@ class VLAPolicy:
         self.end_id = self.prompt_builder.im_end
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.end_id
         self.action_dim = action_tokenizer.action_dim
+        # How actions are decoded (action_repr.py); a checkpoint without vla_action_repr.json is `bins`, H = 1.
+        self.action_repr = action_repr or make_representation(ActionReprConfig(action_dim=self.action_dim, n_bins=action_tokenizer.n_bins), action_tokenizer)
+        self.horizon = self.action_repr.horizon
+        self.n_action_tokens = getattr(self.action_repr, "n_action_tokens", 0)  # 0: no tokens generated (parallel_l1)
         ids = tokenizer.convert_tokens_to_ids(action_tokenizer.tokens)
         if ids != action_tokenizer.token_ids.tolist():
             raise ValueError("the checkpoint's tokenizer and vla_action_tokenizer.json disagree on the action token ids "
@@ -175,7 +181,7 @@ class VLAPolicy:
         self.last_logits_only = keep_last_logits_only(base) if last_logits_only else False
         self.generation_config = GenerationConfig(
             do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None, min_p=None, typical_p=None,
-            repetition_penalty=None, no_repeat_ngram_size=None, max_new_tokens=self.action_dim + 1,
+            repetition_penalty=None, no_repeat_ngram_size=None, max_new_tokens=self.n_action_tokens + 1,
             min_new_tokens=None, eos_token_id=self.end_id, pad_token_id=self.pad_id, bos_token_id=None,
             use_cache=True,
         )
@@ -202,6 +208,7 @@ class VLAPolicy:
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
         action_tokenizer = ActionTokenizer.load(path)
+        action_repr = make_representation(ActionReprConfig.load(path), action_tokenizer)
         norm_stats = load_statistics(path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = resolve_dtype(dtype, device)
@@ -218,9 +225,10 @@ class VLAPolicy:
             tower = json.loads((path / "config.json").read_text()).get("mm_vision_tower")
             raise OSError(f"loading {path} failed: {e}\n(the vision tower {tower!r} named in its config.json must "
                           "resolve from the Hugging Face cache or hub: check HF_HOME / HF_HUB_OFFLINE)") from e
+        action_repr.load_into(model, tokenizer, path)
         model.eval()
         return cls(model, tokenizer, image_processor, action_tokenizer, norm_stats, checkpoint=str(path),
-                   last_logits_only=last_logits_only)
+                   last_logits_only=last_logits_only, action_repr=action_repr)
 
     # ---- inputs --------------------------------------------------------------------------------
     @property
@@ -267,24 +275,34 @@ class VLAPolicy:
 
     def logits_processor(self) -> LogitsProcessorList:
         at = self.action_tokenizer
-        return LogitsProcessorList([ActionConstraint(int(at.token_ids[0]), at.n_bins, self.end_id, self.action_dim)])
+        return LogitsProcessorList([ActionConstraint(int(at.token_ids[0]), at.n_bins, self.end_id, self.n_action_tokens)])
 
     # ---- generation ----------------------------------------------------------------------------
     @torch.inference_mode()
     def generate_ids(self, inputs: PreparedInputs) -> torch.Tensor:
-        """Constrained greedy generation; returns the new tokens [B, action_dim + 1]."""
+        """Constrained greedy generation; returns the new tokens [B, H * action_dim + 1]."""
         with self._lock:
             out = self.model.generate(**inputs.generate_kwargs(), generation_config=self.generation_config,
                                       use_model_defaults=False, logits_processor=self.logits_processor())
-        return out[:, -(self.action_dim + 1):]
+        return out[:, -(self.n_action_tokens + 1):]
 
     def predict_action_ids(self, images: Sequence, instructions: Sequence[str]) -> np.ndarray:
-        """[B, action_dim] action token ids."""
-        new = self.generate_ids(self.prepare(images, instructions)).cpu().numpy()
-        ids = new[:, :self.action_dim]
-        if new.shape[1] != self.action_dim + 1 or not self.action_tokenizer.is_action_id(ids).all():
-            raise RuntimeError(f"constrained generation returned {new.tolist()}: not {self.action_dim} action tokens")
+        """[B, H * action_dim] action token ids (token representations only)."""
+        return self.action_ids_from_inputs(self.prepare(images, instructions))
+
+    def action_ids_from_inputs(self, inputs: PreparedInputs) -> np.ndarray:
+        n = self.n_action_tokens
+        if not n:
+            raise RuntimeError(f"the {self.action_repr.name} representation predicts no action tokens: use predict_normalized")
+        new = self.generate_ids(inputs).cpu().numpy()
+        ids = new[:, :n]
+        if new.shape[1] != n + 1 or not self.action_tokenizer.is_action_id(ids).all():
+            raise RuntimeError(f"constrained generation returned {new.tolist()}: not {n} action tokens")
         return ids
+
+    def predict_normalized(self, images: Sequence, instructions: Sequence[str] | str) -> np.ndarray:
+        """Normalized actions [B, H, action_dim], decoded as the checkpoint's representation says."""
+        return self.action_repr.predict_normalized(self, self.prepare(images, instructions))
 
     def decode_normalized(self, ids) -> np.ndarray:
         return self.action_tokenizer.decode_ids(ids)
@@ -293,13 +311,17 @@ class VLAPolicy:
         return unnormalize_actions(normalized, action_stats(self.norm_stats, unnorm_key))
 
     def predict_actions(self, images: Sequence, instructions: Sequence[str] | str, unnorm_key: str | None = None) -> np.ndarray:
-        """Batched form: [B, action_dim] actions in the dataset's units (float64, as OpenVLA returns).
+        """Batched form: [B, action_dim] actions in the dataset's units (float64, as OpenVLA returns), or
+        [B, H, action_dim] (every step un-normalized) for a chunked checkpoint (H > 1).
 
-        One generate() call for the batch (left-padded); a single string applies to every image.
+        One generate() call (one forward for parallel_l1) for the batch (left-padded); a single string
+        applies to every image.
         """
         resolve_unnorm_key(self.norm_stats, unnorm_key)  # a bad key fails before the model runs
-        return self.unnormalize(self.decode_normalized(self.predict_action_ids(images, instructions)), unnorm_key)
+        actions = self.unnormalize(self.predict_normalized(images, instructions), unnorm_key)
+        return actions if self.horizon > 1 else actions[:, 0]
 
     def predict_action(self, image, instruction: str, unnorm_key: str | None = None) -> np.ndarray:
-        """One image (PIL or HxWx3 uint8) and instruction -> [action_dim] action (float64)."""
+        """One image (PIL or HxWx3 uint8) and instruction -> [action_dim] action (float64), or the chunk
+        [H, action_dim] for a chunked checkpoint (as OpenVLA-OFT's deploy.py answers)."""
         return self.predict_actions([image], [instruction], unnorm_key)[0]

@@ -19,7 +19,9 @@ _registered = False
 
 # Visual tokens per image with siglip-so400m-384 (27x27 patches, +1 newline with spatial_unpad).
 PAD_VISUAL_TOKENS = 730
-PROMPT_TEXT_TOKENS_MIN = 48  # system + user framing + 7 actions + <|im_end|>, without the instruction
+# system + user framing + the answer, without the instruction; the answer's length is the action
+# representation's (action_repr.py): 7 action tokens + <|im_end|> for `bins`
+PROMPT_TEXT_TOKENS_MIN = 48
 
 
 class ConfigurationError(ValueError):
@@ -45,6 +47,7 @@ def register() -> None:
     upstream_train.TrainingArguments = TrainingArguments
     upstream_train.LLaVATrainer = VLATrainer
     upstream_train.LazySupervisedDataset = VLADataset
+    upstream_train.DataCollatorForSupervisedDataset = _collator_class(upstream_train.DataCollatorForSupervisedDataset)
 
     original_init_tokenizer = LlavaMetaForCausalLM.initialize_vision_tokenizer
     original_prepare = LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal
@@ -78,11 +81,16 @@ def check_configuration(model_args, tokenizer, config) -> None:
     if version not in conversation_lib.conv_templates:
         raise ConfigurationError(f"--version {version!r} is not a conversation template; upstream would silently use "
                                  f"vicuna_v1. Known: {', '.join(sorted(conversation_lib.conv_templates))} (use qwen_1_5)")
+    check_max_length(tokenizer)
+
+
+def check_max_length(tokenizer, text_tokens: int = PROMPT_TEXT_TOKENS_MIN) -> None:
+    """`text_tokens`: framing + the action representation's answer (VLADataset asks its representation)."""
     max_len = int(getattr(tokenizer, "model_max_length", 0) or 0)
-    need = PAD_VISUAL_TOKENS + PROMPT_TEXT_TOKENS_MIN
+    need = PAD_VISUAL_TOKENS + text_tokens
     if max_len < need:
         raise ConfigurationError(f"--model_max_length {max_len} is below one image's {PAD_VISUAL_TOKENS} visual tokens + "
-                                 f"{PROMPT_TEXT_TOKENS_MIN} text tokens; the action labels would be truncated away. "
+                                 f"{text_tokens} text tokens; the action labels would be truncated away. "
                                  f"Use at least {need} for image_aspect_ratio=pad; anyres_max_9 needs ~1500-3000 "
                                  f"for 256x256..480x640 frames (4096 is safe)")
 
@@ -135,6 +143,24 @@ def add_action_tokens(model, tokenizer) -> int:
                     p.data[new] = p.data[:n_before].mean(dim=0, keepdim=True).to(p.dtype)
     log.warning("added %d action tokens (ids %d..%d), embeddings initialised to the vocabulary mean", added, at.token_ids[0], at.token_ids[-1])
     return added
+
+
+def _collator_class(base):
+    """Upstream's collator keeps input_ids/labels/images only; regression representations also need their
+    continuous targets (`action_targets`, one [H, D] per VLA sample, in batch order)."""
+
+    class VLACollator(base):
+        def __call__(self, instances):
+            batch = super().__call__(instances)
+            targets = [inst["action_targets"] for inst in instances if "action_targets" in inst]
+            if targets:
+                import torch
+
+                batch["action_targets"] = torch.stack(targets)
+            return batch
+
+    VLACollator.__name__ = VLACollator.__qualname__ = "VLACollator"
+    return VLACollator
 
 
 class _gathered:

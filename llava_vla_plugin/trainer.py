@@ -26,10 +26,14 @@ from llava_vla_plugin.normalization import STATS_NAME
 log = logging.getLogger(__name__)
 
 
-def write_vla_files(output_dir: str, action_tokenizer: ActionTokenizer, statistics: dict) -> None:
-    """What turns an upstream checkpoint into a usable policy: the action tokenizer and the statistics."""
+def write_vla_files(output_dir: str, action_tokenizer: ActionTokenizer, statistics: dict, action_repr=None,
+                    model=None, state_dict=None) -> None:
+    """What turns an upstream checkpoint into a usable policy: the action tokenizer, the action representation
+    (its config, and its head where it has one) and the statistics."""
     os.makedirs(output_dir, exist_ok=True)
     action_tokenizer.save(output_dir)
+    if action_repr is not None:
+        action_repr.save(output_dir, model=model, state_dict=state_dict)
     tmp = os.path.join(output_dir, STATS_NAME + ".tmp")
     with open(tmp, "w") as f:
         json.dump(statistics, f, indent=2)
@@ -40,7 +44,8 @@ class ActionMetrics:
     """Running action-token accuracy, L1 (normalized units) and, optionally, cross-entropy over the
     action tokens: between logging steps in training, over the whole held-out set in validation."""
 
-    def __init__(self) -> None:
+    def __init__(self, action_tokenizer: ActionTokenizer | None = None) -> None:
+        self.action_tokenizer = action_tokenizer
         self.reset()
 
     def reset(self) -> None:
@@ -68,6 +73,13 @@ class ActionMetrics:
         self.l1_sum += float((centers[pred_bins] - centers[target_bins]).abs().sum())
         if with_loss:  # the training loss is logged already; validation needs the action-token part
             self.ce_sum += float(F.cross_entropy(pos_logits.float(), targets[mask], reduction="sum"))
+
+    def update_output(self, out, with_loss: bool = False) -> None:
+        """From a sparse_head.SparseHeadOutput (the interface every representation's metrics share)."""
+        targets, logits = getattr(out, "targets", None), getattr(out, "logits", None)
+        at = self.action_tokenizer
+        if targets is not None and logits is not None and at is not None and at.first_token_id is not None:
+            self.update(logits.detach(), targets.to(logits.device), at, with_loss=with_loss)
 
     def summary(self) -> dict[str, float]:
         if not self.total:
@@ -110,11 +122,14 @@ class VLATrainer(LLaVATrainer):
     def __init__(self, *args, tokenizer=None, **kwargs):
         if tokenizer is not None and kwargs.get("processing_class") is None:
             kwargs["processing_class"] = tokenizer
+        action_repr = getattr(kwargs.get("train_dataset"), "action_repr", None)
+        if action_repr is not None and kwargs.get("model") is not None:  # a head / rows before the optimizer exists
+            action_repr.prepare_model(kwargs["model"], kwargs.get("processing_class"))
         is_lora = lora.is_peft_model(kwargs.get("model"))
         if is_lora:  # before the optimizer exists: the action rows must be among its parameters
             lora.enable_action_token_training(kwargs["model"], kwargs["train_dataset"].action_tokenizer.token_ids)
         super().__init__(*args, **kwargs)
-        self.action_metrics = ActionMetrics()
+        self.action_metrics = self.action_repr.metrics()
         self.tokens_seen, self.sequences_seen = 0, 0  # this rank's, from the sparse head's outputs
         self.val_dataset = None
         self.last_val_metrics: dict = {}
@@ -135,6 +150,11 @@ class VLATrainer(LLaVATrainer):
         return self.train_dataset.action_tokenizer
 
     @property
+    def action_repr(self):
+        """The train dataset's action representation (action_repr.py): targets, metrics, checkpoint files."""
+        return self.train_dataset.action_repr
+
+    @property
     def dataset_statistics(self) -> dict:
         """The statistics of the training data (a checkpoint carries them for un-normalization)."""
         return self.train_dataset.dataset_statistics
@@ -144,7 +164,6 @@ class VLATrainer(LLaVATrainer):
     def run_validation(self) -> dict:
         if self.val_dataset is None:
             return {}
-        at = self.action_tokenizer
         rank, world = self.args.process_index, self.args.world_size
         indices = list(range(rank, len(self.val_dataset), world))
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.val_dataset, indices),
@@ -153,11 +172,11 @@ class VLATrainer(LLaVATrainer):
         model = self.model
         was_training = model.training
         model.eval()
-        val = ActionMetrics()
+        val = self.action_repr.metrics()
         for batch in loader:
             batch = self._prepare_inputs(batch)
             out = model(**{k: v for k, v in batch.items() if k not in ("prompts", "ids")})
-            val.update(out.logits, out.targets, at, with_loss=True)
+            val.update_output(out, with_loss=True)
         if was_training:
             model.train()
         sums = torch.tensor([val.ce_sum, val.correct, val.l1_sum, val.total], dtype=torch.float64, device=self.args.device)
@@ -205,7 +224,7 @@ class VLATrainer(LLaVATrainer):
             LLaVATrainer._save_checkpoint(self, model, trial)
             if self.args.should_save:
                 out = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-                write_vla_files(out, self.action_tokenizer, self.dataset_statistics)
+                write_vla_files(out, self.action_tokenizer, self.dataset_statistics, self.action_repr, self.model)
             return None
         return transformers.Trainer._save_checkpoint(self, model, trial)
 
@@ -221,18 +240,15 @@ class VLATrainer(LLaVATrainer):
         if self.args.should_save and lora.is_peft_model(self.model):
             lora.save_lora_extras(self.model, output_dir, state_dict)
         if self.args.should_save:
-            write_vla_files(output_dir, self.action_tokenizer, self.dataset_statistics)
+            write_vla_files(output_dir, self.action_tokenizer, self.dataset_statistics, self.action_repr, self.model, state_dict)
 
     # ---- metrics -------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        targets = getattr(outputs, "targets", None)  # sparse_head.SparseHeadOutput
-        logits = getattr(outputs, "logits", None)
         if getattr(outputs, "num_tokens", None) is not None:
             self.tokens_seen += outputs.num_tokens
             self.sequences_seen += outputs.num_sequences
-        if targets is not None and logits is not None and self.action_tokenizer.first_token_id is not None:
-            self.action_metrics.update(logits.detach(), targets.to(logits.device), self.action_tokenizer)
+        self.action_metrics.update_output(outputs)  # sparse_head.SparseHeadOutput; the representation's metrics
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:

@@ -13,6 +13,8 @@
 #   VLA_PYTHON=.venv/bin/python (the interpreter that has the plugin and upstream)
 #   VAL_DATA=converted/<ds>/val.jsonl (or a mixture) EVAL_STEPS=500: held-out action loss/accuracy/L1
 #   every EVAL_STEPS and at the end -> OUTPUT_DIR/vla_metrics.jsonl, OUTPUT_DIR/final_metrics.json
+#   ACTION_REPR=bins (bins_chunk, parallel_l1: llava_vla_plugin/action_repr.py) HORIZON=1 (chunk length H)
+#   WINDOW_MODE=oft (openvla): how H-step windows are cut from each episode (data_tools/action_windows.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -40,6 +42,9 @@ NUM_WORKERS=${NUM_WORKERS:-4}
 REPORT_TO=${REPORT_TO:-none}
 VAL_DATA=${VAL_DATA:-}
 EVAL_STEPS=${EVAL_STEPS:-500}
+ACTION_REPR=${ACTION_REPR:-bins}
+HORIZON=${HORIZON:-1}
+WINDOW_MODE=${WINDOW_MODE:-oft}
 # VLA_PYTHON, not PYTHON: many environments (make, CI images) export PYTHON for other purposes.
 PYTHON=${VLA_PYTHON:-$ROOT/.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=python
@@ -92,6 +97,9 @@ ARGS=(
   --lazy_preprocess True
   --report_to "$REPORT_TO"
   --dataloader_drop_last True
+  --vla_action_repr "$ACTION_REPR"
+  --vla_horizon "$HORIZON"
+  --vla_window_mode "$WINDOW_MODE"
 )
 
 if [ -n "$VAL_DATA" ]; then ARGS+=(--vla_val_data "$VAL_DATA" --vla_eval_steps "$EVAL_STEPS" --per_device_eval_batch_size "$BATCH_SIZE"); fi
