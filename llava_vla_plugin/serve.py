@@ -27,12 +27,13 @@ Added here because uvicorn lacks them, each where it takes effect:
                      opening or of the previous answer; idle and stalled connections are closed (a
                      stalled partial request gets 408). uvicorn's keep-alive timer stops at the first
                      byte, so alone it lets a trickling client hold a socket forever. Time the server
-                     itself holds reading paused (a queued request waiting for a decode slot) does
-                     not count against the client.
+                     is behind (body bytes buffered that the application has not taken yet) does not
+                     count against the client.
   --max-body-mb      body cap checked by the HTTP protocol on every path (404s included) from the
                      Content-Length header before any body byte is read, and on the streamed size.
-  --max-decodes      requests that may read, decode and predict at once (the rest wait, their
-                     bodies unread in the socket), so memory stays bounded under a burst of large images.
+  --max-decodes      requests that may decode and predict at once (the rest wait with their raw
+                     body, at most --max-body-mb each), so the decoded arrays and image tensors, several
+                     times the body's size, stay bounded under a burst of large images.
   --backlog          listen backlog: a burst of concurrent clients is queued, not refused.
 Exit codes: 0 stopped by Ctrl-C / SIGTERM, 1 the checkpoint could not be loaded or the address
 could not be bound, 2 usage error.
@@ -44,7 +45,9 @@ import asyncio
 import binascii
 import json
 import logging
+import os
 import resource
+import signal
 import socket
 import sys
 import threading
@@ -295,11 +298,15 @@ class GuardedH11Protocol(H11Protocol):
         self._deadline = None
         if self.transport.is_closing() or self._current_request_received():
             return
-        if self.flow.read_paused:  # the server holds reading paused (request queued for a decode slot)
+        cycle = self.cycle if self.cycle is not self._armed_cycle else None
+        if self.flow.read_paused or (cycle is not None and not cycle.response_started and cycle.body):
+            # The server is behind, not the client: it holds body bytes the application has not taken
+            # yet (the request waits for a decode slot), or it paused reading. The clock restarts when
+            # the application reads; a client that then stalls is timed out as usual.
             self._deadline = self.loop.call_later(self.limits.request_timeout_s, self._on_deadline)
             return
-        cycle = self.cycle if self.cycle is not self._armed_cycle else None
-        if self._bytes_since_armed and (cycle is None or not cycle.response_started):
+        if self._bytes_since_armed and self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) and (
+                cycle is None or not cycle.response_started):
             log.warning("%s: request not received within %.1f s; closing", self.client, self.limits.request_timeout_s)
             self.transport.write(_raw_json_response(
                 408, f"the request was not received completely within {self.limits.request_timeout_s:g} s "
@@ -330,7 +337,7 @@ def make_protocol_class(limits: ServerLimits) -> type[GuardedH11Protocol]:
 
 # ---- the application ------------------------------------------------------------------------------
 class DecodeGate:
-    """At most `slots` requests read, decode and predict at once; counts the current and peak number
+    """At most `slots` requests decode and predict at once; counts the current and peak number
     (reported by /health so a test can check the bound holds)."""
 
     def __init__(self, slots: int):
@@ -386,11 +393,12 @@ def create_app(policy, limits: ServerLimits = ServerLimits()) -> FastAPI:
 
     @app.post("/act")
     async def act(request: Request):
+        # The body is read before the gate: a stalled client then times out without holding a slot.
+        try:
+            body = await request.body()
+        except ClientDisconnect:  # refused by the protocol (cap, deadline) or the client left
+            return Response(status_code=400)
         async with gate:
-            try:
-                body = await request.body()
-            except ClientDisconnect:  # refused by the protocol (cap, deadline) or the client left
-                return Response(status_code=400)
             try:
                 out = await run_in_threadpool(decode_and_predict, body)
             except BadRequest as e:
@@ -453,6 +461,10 @@ def serve(policy, sock: socket.socket, limits: ServerLimits, banner: str, log_le
     config = uvicorn.Config(create_app(policy, limits), http=make_protocol_class(limits), log_config=None,
                             log_level=log_level.lower(), backlog=limits.backlog, timeout_graceful_shutdown=5,
                             lifespan="off", ws="none")
+    # uvicorn stops gracefully on SIGINT / SIGTERM, restores the previous handlers and re-raises the
+    # signal; these no-op handlers make that re-raise end in a return (exit code 0), not a kill.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: None)
     _Server(config, banner).run(sockets=[sock])
 
 
@@ -473,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request-timeout", type=float, default=d.request_timeout_s,
                         help=f"seconds a client has to send a whole request (default {d.request_timeout_s:g})")
     parser.add_argument("--max-decodes", type=int, default=d.max_decodes,
-                        help=f"requests read, decoded and predicted at once; the rest queue (default {d.max_decodes})")
+                        help=f"requests decoded and predicted at once; the rest queue (default {d.max_decodes})")
     parser.add_argument("--backlog", type=int, default=d.backlog,
                         help=f"listen backlog (default {d.backlog}; Linux caps it at net.core.somaxconn)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -507,4 +519,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # After the model has run in worker threads, interpreter finalization stalls ~30 s in native code
+    # (no Python frame left; measured with faulthandler): everything is stopped and flushed, so leave now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
