@@ -301,9 +301,9 @@ class GuardedH11Protocol(H11Protocol):
         cycle = self.cycle if self.cycle is not self._armed_cycle else None
         if self.flow.read_paused or (cycle is not None and not cycle.response_started and cycle.body):
             # The server is behind, not the client: it holds body bytes the application has not taken
-            # yet (the request waits for a decode slot), or it paused reading. The clock restarts when
-            # the application reads; a client that then stalls is timed out as usual.
-            self._deadline = self.loop.call_later(self.limits.request_timeout_s, self._on_deadline)
+            # yet, or it paused reading. Look again shortly: the clock runs on once the application
+            # has taken the bytes, so a trickling client gains at most that short recheck.
+            self._deadline = self.loop.call_later(min(0.5, self.limits.request_timeout_s), self._on_deadline)
             return
         if self._bytes_since_armed and self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) and (
                 cycle is None or not cycle.response_started):
