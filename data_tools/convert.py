@@ -45,6 +45,7 @@ from data_tools.normalize import (
 from data_tools.registry import Registry, RegistryError, UnknownDatasetError, parse_entry
 from data_tools.rlds_io import CorruptRecordError, LeafSpec, iter_tfrecord, parse_episode
 from data_tools.transforms import Episode, standardize
+from data_tools.weights import parse_weight
 
 TOOL_VERSION = "data_tools.convert 1"
 PROMPT = "What action should the robot take to {instruction}?"
@@ -112,7 +113,7 @@ def requests_from_mixture(path: str | Path) -> list[DatasetRequest]:
             DatasetRequest(
                 name=str(e["name"]),
                 version=None if e.get("version") is None else str(e["version"]),
-                weight=float(e.get("weight", 1.0)),
+                weight=parse_weight(e.get("weight", 1.0), f"mixture {path}: {e['name']}"),
                 filter_success=_truthy(e, "filter_success"),
                 flip_image_channels=_truthy(e, "flip_image_channels"),
                 flip_wrist_image_channels=_truthy(e, "flip_wrist_image_channels"),
