@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_tools import atomic
 from data_tools.mixture_file import DatasetEntry, MixtureError, load_mixture
 
 __all__ = ["choose_shards", "plan_dataset", "download_dataset", "rewrite_dataset_info", "main"]
@@ -398,12 +399,9 @@ def rewrite_dataset_info(info: dict[str, Any], plan: DatasetPlan, sizes: dict[st
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = _temp_name(path)
     try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic.write_json(path, data)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         if _is_disk_full(err):
             raise DiskFullError(err.errno, f"disk full while writing {path}") from err
         raise

@@ -35,6 +35,7 @@ import logging
 
 import yaml
 
+from data_tools.atomic import write_text_if_changed
 from data_tools.weights import WeightError, at_line, entry_lines, parse_weight
 
 log = logging.getLogger("data_tools.mixture")
@@ -349,10 +350,7 @@ def write_training_mixture(plan: MixturePlan, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = mixture_yaml_text(plan)
-    if not path.exists() or path.read_text() != text:  # keep mtimes of unchanged files
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    write_text_if_changed(path, text)  # keeps mtimes of unchanged files
     return path
 
 

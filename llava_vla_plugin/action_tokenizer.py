@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.atomic import write_text
+
 CONFIG_NAME = "vla_action_tokenizer.json"
 DEFAULT_INSTRUCTION_PROMPT = "What action should the robot take to {instruction}?"
 
@@ -113,9 +115,7 @@ class ActionTokenizer:
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / CONFIG_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        tmp.replace(path)
+        write_text(path, json.dumps(self.to_dict(), indent=2))
         return path
 
     @classmethod

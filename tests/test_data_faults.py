@@ -70,3 +70,58 @@ def test_balancing_without_statistics_warns(tmp_path, caplog):
     assert got.num_transitions == 2
     assert any("dataset_statistics.json" in r.getMessage() and "train frames" in r.getMessage()
                for r in caplog.records)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweeps: nothing from the spec becomes a shell command
+
+
+def _sweep_spec(tmp_path: Path, env: dict, script: Path) -> Path:
+    import yaml
+
+    from test_mixture_tool import _write_converted
+
+    spec = {"name": "inject\ntouch x", "converted": str(_write_converted(tmp_path / "converted")), "env": env,
+            "finetune_script": str(script), "val_data": None,
+            "grid": {"fraction": 1.0, "mixture": [{"name": "b", "weights": {"bridge_orig": 1}}],
+                     "model": [{"name": "tiny", "path": str(tmp_path / "model")}], "steps": 1}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _run_sweep(*args, env=None) -> subprocess.CompletedProcess:
+    import sys
+
+    from conftest import ROOT, subprocess_env
+
+    return subprocess.run([sys.executable, "-m", "llava_vla_plugin.sweep", *map(str, args)], cwd=ROOT,
+                          env=subprocess_env(env), capture_output=True, text=True, timeout=120)
+
+
+def test_sweep_env_key_injection_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    spec = _sweep_spec(tmp_path, {f"X=1; touch {marker}; Y": "v"}, tmp_path / "stub.sh")
+    p = _run_sweep(spec, "-o", tmp_path / "runs")
+    assert p.returncode != 0 and "env names must be shell variable names" in p.stderr and "X=1; touch" in p.stderr
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("launch.sh"))
+    assert not marker.exists()
+
+
+def test_sweep_values_and_script_path_are_quoted(tmp_path):
+    from conftest import ROOT
+
+    odd = tmp_path / "scripts; touch pwned; $(touch pwned)"
+    odd.mkdir()
+    script = odd / "stub.sh"
+    script.write_text('#!/usr/bin/env bash\nset -eu\nprintf "%s" "$ODD" > "$OUTPUT_DIR/odd.txt"\n'
+                      "echo '{\"step\": 1}' > \"$OUTPUT_DIR/final_metrics.json\"\n")
+    value = "$(touch pwned); `touch pwned` ' \" ;"
+    spec = _sweep_spec(tmp_path, {"ODD": value, "NUM_GPUS": 0}, script)
+    env = {k: v for k, v in os.environ.items() if k != "FINETUNE_SCRIPT"}
+    p = _run_sweep(spec, "-o", tmp_path / "runs", "--launch", env=env)
+    assert p.returncode == 0, p.stderr
+    (run,) = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]
+    assert (run / "out" / "odd.txt").read_text() == value  # arrived literally
+    assert shlex.quote(str(script)) in (run / "launch.sh").read_text()
+    assert not [p for p in [*tmp_path.rglob("pwned"), ROOT / "pwned"] if p.is_file()]
