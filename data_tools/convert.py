@@ -7,6 +7,13 @@ before skip_unlabeled, BOUNDS_Q99 normalization, skip_unlabeled, OpenVLA's train
 JPEG bytes copied unchanged. Work is split into units (one shard file of one split); each unit writes
 to a temporary directory renamed when complete, so a killed run resumes where it stopped, and output
 is byte-identical for any --workers. A dataset directory appears under OUT only when it is complete.
+
+A finished or partial conversion is reused only if its fingerprint matches: the options, the registry entry
+and the source's content (`source_digest`), so a replaced source is refused with a message, never skipped
+as "already converted" or resumed into a mix. Each copied JPEG's structure is checked (SOI, segments, EOI;
+`--verify-images` decodes it in full): a damaged frame is skipped, counted under
+dropped_frames["corrupt_image"] and listed in manifest.json. An episode whose instruction contains
+"<image>" is skipped and counted (the trainer would strip the token and train on another instruction).
 """
 
 from __future__ import annotations
