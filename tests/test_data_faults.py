@@ -3,7 +3,6 @@ read, naming the file and line; weight 0 and statistics fallbacks are visible wa
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
