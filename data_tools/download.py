@@ -49,6 +49,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from data_tools.cli import add_common_flags, add_output, setup_logging
+from data_tools import atomic
 from data_tools.mixture_file import DatasetEntry, MixtureError, load_mixture
 
 __all__ = ["choose_shards", "plan_dataset", "download_dataset", "rewrite_dataset_info", "main"]
@@ -536,12 +537,9 @@ def rewrite_dataset_info(info: dict[str, Any], plan: DatasetPlan, sizes: dict[st
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = _temp_name(path)
     try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic.write_json(path, data)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         if _is_disk_full(err):
             raise DiskFullError(err.errno, f"disk full while writing {path}") from err
         raise

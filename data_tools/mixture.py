@@ -31,10 +31,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import logging
+
 import yaml
 
 from data_tools.cli import add_common_flags, add_output, setup_logging
 from data_tools.converted_format import MANIFEST_FILE, STATISTICS_FILE, TRAIN_FILE
+from data_tools.atomic import write_text_if_changed
+from data_tools.weights import WeightError, at_line, entry_lines, parse_weight
+
+log = logging.getLogger("data_tools.mixture")
 
 __all__ = [
     "MixtureToolError",
@@ -125,19 +131,27 @@ def _count_lines(path: Path) -> int:
 
 
 def _num_transitions(folder: Path, name: str, frames: int) -> tuple[int, str]:
+    """OpenVLA's balancing count n_d, from the statistics; each fallback is logged as a warning, because
+    balancing by another count changes every dataset's share of the mixture."""
     stats_path = folder / STATISTICS_FILE
     try:
         stats = json.loads(stats_path.read_text())
         entry = stats.get(name) if name in stats else (next(iter(stats.values())) if len(stats) == 1 else None)
         if entry and "num_transitions" in entry:
             return int(entry["num_transitions"]), STATISTICS_FILE
-    except (OSError, ValueError, AttributeError):
-        pass
+        why = f"it has no num_transitions for {name!r}"
+    except (OSError, ValueError, AttributeError) as e:
+        why = f"cannot read it ({type(e).__name__}: {e})"
     try:
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
-        return int(manifest["counts"]["num_transitions"]), MANIFEST_FILE
+        n = int(manifest["counts"]["num_transitions"])
+        log.warning("%s: %s; balancing %s by num_transitions from manifest.json instead", stats_path, why, name)
+        return n, MANIFEST_FILE
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    log.warning("%s: %s, and manifest.json has no counts: balancing %s by its %d train frames instead of its "
+                "transitions (OpenVLA counts every transition); reconvert it to restore the statistics",
+                stats_path, why, name, frames)
     return frames, "train frames"
 
 
@@ -173,21 +187,20 @@ def converted_datasets(converted: str | Path, names: list[str] | None = None) ->
 # Weights
 
 
-def _check_weight(name: str, w: Any, where: str) -> float:
-    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(float(w)) or w < 0:
-        raise MixtureToolError(f"{where}: weight of {name!r} must be a finite number >= 0, got {w!r}")
-    return float(w)
-
-
-def _weights_from_data(data: Any, where: str) -> dict[str, float]:
+def _weights_from_data(data: Any, where: str, lines: Mapping[Any, int] | None = None) -> dict[str, float]:
     weights: dict[str, float] = {}
+    lines = dict(lines or {})
 
-    def add(name: Any, w: Any) -> None:
+    def add(name: Any, w: Any, item: Any = None) -> None:
+        here = at_line(where, lines, name if item is None else item)
         if not isinstance(name, str) or not name:
-            raise MixtureToolError(f"{where}: dataset names must be non-empty strings, got {name!r}")
+            raise MixtureToolError(f"{here}: dataset names must be non-empty strings, got {name!r}")
         if name in weights:
-            raise MixtureToolError(f"{where}: {name!r} is listed twice")
-        weights[name] = _check_weight(name, w, where)
+            raise MixtureToolError(f"{here}: {name!r} is listed twice")
+        try:
+            weights[name] = parse_weight(w, here, name)
+        except WeightError as e:
+            raise MixtureToolError(str(e)) from None
 
     if isinstance(data, Mapping) and "datasets" in data:
         entries = data["datasets"]
@@ -197,9 +210,9 @@ def _weights_from_data(data: Any, where: str) -> dict[str, float]:
             if isinstance(e, str):
                 add(e, 1.0)
             elif isinstance(e, Mapping) and "name" in e:
-                add(e["name"], e.get("weight", 1.0))
+                add(e["name"], e.get("weight", 1.0), i)
             elif isinstance(e, Mapping) and "json_path" in e:  # a training mixture: <dataset>/train.jsonl
-                add(Path(str(e["json_path"])).parent.name, e.get("weight", 1.0))
+                add(Path(str(e["json_path"])).parent.name, e.get("weight", 1.0), i)
             else:
                 raise MixtureToolError(f"{where}: datasets[{i}] needs `name` (or `json_path`), got {e!r}")
     elif isinstance(data, Mapping):
@@ -228,17 +241,19 @@ def read_weights(weights: str | Path | Mapping | None = None, preset: str | None
         if preset not in shipped:
             raise MixtureToolError(f"unknown preset {preset!r}; shipped mixtures: {', '.join(shipped)}")
         path = shipped[preset]
-        return preset, _weights_from_data(yaml.safe_load(path.read_text()), str(path))
+        text = path.read_text()
+        return preset, _weights_from_data(yaml.safe_load(text), str(path), entry_lines(text))
     if isinstance(weights, Mapping):
         return "inline", _weights_from_data(dict(weights), "inline weights")
     path = Path(weights)
     if not path.is_file():
         raise MixtureToolError(f"weights file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise MixtureToolError(f"{path}: not valid YAML: {e}") from None
-    return str(path), _weights_from_data(data, str(path))
+    return str(path), _weights_from_data(data, str(path), entry_lines(text))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,10 +352,7 @@ def write_training_mixture(plan: MixturePlan, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = mixture_yaml_text(plan)
-    if not path.exists() or path.read_text() != text:  # keep mtimes of unchanged files
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    write_text_if_changed(path, text)  # keeps mtimes of unchanged files
     return path
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from data_tools.registry import OXE_BUCKET, Registry
+from data_tools.weights import WeightError, at_line, entry_lines, parse_weight
 
 __all__ = [
     "OXE_BUCKET",
@@ -136,9 +137,10 @@ def _entry(raw: Any, where: str, source_root: str | None) -> DatasetEntry:
         raise MixtureError(f"{where}: `fraction` must be a number in (0, 1], got {fraction!r}")
     if not 0.0 < float(fraction) <= 1.0:
         raise MixtureError(f"{where}: `fraction` must be in (0, 1], got {fraction}")
-    weight = raw.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-        raise MixtureError(f"{where}: `weight` must be a number >= 0, got {weight!r}")
+    try:
+        weight = parse_weight(raw.get("weight", 1.0), where)
+    except WeightError as e:
+        raise MixtureError(str(e)) from None
     for key in _BOOL_FIELDS & set(raw):
         if not isinstance(raw[key], bool):
             raise MixtureError(f"{where}: `{key}` must be true or false, got {raw[key]!r}")
@@ -158,9 +160,10 @@ def _entry(raw: Any, where: str, source_root: str | None) -> DatasetEntry:
 
 
 def parse_mixture(data: Any, name: str = "mixture", path: Path | None = None,
-                  source_root: str | None = None) -> Mixture:
+                  source_root: str | None = None, lines: Mapping[Any, int] | None = None) -> Mixture:
     """Validate an already-parsed YAML document. `source_root`, when given, replaces the file's
-    `source_root` and the shipped default sources (download --source-root: a local copy of the bucket)."""
+    `source_root` and the shipped default sources (download --source-root: a local copy of the bucket);
+    `lines`: data_tools.weights.entry_lines of its text, for file:line errors."""
     where = str(path) if path else name
     if not isinstance(data, Mapping):
         raise MixtureError(f"{where}: expected a mapping with a `datasets` list at the top")
@@ -176,7 +179,7 @@ def parse_mixture(data: Any, name: str = "mixture", path: Path | None = None,
         raise MixtureError(f"{where}: `source_root` must be a URL or path string")
     entries: list[DatasetEntry] = []
     for i, raw in enumerate(raw_datasets):
-        entry = _entry(raw, f"{where}: datasets[{i}]", source_root)
+        entry = _entry(raw, f"{at_line(where, dict(lines or {}), i)}: datasets[{i}]", source_root)
         if any(e.name == entry.name for e in entries):
             raise MixtureError(f"{where}: datasets[{i}]: {entry.name!r} is listed twice")
         entries.append(entry)
@@ -209,9 +212,10 @@ def load_mixture(spec: str | Path, source_root: str | None = None) -> Mixture:
     `source_root` overrides where datasets without an explicit `source:` come from."""
     path = resolve_mixture_path(spec)
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise MixtureError(f"{path}: not valid YAML: {err}") from None
     except OSError as err:
         raise MixtureError(f"{path}: cannot read: {err}") from None
-    return parse_mixture(data, name=path.stem, path=path, source_root=source_root)
+    return parse_mixture(data, name=path.stem, path=path, source_root=source_root, lines=entry_lines(text))

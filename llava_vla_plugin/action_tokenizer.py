@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.converted_format import PROMPT_TEMPLATE as DEFAULT_INSTRUCTION_PROMPT
+from data_tools.atomic import write_text
 
 CONFIG_NAME = "vla_action_tokenizer.json"
 
@@ -114,9 +115,7 @@ class ActionTokenizer:
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / CONFIG_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        tmp.replace(path)
+        write_text(path, json.dumps(self.to_dict(), indent=2))
         return path
 
     @classmethod

@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 
 from llava_vla_plugin.env import apply_env_defaults
+from llava_vla_plugin.visual_tokens import VisualGeometry
 
 log = logging.getLogger(__name__)
 _registered = False
 
 # Visual tokens per image with siglip-so400m-384 (27x27 patches, +1 newline with spatial_unpad).
-PAD_VISUAL_TOKENS = 730
+PAD_VISUAL_TOKENS = VisualGeometry("pad", "spatial_unpad").tokens(384, 384)  # 730
 # system + user framing + the answer, without the instruction; the answer's length is the action
 # representation's (action_repr.py): 7 action tokens + <|im_end|> for `bins`
 PROMPT_TEXT_TOKENS_MIN = 48
@@ -56,6 +57,9 @@ def register() -> None:
         check_configuration(model_args, tokenizer, self.config)
         original_init_tokenizer(self, model_args, tokenizer)
         add_action_tokens(self, tokenizer)
+        # The dataset, built next from this tokenizer, checks each sample's text + visual token budget
+        # against model_max_length with the model's real geometry (llava_vla_plugin/visual_tokens.py).
+        tokenizer.vla_visual_geometry = VisualGeometry.from_model(self)
 
     def prepare_inputs_labels_for_multimodal(self, input_ids, position_ids, attention_mask, past_key_values, labels, images, *args, **kwargs):
         out = original_prepare(self, input_ids, position_ids, attention_mask, past_key_values, labels, images, *args, **kwargs)
