@@ -92,15 +92,13 @@ def make_dataset(qwen_tokenizer):
 
     from llava.model.multimodal_encoder.siglip_encoder import SigLipImageProcessor
 
-    from llava_vla_plugin import register, state
-    from llava_vla_plugin.action_tokenizer import ActionTokenizer
+    from llava_vla_plugin import register
 
     register.register()
 
     def make(root, aspect="pad", max_len=4096, **kw):
         from llava_vla_plugin.dataset import VLADataset
 
-        state.set_action_tokenizer(ActionTokenizer())
         tok = copy.deepcopy(qwen_tokenizer)
         tok.model_max_length = max_len
         # what register.py's initialize_vision_tokenizer hook sets from the model (OneVision: spatial_unpad)
