@@ -62,7 +62,7 @@ with torch.inference_mode():
         px = process_images([pil], b.image_processor, model.config)
         res = model.prepare_inputs_labels_for_multimodal(ids, None, torch.ones_like(ids), None, None,
                                                          [px[0].to(torch.bfloat16)], ["image"], [pil.size])
-        counts[f"{mode} {size[0]}x{size[1]}"] = {"tokens": res[4].shape[1] - 2 * len(text), "crops": int(px[0].shape[0])}
+        counts[f"{mode} {size[0]}x{size[1]}"] = {"tokens": res[4].shape[1] - 2 * len(text), "crops": int(px[0].shape[0]) if px[0].ndim == 4 else 1}
 model.config.image_aspect_ratio = "pad"
 out["visual_tokens"] = counts
 

@@ -44,6 +44,10 @@ LLM_CONFIGS = {
     "7b": {**QWEN2_COMMON, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
            "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False,
            "max_window_layers": 28},
+    # tiny_model.py's 9.8M-parameter Qwen2, for --tiny rehearsals of scripts written for the real sizes
+    "tiny": {**QWEN2_COMMON, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
+             "max_window_layers": 2},
 }
 # Published parameter counts of the language models (Qwen2 model cards / safetensors index), which the
 # configs above must reproduce.
