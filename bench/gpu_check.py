@@ -88,8 +88,8 @@ def main(argv=None) -> int:
     frame = Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
     builder = VLAPromptBuilder(bundle.tokenizer, bundle.action_tokenizer)
     ids, labels = builder.build("put the cup in the sink", rng.uniform(-1, 1, 7))
-    input_ids = torch.tensor([ids] * bs, device=device)
-    labels_t = torch.tensor([labels] * bs, device=device)
+    input_ids = torch.from_numpy(np.stack([ids] * bs)).to(device)
+    labels_t = torch.from_numpy(np.stack([labels] * bs)).to(device)
     mask = torch.ones_like(input_ids)
 
     def sync():

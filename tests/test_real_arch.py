@@ -147,3 +147,29 @@ def test_7b_and_05b_shapes_on_meta_device():
     total_7b = big["llm"] + big["projector"] + big["vision_tower"] + big["image_newline"]
     assert total_7b == 8_030_348_832  # llava-onevision-qwen2-7b-ov: "8.03B"
     assert small["llm"] == LLM_PARAMETERS["0.5b"] and small["shapes"]["k_proj"] == [128, 896]
+
+
+@requires_upstream
+@pytest.mark.slow
+def test_gpu_check_tiny_rehearsal(tmp_path):
+    # bench/gpu_check.py as the GPU machine runs it, with the tiny model on CPU (the wrapper only
+    # installs carried wheels first; its refusal without them is checked below)
+    out = tmp_path / "gpu_check.md"
+    proc = run_py(["bench/gpu_check.py", "--tiny", "--out", str(out)], env=subprocess_env(), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    table = out.read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| pad") or line.startswith("| anyres_max_9")]
+    assert len(rows) == 6, table  # 2 modes x (sparse, full) + 2 predict rows
+    data = json.loads(out.with_suffix(".json").read_text())
+    positions = {r["mode"]: r["positions"] for r in data["train"]}
+    assert positions["pad"] - positions["anyres_max_9"] == 730 - 2929
+    assert all(r["step_s"] > 0 and r["tokens_per_s"] > 0 for r in data["train"])
+    assert set(data["predict_hz"]) == {"pad", "anyres_max_9"}
+
+    import subprocess
+
+    from conftest import ROOT
+
+    wrapper = subprocess.run(["bash", "bench/gpu_check.sh", "--tiny"], cwd=ROOT, capture_output=True, text=True,
+                             env=subprocess_env({"CARRY": str(tmp_path / "no-carry")}))
+    assert wrapper.returncode == 2 and "prepare_gpu_carry.sh" in wrapper.stderr
