@@ -131,7 +131,7 @@ def test_7b_and_05b_shapes_on_meta_device():
     script = ("import json\nfrom llava_vla_plugin.env import apply_env_defaults; apply_env_defaults()\n"
               "from llava_vla_plugin.testing.onevision_configs import meta_parameter_report\n"
               "print('RESULT ' + json.dumps({k: meta_parameter_report(k) for k in ('0.5b', '7b')}))")
-    proc = run_py(["-c", script], env=subprocess_env(), timeout=300)
+    proc = run_py(["-c", script], env=subprocess_env(), timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
     big, small = r["7b"], r["0.5b"]
