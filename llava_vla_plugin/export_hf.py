@@ -6,7 +6,8 @@ OUT then loads with transformers alone (no upstream LLaVA-NeXT, no plugin needed
 
     from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(OUT)
-    processor = AutoProcessor.from_pretrained(OUT)
+    processor = AutoProcessor.from_pretrained(OUT)      # needs torchvision (for the video processor);
+    # without it: llava_vla_plugin.export_hf.load_processor(OUT) assembles the same processor
 
 and `llava_vla_plugin.hf_policy.HFVLAPolicy.from_pretrained(OUT)` turns it into a policy (prompt,
 constrained decoding, un-normalization) giving the same actions as VLAPolicy on the source checkpoint.
@@ -142,6 +143,43 @@ def vision_config(upstream_cfg: dict, state: dict, tower_id: str | None):
     return SiglipVisionConfig(**values, num_hidden_layers=max(layers) + 1, vision_use_head=False), source
 
 
+def _video_processor(image_processor):
+    """LlavaOnevisionProcessor requires a video processor; transformers' needs torchvision, which this
+    environment does not have (VLA frames are single images). Without it, a BaseVideoProcessor with the
+    image settings stands in; the saved config names LlavaOnevisionVideoProcessor either way."""
+    from transformers.utils import is_torchvision_available
+
+    settings = {k: getattr(image_processor, k) for k in ("size", "image_mean", "image_std", "resample",
+                                                         "rescale_factor", "do_convert_rgb")}
+    if is_torchvision_available():
+        from transformers import LlavaOnevisionVideoProcessor
+
+        return LlavaOnevisionVideoProcessor(**settings)
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    return BaseVideoProcessor(**settings)
+
+
+def load_processor(path: str | Path):
+    """AutoProcessor.from_pretrained(path); where torchvision is missing, the same processor assembled
+    from the saved tokenizer, image processor and processor_config.json (video stand-in as on export)."""
+    from transformers import (AutoProcessor, AutoTokenizer, LlavaOnevisionImageProcessor,
+                              LlavaOnevisionProcessor)
+    from transformers.utils import is_torchvision_available
+
+    path = Path(path)
+    if is_torchvision_available():
+        return AutoProcessor.from_pretrained(path)
+    kwargs = json.loads((path / "processor_config.json").read_text()) if (path / "processor_config.json").exists() else {}
+    kwargs = {k: v for k, v in kwargs.items() if k in ("num_image_tokens", "vision_feature_select_strategy",
+                                                       "vision_aspect_ratio", "image_token", "video_token")}
+    image_processor = LlavaOnevisionImageProcessor.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                   video_processor=_video_processor(image_processor),
+                                   chat_template=tokenizer.chat_template, **kwargs)
+
+
 def export(ckpt: str | Path, out: str | Path, image_aspect_ratio: str | None = None, overwrite: bool = False) -> dict:
     import torch
     from transformers import (AddedToken, AutoTokenizer, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
@@ -203,10 +241,16 @@ def export(ckpt: str | Path, out: str | Path, image_aspect_ratio: str | None = N
         size={"height": size, "width": size}, image_grid_pinpoints=pinpoints, image_mean=[0.5] * 3, image_std=[0.5] * 3,
         do_pad=True, do_convert_rgb=True)
     processor = LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                        video_processor=_video_processor(image_processor),
                                         num_image_tokens=(size // vcfg.patch_size) ** 2,
                                         vision_feature_select_strategy="full", vision_aspect_ratio=mode,
                                         chat_template=tokenizer.chat_template)
     processor.save_pretrained(out)
+    video_cfg = out / "video_preprocessor_config.json"
+    if video_cfg.exists():  # written by a stand-in without torchvision: name the class transformers expects
+        spec = json.loads(video_cfg.read_text())
+        spec["video_processor_type"] = "LlavaOnevisionVideoProcessor"
+        video_cfg.write_text(json.dumps(spec, indent=2))
     for name in (ACTION_CONFIG, STATS_NAME):
         shutil.copyfile(ckpt / name, out / name)
     if extra:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from llava_vla_plugin.action_tokenizer import ActionTokenizer
-from llava_vla_plugin.export_hf import EXPORT_INFO, IMAGE_TOKEN
+from llava_vla_plugin.export_hf import EXPORT_INFO, IMAGE_TOKEN, load_processor
 from llava_vla_plugin.normalization import action_stats, load_statistics, resolve_unnorm_key, unnormalize_actions
 from llava_vla_plugin.policy import ActionConstraint, resolve_dtype, to_pil
 from llava_vla_plugin.prompt import VLAPromptBuilder
@@ -44,7 +44,7 @@ class HFVLAPolicy:
 
     @classmethod
     def from_pretrained(cls, path, device: str | None = None, dtype=None) -> "HFVLAPolicy":
-        from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+        from transformers import LlavaOnevisionForConditionalGeneration
 
         path = Path(path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -52,7 +52,7 @@ class HFVLAPolicy:
         model.to(device).eval()
         info = json.loads((path / EXPORT_INFO).read_text()) if (path / EXPORT_INFO).exists() else {}
         mode = info.get("trained_image_aspect_ratio") or model.config.vision_aspect_ratio
-        return cls(model, AutoProcessor.from_pretrained(path), ActionTokenizer.load(path), load_statistics(path), mode)
+        return cls(model, load_processor(path), ActionTokenizer.load(path), load_statistics(path), mode)
 
     @property
     def device(self):
