@@ -160,6 +160,24 @@ def _video_processor(image_processor):
     return BaseVideoProcessor(**settings)
 
 
+def _processor_class():
+    """LlavaOnevisionProcessor, or without torchvision the same class accepting the video stand-in
+    (its constructor checks the video processor's class by name)."""
+    from transformers import LlavaOnevisionProcessor
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        return LlavaOnevisionProcessor
+
+    class LlavaOnevisionImageOnlyProcessor(LlavaOnevisionProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor":  # transformers' class is a torchvision placeholder here
+                return type(argument)
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return LlavaOnevisionImageOnlyProcessor
+
+
 def load_processor(path: str | Path):
     """AutoProcessor.from_pretrained(path); where torchvision is missing, the same processor assembled
     from the saved tokenizer, image processor and processor_config.json (video stand-in as on export)."""
@@ -175,8 +193,8 @@ def load_processor(path: str | Path):
                                                        "vision_aspect_ratio", "image_token", "video_token")}
     image_processor = LlavaOnevisionImageProcessor.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                   video_processor=_video_processor(image_processor),
+    return _processor_class()(image_processor=image_processor, tokenizer=tokenizer,
+                              video_processor=_video_processor(image_processor),
                                    chat_template=tokenizer.chat_template, **kwargs)
 
 
@@ -240,17 +258,24 @@ def export(ckpt: str | Path, out: str | Path, image_aspect_ratio: str | None = N
     image_processor = LlavaOnevisionImageProcessor(
         size={"height": size, "width": size}, image_grid_pinpoints=pinpoints, image_mean=[0.5] * 3, image_std=[0.5] * 3,
         do_pad=True, do_convert_rgb=True)
-    processor = LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
+    processor = _processor_class()(image_processor=image_processor, tokenizer=tokenizer,
                                         video_processor=_video_processor(image_processor),
                                         num_image_tokens=(size // vcfg.patch_size) ** 2,
                                         vision_feature_select_strategy="full", vision_aspect_ratio=mode,
                                         chat_template=tokenizer.chat_template)
     processor.save_pretrained(out)
-    video_cfg = out / "video_preprocessor_config.json"
-    if video_cfg.exists():  # written by a stand-in without torchvision: name the class transformers expects
-        spec = json.loads(video_cfg.read_text())
-        spec["video_processor_type"] = "LlavaOnevisionVideoProcessor"
-        video_cfg.write_text(json.dumps(spec, indent=2))
+    # written by the stand-ins without torchvision: name the classes transformers expects
+    for f in out.glob("*.json"):
+        spec = json.loads(f.read_text())
+        if not isinstance(spec, dict):
+            continue
+        changed = False
+        if spec.get("processor_class") not in (None, "LlavaOnevisionProcessor"):
+            spec["processor_class"], changed = "LlavaOnevisionProcessor", True
+        if f.name == "video_preprocessor_config.json":
+            spec["video_processor_type"], changed = "LlavaOnevisionVideoProcessor", True
+        if changed:
+            f.write_text(json.dumps(spec, indent=2))
     for name in (ACTION_CONFIG, STATS_NAME):
         shutil.copyfile(ckpt / name, out / name)
     if extra:
