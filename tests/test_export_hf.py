@@ -106,6 +106,11 @@ with torch.no_grad():
     hf_ids = torch.cat([inputs["input_ids"], torch.tensor([tail])], dim=1)
     o_hf = hf.model(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids), pixel_values=inputs["pixel_values"],
                     image_sizes=inputs["image_sizes"], logits_to_keep=K, output_hidden_states=True)
+# upstream's load_pretrained_model cuts the vocabulary to len(tokenizer) (151,902 with the action tokens);
+# the checkpoint and the export keep Qwen2's 151,936 rows: compare the ids both have
+V = o_up.logits.shape[-1]
+res["vocab"] = [V, int(o_hf.logits.shape[-1])]
+o_hf.logits = o_hf.logits[..., :V]
 res["positions"] = [int(embeds.shape[1]), int(hf_ids.shape[1])]
 res["hidden_max_diff"] = float((o_up.hidden_states[-1] - o_hf.hidden_states[-1]).abs().max())
 res["logits_max_diff"] = float((o_up.logits - o_hf.logits).abs().max())
@@ -178,6 +183,7 @@ def test_export_matches_upstream_anyres(exported):
     assert (out / "vla_action_tokenizer.json").read_text() == (exported["ckpt"] / "vla_action_tokenizer.json").read_text()
 
     r = _result(run_py(["-c", COMPARE, str(exported["ckpt"]), str(out)], env=exported["env"], timeout=1800))
+    print({k: v for k, v in r.items() if "max_diff" in k or k in ("positions", "vocab", "argmax_up", "argmax_hf")})
     assert r["mode"] == "anyres_max_9"
     assert r["crops"] == [5, 5] and r["pixel_max_diff"] == 0.0, r
     assert r["ids_equal"], r
