@@ -73,7 +73,7 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     if args.tiny:
-        publish_tiny_siglip(work / "hf_home", TOWER_ID, layers=2)
+        publish_tiny_siglip(work / "hf_home", TOWER_ID, layers=1)  # patch embedding only: cheapest tower
         bundle = ov.build_onevision("tiny", "pad", dtype=dtype, vision_tower=TOWER_ID)
     else:
         ov.publish_random_siglip(work / "hf_home", dtype=dtype)
