@@ -22,7 +22,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
-from llava_vla_plugin import state
 from llava_vla_plugin.action_tokenizer import ActionTokenizer
 from llava_vla_plugin.register import add_action_tokens
 from llava_vla_plugin.testing.onevision_configs import ANYRES_MAX_9_PINPOINTS, example_statistics
@@ -33,8 +32,13 @@ torch.manual_seed(0)
 model = LlavaQwenForCausalLM.from_pretrained(src, torch_dtype=torch.float32)
 tok = AutoTokenizer.from_pretrained(src)
 at = ActionTokenizer()
-state.set_action_tokenizer(at)
+try:  # branches where the hooks still hand the action tokenizer over in state.py
+    from llava_vla_plugin import state
+    state.set_action_tokenizer(at)
+except ImportError:
+    pass
 add_action_tokens(model, tok)
+at.add_to_tokenizer(tok)  # binds the ids (idempotent)
 with torch.no_grad():  # trained rows differ; mean-initialised ones would make every action logit tie
     w = model.get_input_embeddings().weight
     w[at.token_ids[0]:at.token_ids[-1] + 1] += 0.5 * torch.randn(at.n_bins, w.shape[1])

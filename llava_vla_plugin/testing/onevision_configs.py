@@ -126,8 +126,11 @@ def build_onevision(llm: str = "0.5b", image_aspect_ratio: str = "anyres_max_9",
     import torch
     from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
 
-    from llava_vla_plugin import state
     from llava_vla_plugin.action_tokenizer import ActionTokenizer
+    try:
+        from llava_vla_plugin import state
+    except ImportError:  # main after the LoRA merge: add_action_tokens makes its own ActionTokenizer
+        state = None
     from llava_vla_plugin.register import add_action_tokens
     from llava_vla_plugin.testing.tiny_model import build_qwen2_tokenizer
 
@@ -152,8 +155,10 @@ def build_onevision(llm: str = "0.5b", image_aspect_ratio: str = "anyres_max_9",
     model.config.image_aspect_ratio = image_aspect_ratio
     tokenizer = build_qwen2_tokenizer()
     action_tokenizer = ActionTokenizer()
-    state.set_action_tokenizer(action_tokenizer)
+    if state is not None:  # branches where the hooks still hand the action tokenizer over in state.py
+        state.set_action_tokenizer(action_tokenizer)
     add_action_tokens(model, tokenizer)
+    action_tokenizer.add_to_tokenizer(tokenizer)  # binds the ids (idempotent: the tokens are there)
     image_processor = model.get_vision_tower().image_processor
     return OneVisionBundle(model, tokenizer, image_processor, action_tokenizer)
 
