@@ -6,13 +6,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 LLAVA_NEXT_SRC ?= https://github.com/LLaVA-VL/LLaVA-NeXT.git
 
-.PHONY: setup setup-gpu upstream test test-all demo bench clean-upstream help
+.PHONY: setup setup-gpu upstream test test-all demo eval-demo bench clean-upstream help
 
 help:
 	@echo "make setup       create $(VENV), install pinned deps, the project and upstream LLaVA-NeXT (+patches)"
 	@echo "make setup-gpu   setup, plus flash-attn (CUDA hosts only)"
 	@echo "make test        run the test suite (skipped tests are listed with their reasons)"
 	@echo "make demo        convert two fixture datasets, train the tiny model, predict an action"
+	@echo "make eval-demo   record scripted Lift demos, convert, train the tiny model, evaluate it closed-loop (vla-eval)"
 	@echo "make bench       run the benchmarks under bench/"
 	@echo "env: LLAVA_NEXT_SRC=$(LLAVA_NEXT_SRC)  REQUIRE_UPSTREAM=1 makes a missing upstream fatal"
 
@@ -32,6 +33,9 @@ test:
 
 demo:
 	@$(PY) -m llava_vla_plugin.demo $(DEMO_ARGS)
+
+eval-demo:
+	@MUJOCO_GL=egl $(PY) -m llava_vla_plugin.eval_demo $(EVAL_DEMO_ARGS)
 
 bench:
 	@$(PY) bench/run_all.py

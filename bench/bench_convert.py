@@ -7,7 +7,9 @@ Measures, on the same data, machine and worker count, each in a fresh process (p
   (b) the same conversion decoding every frame and re-encoding it with PIL (the previous attempt's way),
   (c) plain reading of every TFRecord file with tf.data.TFRecordDataset, no parsing (the ceiling),
 and (a) again on a third of the episodes, to show that peak memory does not grow with dataset size.
-Prints frames/s, the ratios a/b and a/c (targets: >= 5x and >= 0.5x) and a Markdown section.
+Also (a) without the JPEG structure check and (a) with --verify-images (full decode of every frame), so
+the check's cost is a ratio measured on the same data. Prints frames/s, the ratios a/b and a/c (targets:
+>= 5x and >= 0.5x) and a Markdown section.
 """
 
 from __future__ import annotations
@@ -69,13 +71,15 @@ def measure(kind: str, data_dir: Path, out: Path, workers: int) -> dict:
     subprocess.run(["sync"], check=False)  # start from a quiet disk: no writeback of the previous run's output
     rss_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
-    if kind in ("convert", "reencode"):
+    if kind in ("convert", "reencode", "nocheck", "verify"):
+        if kind == "nocheck":  # the copy without data_tools.images.jpeg_structure_problem
+            conv.jpeg_structure_problem = lambda data: None
         if kind == "reencode":
             conv.frame_jpeg = _reencode_every_frame
             if workers > 1:
                 raise SystemExit("reencode baseline patches the converter in-process: use --workers 1")
         failures = conv.convert(data_dir, [conv.DatasetRequest("bridge_orig")], out, Registry.load(),
-                                conv.RunOptions(), workers=workers, progress=False)
+                                conv.RunOptions(verify_images=kind == "verify"), workers=workers, progress=False)
         assert not failures, failures
         frames = sum(1 for s in ("train", "val") for _ in open(out / "bridge_orig" / f"{s}.jsonl"))
         nbytes = sum(p.stat().st_size for p in (out / "bridge_orig" / "images").rglob("*.jpg"))
@@ -101,6 +105,37 @@ def measure(kind: str, data_dir: Path, out: Path, workers: int) -> dict:
     rss_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     return {"kind": kind, "seconds": seconds, "count": frames, "bytes": nbytes, "peak_rss_mb": rss_kb / 1024,
             "rss_after_imports_mb": rss_before_kb / 1024}
+
+
+def _structure_check_cost(data_dir: Path) -> dict:
+    """The structure check alone, on this run's real frames: microseconds per frame (median of 5 passes)."""
+    import statistics
+
+    from data_tools.images import jpeg_structure_problem
+
+    frames = _sample_frames(data_dir)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for f in frames:
+            jpeg_structure_problem(f)
+        times.append((time.perf_counter() - t) / len(frames))
+    return {"us": statistics.median(times) * 1e6, "kb": sum(map(len, frames)) / len(frames) / 1e3, "share": 0.0}
+
+
+def _sample_frames(data_dir: Path) -> list[bytes]:
+    import tensorflow_datasets as tfds
+
+    from data_tools.rlds_io import feature_leaves, iter_tfrecord, parse_episode
+
+    ds_dir = next((data_dir / "bridge_orig").glob("*/dataset_info.json")).parent
+    leaves = feature_leaves(tfds.builder_from_directory(str(ds_dir)).info.features)
+    frames: list[bytes] = []
+    for path in sorted(ds_dir.glob("*.tfrecord-*"))[:1]:
+        for _, payload in iter_tfrecord(path):
+            steps, _, _ = parse_episode(payload, leaves, ["observation/image_0"])
+            frames.extend(bytes(b) for b in steps["observation/image_0"])
+    return frames
 
 
 def _frame_count(data_dir: Path) -> int:
@@ -153,7 +188,8 @@ def main() -> int:
     res = {}
 
     plan = {"read": ("read", big, out), "convert": ("convert", big, out), "reencode": ("reencode", big, out),
-            "convert_third": ("convert", small, out), "create": ("create", big, out)}
+            "convert_third": ("convert", small, out), "create": ("create", big, out),
+            "nocheck": ("nocheck", big, out), "verify": ("verify", big, out)}
     if out_mem is not None:
         plan["convert_tmpfs"] = ("convert", big, out_mem)
     for base in (out, out_mem):
@@ -189,7 +225,11 @@ def main() -> int:
             + row("(b) same conversion, every frame decoded + re-encoded with PIL (q95)", "reencode")
             + row("(c) plain TFRecord read (tf.data.TFRecordDataset, no parsing)", "read")
             + row("(a) on a third of the episodes", "convert_third")
-            + row("(d) filesystem floor: create one 16 kB file per output frame, nothing else", "create"))
+            + row("(d) filesystem floor: create one 16 kB file per output frame, nothing else", "create")
+            + row("(e) (a) without the JPEG structure check", "nocheck")
+            + row("(f) (a) with --verify-images (every frame decoded in full)", "verify"))
+    check = _structure_check_cost(big)
+    check["share"] = check["us"] * 1e-6 * fps["convert"]
     tmpfs_line = ""
     if "convert_tmpfs" in res:
         rows += row("(a) with OUT on tmpfs (/dev/shm)", "convert_tmpfs")
@@ -210,6 +250,8 @@ skew absolute numbers; the runs interleave, so the ratios are less affected); ev
 |---|---|---|---|---|
 {rows}
 a / b = **{a_b:.1f}x** (target >= 5x); a / c = **{a_c:.2f}x** of the read ceiling (target >= 0.5x).
+JPEG checks: a / e = **{fps['convert'] / fps['nocheck']:.2f}x** (the structure check, always on: {check['us']:.1f} us per
+{check['kb']:.0f} kB frame measured alone, {check['share']:.1%} of (a)'s time per frame); f / e = **{fps['verify'] / fps['nocheck']:.2f}x** (--verify-images).
 {tmpfs_line}Peak RSS {res['convert_third']['peak_rss_mb']:.0f} MB for a third of the data vs {res['convert']['peak_rss_mb']:.0f} MB for all of it, of which
 ~{res['convert']['rss_after_imports_mb']:.0f} MB is TensorFlow/tfds imported by the planning step (workers do not import them);
 episodes are streamed and only the 7 floats per transition needed for the statistics are kept.

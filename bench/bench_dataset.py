@@ -104,7 +104,7 @@ def main() -> int:
     # whole __getitem__ with images
     from llava.model.multimodal_encoder.siglip_encoder import SigLipImageProcessor
 
-    from llava_vla_plugin import register, state
+    from llava_vla_plugin import register
     from llava_vla_plugin.testing.vla_samples import write_vla_dataset
 
     register.register()
@@ -118,7 +118,6 @@ def main() -> int:
                               action_fn=lambda i, r: r.uniform(-1, 1, 7))
             for aspect in ["pad", "anyres_max_9"]:
                 pinpoints = [[384 * a, 384 * b] for a in range(1, 7) for b in range(1, 7)]
-                state.set_action_tokenizer(ActionTokenizer())
                 data_args = SimpleNamespace(image_folder=d, image_processor=SigLipImageProcessor(), image_aspect_ratio=aspect,
                                             is_multimodal=True, early_mix_text=False, image_grid_pinpoints=pinpoints,
                                             mm_use_im_start_end=False)

@@ -31,8 +31,7 @@ def measure(mode: str, tiny_dir: str, data: str, batch: int, iters: int) -> dict
     import torch
     from transformers import AutoTokenizer
 
-    from llava_vla_plugin import register, state
-    from llava_vla_plugin.action_tokenizer import ActionTokenizer
+    from llava_vla_plugin import register
 
     torch.manual_seed(0)
     register.register()
@@ -44,7 +43,6 @@ def measure(mode: str, tiny_dir: str, data: str, batch: int, iters: int) -> dict
 
     model = LlavaQwenForCausalLM.from_pretrained(f"{tiny_dir}/tiny-llava-qwen", attn_implementation="sdpa", torch_dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(f"{tiny_dir}/tiny-llava-qwen", model_max_length=1024)
-    state.set_action_tokenizer(ActionTokenizer())
     add_action_tokens(model, tok)
     vt = model.get_vision_tower()
     args = SimpleNamespace(image_folder=str(Path(data).parent.parent), image_processor=vt.image_processor, image_aspect_ratio="pad",

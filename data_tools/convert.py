@@ -7,6 +7,13 @@ before skip_unlabeled, BOUNDS_Q99 normalization, skip_unlabeled, OpenVLA's train
 JPEG bytes copied unchanged. Work is split into units (one shard file of one split); each unit writes
 to a temporary directory renamed when complete, so a killed run resumes where it stopped, and output
 is byte-identical for any --workers. A dataset directory appears under OUT only when it is complete.
+
+A finished or partial conversion is reused only if its fingerprint matches: the options, the registry entry
+and the source's content (`source_digest`), so a replaced source is refused with a message, never skipped
+as "already converted" or resumed into a mix. Each copied JPEG's structure is checked (SOI, segments, EOI;
+`--verify-images` decodes it in full): a damaged frame is skipped, counted under
+dropped_frames["corrupt_image"] and listed in manifest.json. An episode whose instruction contains
+"<image>" is skipped and counted (the trainer would strip the token and train on another instruction).
 """
 
 from __future__ import annotations
@@ -22,12 +29,32 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import yaml
 
-from data_tools.images import ImageDecodeError, MissingImageError, frame_jpeg, write_atomic
+from data_tools.atomic import OutputWriteError, atomic_open, write_file, write_text
+from data_tools.converted_format import (
+    EEF_POS_ABSOLUTE_MASK,
+    IMAGE_TOKEN,
+    MANIFEST_FILE,
+    MIXTURE_FILE,
+    STATISTICS_FILE,
+    TRAIN_FILE,
+    ConvertedSample,
+    EpisodeActions,
+    episode_actions_file,
+    image_relpath,
+    split_file,
+)
+from data_tools.images import (
+    ImageDecodeError,
+    MissingImageError,
+    frame_jpeg,
+    jpeg_structure_problem,
+    verify_decodes,
+)
 from data_tools.normalize import (
     compute_statistics,
     load_published_statistics,
@@ -38,14 +65,12 @@ from data_tools.normalize import (
 from data_tools.registry import Registry, RegistryError, UnknownDatasetError, parse_entry
 from data_tools.rlds_io import CorruptRecordError, LeafSpec, iter_tfrecord, parse_episode
 from data_tools.transforms import Episode, standardize
+from data_tools.weights import parse_weight
 
 TOOL_VERSION = "data_tools.convert 1"
-PROMPT = "What action should the robot take to {instruction}?"
 WORK_DIR = ".work"
-CRASH_ENV = "DATA_TOOLS_CONVERT_CRASH_AFTER_EPISODES"  # tests: hard-exit mid-run to exercise resume
 
 log = logging.getLogger("data_tools.convert")
-_episodes_seen = 0  # per process, for the CRASH_ENV test hook
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,7 +131,7 @@ def requests_from_mixture(path: str | Path) -> list[DatasetRequest]:
             DatasetRequest(
                 name=str(e["name"]),
                 version=None if e.get("version") is None else str(e["version"]),
-                weight=float(e.get("weight", 1.0)),
+                weight=parse_weight(e.get("weight", 1.0), f"mixture {path}: {e['name']}"),
                 filter_success=_truthy(e, "filter_success"),
                 flip_image_channels=_truthy(e, "flip_image_channels"),
                 flip_wrist_image_channels=_truthy(e, "flip_wrist_image_channels"),
@@ -120,6 +145,7 @@ class RunOptions:
     frames_per_episode: int | None = None
     seed: int = 0
     stats_from: str | None = None
+    verify_images: bool = False  # decode every copied JPEG in full (the structure check always runs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,6 +200,11 @@ class DatasetPlan:
     units: list[Unit]
     fingerprint: str = ""
     shards: list[dict[str, Any]] = field(default_factory=list)
+    source_digest: str = ""
+    options_digest: str = ""
+
+    def fingerprint_parts(self) -> dict[str, str]:
+        return {"source": self.source_digest, "options": self.options_digest}
 
 
 def plan_dataset(data_dir: Path, req: DatasetRequest, registry: Registry, opts: RunOptions) -> DatasetPlan:
@@ -191,7 +222,9 @@ def plan_dataset(data_dir: Path, req: DatasetRequest, registry: Registry, opts: 
         )
     if opts.stats_from:
         load_published_statistics(opts.stats_from, req.name)  # fail before any work, not after
-    ds_dir = find_dataset_dir(data_dir, req.name, req.version, spec.tfds_name)
+    # absolute: tfds returns shard file names that include a relative builder directory, so joining them to a
+    # relative ds_dir again would double it (data/kuka/0.1.0/data/kuka/0.1.0/...)
+    ds_dir = find_dataset_dir(Path(data_dir).resolve(), req.name, req.version, spec.tfds_name)
     builder = tfds.builder_from_directory(str(ds_dir))
     info = builder.info
     leaves = feature_leaves(info.features)
@@ -231,21 +264,50 @@ def plan_dataset(data_dir: Path, req: DatasetRequest, registry: Registry, opts: 
         units=units,
         shards=shards,
     )
-    plan.fingerprint = hashlib.sha256(
-        json.dumps(
-            {
-                "tool": TOOL_VERSION,
-                "request": {k: v for k, v in asdict(req).items() if k != "weight"},  # weight: mixture only
-                "spec": plan.spec_raw,
-                "shards": shards,
-                "frames_per_episode": opts.frames_per_episode,
-                "seed": opts.seed,
-                "stats_from": _file_digest(opts.stats_from),
-            },
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()
+    plan.source_digest = source_digest(ds_dir, [u.path for u in units])
+    plan.options_digest = _json_digest(
+        {
+            "tool": TOOL_VERSION,
+            "request": {k: v for k, v in asdict(req).items() if k != "weight"},  # weight: mixture only
+            "spec": plan.spec_raw,
+            "shards": shards,
+            "frames_per_episode": opts.frames_per_episode,
+            "seed": opts.seed,
+            "stats_from": _file_digest(opts.stats_from),
+            # verify_images is not here: it only decides whether more damaged frames are found
+        }
+    )
+    plan.fingerprint = _json_digest({"source": plan.source_digest, "options": plan.options_digest})
     return plan
+
+
+def _json_digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+SAMPLE_BYTES = 64 * 1024  # per shard: head, middle and tail blocks are hashed
+
+
+def source_digest(ds_dir: Path, shard_paths: Sequence[str]) -> str:
+    """What the source *is*: dataset_info.json (split sizes, shard lengths, checksums where tfds recorded them),
+    then each shard's name, size and a hash of its first, middle and last 64 KiB.
+
+    A dataset replaced by another with the same shard names and counts changes this, so the "already
+    converted" check and resume refuse it instead of keeping old output or mixing episodes of both. Cost:
+    three small reads per shard (under a second for the 1,024 shards of a large OXE dataset on local disk),
+    not a pass over the data. The directory's path is not part of it: moving the data does not make a
+    finished conversion stale.
+    """
+    h = hashlib.sha256()
+    h.update((ds_dir / "dataset_info.json").read_bytes())
+    for path in shard_paths:
+        size = os.path.getsize(path)
+        h.update(f"\0{os.path.basename(path)}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            for offset in sorted({0, max(0, size // 2 - SAMPLE_BYTES // 2), max(0, size - SAMPLE_BYTES)}):
+                f.seek(offset)
+                h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
 
 
 def _file_digest(path: str | None) -> str | None:
@@ -254,29 +316,6 @@ def _file_digest(path: str | None) -> str | None:
 
 # ----------------------------------------------------------------------------------------------
 # One unit (runs in a worker process; no TensorFlow)
-
-
-def _f32_list(values: np.ndarray) -> list[float]:
-    """Shortest decimal that round-trips to the same float32 (compact, exact, deterministic)."""
-    return [float(str(v)) for v in np.asarray(values, dtype=np.float32)]
-
-
-def _f32_json(values: np.ndarray) -> str:
-    """A JSON array of the shortest decimals that round-trip to the same float32 values."""
-    return "[" + ", ".join(str(v) for v in np.asarray(values, dtype=np.float32)) + "]"
-
-
-def _sample_line(name: str, split: str, episode: int, step: int, rel: str, instruction: str,
-                 action: np.ndarray, action_raw: np.ndarray) -> str:
-    """One LLaVA sample (DESIGN.md 2.1), formatted directly: json.dumps of the nested dict costs 3x more and
-    this runs once per frame in the main process. Equal to json.dumps(sample) of the same fields."""
-    human = json.dumps("<image>\n" + PROMPT.format(instruction=instruction.lower()), ensure_ascii=False)
-    return (
-        f'{{"id": "{name}/{split}/{episode:06d}/{step:04d}", "image": "{name}/images/{rel}", '
-        f'"conversations": [{{"from": "human", "value": {human}}}, {{"from": "gpt", "value": {_f32_json(action)}}}], '
-        f'"dataset": "{name}", "split": "{split}", "episode": {episode}, "step": {step}, '
-        f'"action_raw": {_f32_json(action_raw)}}}\n'
-    )
 
 
 def _route(routes: Sequence[tuple[int, int, str]], index: int) -> str | None:
@@ -293,96 +332,100 @@ def _select_frames(n: int, k: int | None, seed: int, dataset: str, split: str, e
     return np.sort(rng.choice(n, size=k, replace=False))
 
 
-def _write_file(path: str, data: bytes) -> None:
-    # os-level calls: with one file per frame, Python's buffered-file layer is a measurable share of the cost
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
-
-
 def _bump(d: dict[str, int], key: str, n: int = 1) -> None:
     if n:
         d[key] = d.get(key, 0) + n
 
 
-def process_unit(job: dict[str, Any]) -> dict[str, Any]:
+# What happens to a stored JPEG that is damaged (truncated, zero-filled, trailing bytes; with --verify-images
+# also any that does not decode): the frame is skipped and counted under dropped_frames["corrupt_image"],
+# its id and the reason are listed in the manifest (first BAD_FRAMES_LISTED per split), and a warning is
+# logged. Failing the whole dataset for one bad frame in millions would cost a conversion run for nothing;
+# copying it would hand the trainer a frame it cannot decode.
+BAD_FRAMES_LISTED = 100
+
+
+@dataclass(frozen=True)
+class UnitJob:
+    """Everything a worker needs to convert one unit (picklable; workers never see the plan)."""
+
+    unit: Unit
+    spec_raw: dict[str, Any]
+    leaves: dict[str, LeafSpec]
+    request: DatasetRequest
+    work_dir: str
+    images_root: str
+    frames_per_episode: int | None
+    seed: int
+    verify_images: bool = False
+
+    @property
+    def done_dir(self) -> Path:
+        return Path(self.work_dir) / "units" / self.unit.unit_id
+
+    @property
+    def tmp_dir(self) -> Path:
+        return Path(self.work_dir) / "units" / f"{self.unit.unit_id}.tmp"
+
+
+@dataclass
+class RawEpisode:
+    """One record read from a shard: where it goes and its parsed features."""
+
+    record: int
+    index: int  # position in split="all" of its source split (the episode number in ids)
+    split: str | None  # our split, or None: read for the statistics only (e.g. the test split)
+    episode: Episode
+
+
+def _new_counts(unit_id: str) -> dict[str, Any]:
+    return {
+        "unit": unit_id,
+        "episodes": 0,
+        "num_trajectories": 0,
+        "num_transitions": 0,
+        "dropped_for_statistics": {},
+        "splits": {s: _new_split_counts() for s in ("train", "val")},
+    }
+
+
+def _new_split_counts() -> dict[str, Any]:
+    return {"episodes_read": 0, "episodes_kept": 0, "frames": 0, "image_bytes": 0, "images": {},
+            "dropped_episodes": {}, "dropped_frames": {}, "bad_frames": []}
+
+
+def process_unit(job: UnitJob) -> dict[str, Any]:
     """Convert one shard file of one split; returns its counts (or an error). Safe to re-run."""
-    unit: Unit = job["unit"]
+    unit = job.unit
     try:
         return _process_unit(job)
     except CorruptRecordError as e:
+        return {"unit": unit.unit_id, "error": str(e)}
+    except OutputWriteError as e:  # names the output file; the input shard is not at fault
         return {"unit": unit.unit_id, "error": str(e)}
     except Exception as e:  # noqa: BLE001 - reported per dataset, other datasets go on
         return {"unit": unit.unit_id, "error": f"{unit.path}: {type(e).__name__}: {e}"}
 
 
-def _process_unit(job: dict[str, Any]) -> dict[str, Any]:
-    unit: Unit = job["unit"]
-    spec = parse_entry(unit.dataset, job["spec_raw"])
-    leaves: dict[str, LeafSpec] = job["leaves"]
-    work = Path(job["work_dir"])
-    images_root = Path(job["images_root"])
-    req: DatasetRequest = job["request"]
-    k, seed = job["frames_per_episode"], job["seed"]
-    done_dir = work / "units" / unit.unit_id
-    if (done_dir / "counts.json").is_file():
-        return json.loads((done_dir / "counts.json").read_text())
-    tmp = work / "units" / f"{unit.unit_id}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
-    global _episodes_seen
-
-    keys_with_images = spec.step_keys(with_images=True)
-    keys_stats_only = spec.step_keys(with_images=False)
-    episode_keys = [spec.success_key] if (req.filter_success and spec.success_key) else []
-    image_key = f"observation/{spec.primary_image}"
-    counts: dict[str, Any] = {
-        "unit": unit.unit_id,
-        "episodes": 0,
-        "num_trajectories": 0,
-        "num_transitions": 0,
-        "dropped_for_statistics": {},
-        "splits": {s: {"episodes_read": 0, "episodes_kept": 0, "frames": 0, "image_bytes": 0,
-                       "images": {}, "dropped_episodes": {}, "dropped_frames": {}} for s in ("train", "val")},
-    }
+def _process_unit(job: UnitJob) -> dict[str, Any]:
+    """Read -> (filter) -> standardize -> statistics rows -> select frames -> write; then commit the unit."""
+    if (job.done_dir / "counts.json").is_file():  # finished by an earlier (killed) run
+        return json.loads((job.done_dir / "counts.json").read_text())
+    spec = parse_entry(job.unit.dataset, job.spec_raw)
+    shutil.rmtree(job.tmp_dir, ignore_errors=True)
+    job.tmp_dir.mkdir(parents=True)
+    counts = _new_counts(job.unit.unit_id)
     stat_rows: list[np.ndarray] = []
-    made_dirs: set[str] = set()
-    sample_actions: list[np.ndarray] = []
-    with open(tmp / "samples.jsonl", "w") as out:
-        for record, payload in iter_tfrecord(unit.path, unit.skip, unit.take):
-            gidx = unit.global_start + (record - unit.skip)
-            split = _route(unit.routes, gidx)
-            try:
-                steps, meta, length = parse_episode(
-                    payload, leaves, keys_with_images if split else keys_stats_only, episode_keys
-                )
-            except (KeyError, ValueError) as e:
-                raise type(e)(f"{unit.path}: record {record}: {e}") from e
-            except Exception as e:  # a payload whose CRC matched but is not an Example
-                raise CorruptRecordError(unit.path, record, f"cannot parse example: {e}") from e
+    writer = _FrameWriter(job)
+    with atomic_open(job.tmp_dir / "samples.jsonl", "w") as samples:
+        for raw in _read_episodes(job, spec):
             counts["episodes"] += 1
-            _episodes_seen += 1
-            if crash_after and _episodes_seen >= crash_after:
-                os._exit(17)  # simulated kill: no cleanup, no atexit
-            sc = counts["splits"][split] if split else None
+            sc = counts["splits"][raw.split] if raw.split else None
             if sc is not None:
                 sc["episodes_read"] += 1
-            if episode_keys and not bool(meta.get(spec.success_key, True)):
-                # kuka-style success filtering happens at prep time in OpenVLA: the episode does not exist
-                _bump(counts["dropped_for_statistics"], "filter_success")
-                if sc is not None:
-                    _bump(sc["dropped_episodes"], "filter_success")
+            if not _passes_episode_filters(job, spec, raw, counts, sc):
                 continue
-            ep = Episode(steps=steps, step_index=np.arange(length), meta=meta)
-            try:
-                action, language = standardize(spec, ep)
-            except (KeyError, ValueError) as e:
-                raise ValueError(f"record {record}: standardization failed: {e}") from e
+            action, language = _standardize(spec, raw)
             finite = np.isfinite(action).all(axis=1)
             counts["num_trajectories"] += 1
             counts["num_transitions"] += int(finite.sum())
@@ -390,52 +433,150 @@ def _process_unit(job: dict[str, Any]) -> dict[str, Any]:
             stat_rows.append(action[finite])
             if sc is None:
                 continue
-            if ep.length == 0:
-                _bump(sc["dropped_episodes"], "no_frames")
+            chosen = _select_trainable_frames(job, raw, language, finite, sc)
+            if chosen is None:
                 continue
-            if not any(language):  # OpenVLA skip_unlabeled: every instruction of the trajectory is ""
-                _bump(sc["dropped_episodes"], "unlabeled")
-                continue
-            _bump(sc["dropped_frames"], "nonfinite_action", int((~finite).sum()))
-            candidates = np.flatnonzero(finite)
-            chosen = candidates[_select_frames(len(candidates), k, seed, unit.dataset, split, gidx)]
-            _bump(sc["dropped_frames"], "not_selected", len(candidates) - len(chosen))
-            images = ep.steps[image_key]
-            written = 0
-            for t in chosen.tolist():
-                step = int(ep.step_index[t])
-                try:
-                    data, how = frame_jpeg(images[t], req.flip_image_channels)
-                except MissingImageError:
-                    _bump(sc["dropped_frames"], "missing_image")
-                    continue
-                except ImageDecodeError:
-                    _bump(sc["dropped_frames"], "undecodable_image")
-                    continue
-                ep_dir = f"{images_root}/{split}/{gidx:06d}"
-                if ep_dir not in made_dirs:
-                    os.makedirs(ep_dir, exist_ok=True)
-                    made_dirs.add(ep_dir)
-                # no temp-and-rename per image: the whole images/ tree lives in the unfinished dataset directory
-                # until finalize renames it, and a re-run unit rewrites (truncates) every file it owns
-                _write_file(f"{ep_dir}/{step:04d}.jpg", data)
-                _bump(sc["images"], how)
-                sc["image_bytes"] += len(data)
-                out.write(json.dumps([split, gidx, step, language[t]], ensure_ascii=False) + "\n")
-                sample_actions.append(action[t])
-                written += 1
+            written = writer.write_episode(raw, chosen, action, language, sc, samples)
             if written:
                 sc["episodes_kept"] += 1
                 sc["frames"] += written
             else:
                 _bump(sc["dropped_episodes"], "no_frames")
-    rows = np.concatenate(stat_rows) if stat_rows else np.zeros((0, 7), np.float32)
-    np.save(tmp / "actions.npy", rows.astype(np.float32))
-    np.save(tmp / "sample_actions.npy", np.asarray(sample_actions, np.float32).reshape(-1, 7))
-    (tmp / "counts.json").write_text(json.dumps(counts, sort_keys=True))
-    shutil.rmtree(done_dir, ignore_errors=True)
-    os.replace(tmp, done_dir)  # the unit exists only once complete
+    _commit_unit(job, counts, stat_rows, writer.sample_actions, writer.episode_actions)
     return counts
+
+
+def _read_episodes(job: UnitJob, spec: Any) -> Iterator[RawEpisode]:
+    """Step 1, read: the unit's records, parsed (images stay encoded; split-less ones without images)."""
+    unit = job.unit
+    keys_with_images = spec.step_keys(with_images=True)
+    keys_stats_only = spec.step_keys(with_images=False)
+    episode_keys = [spec.success_key] if (job.request.filter_success and spec.success_key) else []
+    for record, payload in iter_tfrecord(unit.path, unit.skip, unit.take):
+        gidx = unit.global_start + (record - unit.skip)
+        split = _route(unit.routes, gidx)
+        try:
+            steps, meta, length = parse_episode(
+                payload, job.leaves, keys_with_images if split else keys_stats_only, episode_keys
+            )
+        except (KeyError, ValueError) as e:
+            raise type(e)(f"{unit.path}: record {record}: {e}") from e
+        except Exception as e:  # a payload whose CRC matched but is not an Example
+            raise CorruptRecordError(unit.path, record, f"cannot parse example: {e}") from e
+        yield RawEpisode(record, gidx, split, Episode(steps=steps, step_index=np.arange(length), meta=meta))
+
+
+def _passes_episode_filters(job: UnitJob, spec: Any, raw: RawEpisode, counts: dict[str, Any],
+                            sc: dict[str, Any] | None) -> bool:
+    """filter_success: kuka-style success filtering happens at prep time in OpenVLA (the episode does not
+    exist, not even for the statistics)."""
+    if job.request.filter_success and spec.success_key and not bool(raw.episode.meta.get(spec.success_key, True)):
+        _bump(counts["dropped_for_statistics"], "filter_success")
+        if sc is not None:
+            _bump(sc["dropped_episodes"], "filter_success")
+        return False
+    return True
+
+
+def _standardize(spec: Any, raw: RawEpisode) -> tuple[np.ndarray, list[str]]:
+    """Step 2, standardize: OpenVLA's per-dataset transform -> (T, 7) actions and per-step instructions."""
+    try:
+        return standardize(spec, raw.episode)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"record {raw.record}: standardization failed: {e}") from e
+
+
+def _select_trainable_frames(job: UnitJob, raw: RawEpisode, language: Sequence[str], finite: np.ndarray,
+                             sc: dict[str, Any]) -> np.ndarray | None:
+    """Step 3, select: the episode-level drops (counted), then the finite frames, then --frames-per-episode."""
+    if raw.episode.length == 0:
+        _bump(sc["dropped_episodes"], "no_frames")
+        return None
+    if not any(language):  # OpenVLA skip_unlabeled: every instruction of the trajectory is ""
+        _bump(sc["dropped_episodes"], "unlabeled")
+        return None
+    if any(IMAGE_TOKEN in text for text in language):
+        # Rejected, not escaped: the trainer strips "<image>" from the human turn, so the model would be
+        # trained on another instruction than the data holds. Counted; the manifest warns.
+        _bump(sc["dropped_episodes"], "image_token_in_instruction")
+        return None
+    _bump(sc["dropped_frames"], "nonfinite_action", int((~finite).sum()))
+    candidates = np.flatnonzero(finite)
+    chosen = candidates[_select_frames(len(candidates), job.frames_per_episode, job.seed, job.unit.dataset,
+                                       raw.split, raw.index)]
+    _bump(sc["dropped_frames"], "not_selected", len(candidates) - len(chosen))
+    return chosen
+
+
+class _FrameWriter:
+    """Step 4, write: each chosen frame's JPEG under images/ and its sample line; counts what it skips."""
+
+    def __init__(self, job: UnitJob):
+        self.job = job
+        self.made_dirs: set[str] = set()
+        self.sample_actions: list[np.ndarray] = []
+        self.episode_actions: dict[str, np.ndarray] = {}  # each kept episode's full standardized sequence (chunk windows)
+        self.image_key = f"observation/{parse_entry(job.unit.dataset, job.spec_raw).primary_image}"
+
+    def write_episode(self, raw: RawEpisode, chosen: np.ndarray, action: np.ndarray, language: Sequence[str],
+                      sc: dict[str, Any], samples: Any) -> int:
+        ep = raw.episode
+        images = ep.steps[self.image_key]
+        written = 0
+        for t in chosen.tolist():
+            step = int(ep.step_index[t])
+            try:
+                data, how = frame_jpeg(images[t], self.job.request.flip_image_channels)
+            except MissingImageError:
+                _bump(sc["dropped_frames"], "missing_image")
+                continue
+            except ImageDecodeError:
+                _bump(sc["dropped_frames"], "undecodable_image")
+                continue
+            problem = jpeg_structure_problem(data) if how == "copied" else None
+            if problem is None and self.job.verify_images and how == "copied":
+                problem = verify_decodes(data)
+            if problem is not None:
+                _bump(sc["dropped_frames"], "corrupt_image")
+                if len(sc["bad_frames"]) < BAD_FRAMES_LISTED:
+                    sc["bad_frames"].append(
+                        f"{raw.split}/{raw.index:06d}/{step:04d} ({self.job.unit.path} record {raw.record}): {problem}")
+                continue
+            ep_dir = f"{self.job.images_root}/{raw.split}/{raw.index:06d}"
+            if ep_dir not in self.made_dirs:
+                try:
+                    os.makedirs(ep_dir, exist_ok=True)
+                except OSError as e:
+                    raise OutputWriteError(e.errno, f"cannot create {ep_dir}: {e.strerror}") from e
+                self.made_dirs.add(ep_dir)
+            # no temp-and-rename per image: the whole images/ tree lives in the unfinished dataset directory
+            # until finalize renames it, and a re-run unit rewrites (truncates) every file it owns
+            write_file(f"{ep_dir}/{step:04d}.jpg", data)
+            _bump(sc["images"], how)
+            sc["image_bytes"] += len(data)
+            samples.write(json.dumps([raw.split, raw.index, step, language[t]], ensure_ascii=False) + "\n")
+            self.sample_actions.append(action[t])
+            written += 1
+        if written:
+            self.episode_actions[f"{raw.split}/{raw.index}/action"] = action
+            self.episode_actions[f"{raw.split}/{raw.index}/step"] = ep.step_index
+        return written
+
+
+def _commit_unit(job: UnitJob, counts: dict[str, Any], stat_rows: list[np.ndarray],
+                 sample_actions: list[np.ndarray], episode_actions: Mapping[str, np.ndarray]) -> None:
+    """The unit's statistics rows, sample actions and counts, then one rename: it exists only once complete."""
+    tmp = job.tmp_dir
+    rows = np.concatenate(stat_rows) if stat_rows else np.zeros((0, 7), np.float32)
+    try:
+        np.save(tmp / "actions.npy", rows.astype(np.float32))
+        np.save(tmp / "sample_actions.npy", np.asarray(sample_actions, np.float32).reshape(-1, 7))
+        np.savez(tmp / "episode_actions.npz", **episode_actions)
+    except OSError as e:
+        raise OutputWriteError(e.errno, f"cannot write {tmp}: {e.strerror}") from e
+    write_text(tmp / "counts.json", json.dumps(counts, sort_keys=True))
+    shutil.rmtree(job.done_dir, ignore_errors=True)
+    os.replace(tmp, job.done_dir)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,12 +591,10 @@ def _merge_counts(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         for k, v in c["dropped_for_statistics"].items():
             _bump(total["dropped_for_statistics"], k, v)
         for s, sc in c["splits"].items():
-            t = total["splits"].setdefault(
-                s, {"episodes_read": 0, "episodes_kept": 0, "frames": 0, "image_bytes": 0,
-                    "images": {}, "dropped_episodes": {}, "dropped_frames": {}}
-            )
+            t = total["splits"].setdefault(s, _new_split_counts())
             for key in ("episodes_read", "episodes_kept", "frames", "image_bytes"):
                 t[key] += sc[key]
+            t["bad_frames"] = (t["bad_frames"] + sc.get("bad_frames", []))[:BAD_FRAMES_LISTED]
             for key in ("images", "dropped_episodes", "dropped_frames"):
                 for k, v in sc[key].items():
                     _bump(t[key], k, v)
@@ -463,7 +602,25 @@ def _merge_counts(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def _write_episode_actions(work: Path, units: Sequence[Unit], final: Path, stats: Mapping[str, Any]) -> None:
+    """<split>_actions.npz: every kept episode's full normalized action sequence, from which training builds
+    H-step windows (llava_vla_plugin/chunk_data.py), so H needs no re-conversion. The gripper is absolute
+    (EEF_POS, the only encoding converted), the rest relative, as OpenVLA's absolute_action_mask."""
+    for split in ("train", "val"):
+        episodes = {}
+        for u in units:
+            path = work / "units" / u.unit_id / "episode_actions.npz"
+            if not path.exists():
+                continue
+            with np.load(path) as z:
+                for key in z.files:
+                    s, gidx, kind = key.split("/")
+                    if s == split and kind == "action":
+                        episodes[int(gidx)] = (normalize_bounds_q99(z[key], stats), z[f"{s}/{gidx}/step"])
+        EpisodeActions.from_episodes(episodes, EEF_POS_ABSOLUTE_MASK).save(final / episode_actions_file(split))
 
 
 def finalize_dataset(plan: DatasetPlan, out_dir: Path, opts: RunOptions, unit_counts: Mapping[str, Any]) -> dict[str, Any]:
@@ -482,8 +639,8 @@ def finalize_dataset(plan: DatasetPlan, out_dir: Path, opts: RunOptions, unit_co
         stats_source = 'computed over split="all" (OpenVLA get_dataset_statistics)'
     counts = _merge_counts([unit_counts[u.unit_id] for u in units])
     zero_filters = [f.params for f in spec.frame_filters if f.name == "zero_action"]
-    outputs = {s: open(final / f"{s}.jsonl.tmp", "w") for s in ("train", "val")}
-    try:
+    with atomic_open(final / split_file("train"), "w") as train, atomic_open(final / split_file("val"), "w") as val:
+        outputs = {"train": train, "val": val}
         for u in units:
             unit_dir = work / "units" / u.unit_id
             lines = (unit_dir / "samples.jsonl").read_text().splitlines()
@@ -496,26 +653,33 @@ def finalize_dataset(plan: DatasetPlan, out_dir: Path, opts: RunOptions, unit_co
                 keep &= zero_action_keep_mask(norm, params["q01"], params["q99"])
             for line, a_raw, a, ok in zip(lines, raw, norm, keep):
                 split, episode, step, instruction = json.loads(line)
-                rel = f"{split}/{episode:06d}/{step:04d}.jpg"
+                rel = image_relpath(split, episode, step)
                 if not ok:
                     _bump(counts["splits"][split]["dropped_frames"], "zero_action")
                     counts["splits"][split]["frames"] -= 1
-                    os.unlink(final / "images" / rel)
+                    # missing_ok: an earlier finalize of this dataset that failed later on already removed it
+                    (final / "images" / rel).unlink(missing_ok=True)
                     continue
-                outputs[split].write(_sample_line(name, split, episode, step, rel, instruction, a, a_raw))
-    finally:
-        for f in outputs.values():
-            f.close()
-    for s in ("train", "val"):
-        os.replace(final / f"{s}.jsonl.tmp", final / f"{s}.jsonl")
+                outputs[split].write(ConvertedSample(name, split, episode, step, instruction, a, a_raw).to_json_line())
+    _write_episode_actions(work, units, final, stats)
     (final / "images").mkdir(exist_ok=True)
     warnings = []
     if plan.request.flip_wrist_image_channels:
         warnings.append("flip_wrist_image_channels has no effect: only the primary camera is exported")
     for s in ("train", "val"):
-        if counts["splits"].get(s, {}).get("frames", 0) == 0:
+        sc = counts["splits"].get(s, {})
+        if sc.get("frames", 0) == 0:
             warnings.append(f"{s} split is empty")
-    _write_json_atomic(final / "dataset_statistics.json", {name: stats})
+        bad = sc.get("dropped_frames", {}).get("corrupt_image", 0)
+        if bad:
+            warnings.append(f"{s}: {bad} frames skipped for a damaged JPEG (listed in counts.splits.{s}.bad_frames)")
+        rejected = sc.get("dropped_episodes", {}).get("image_token_in_instruction", 0)
+        if rejected:
+            warnings.append(f"{s}: {rejected} episodes skipped: their instruction contains {IMAGE_TOKEN!r}, "
+                            "which the trainer would strip")
+    for w in warnings:
+        log.warning("%s: %s", name, w)
+    _write_json_atomic(final / STATISTICS_FILE, {name: stats})
     manifest = {
         "tool_version": TOOL_VERSION,
         "dataset": name,
@@ -533,8 +697,9 @@ def finalize_dataset(plan: DatasetPlan, out_dir: Path, opts: RunOptions, unit_co
         "counts": counts,
         "warnings": warnings,
         "fingerprint": plan.fingerprint,
+        "fingerprint_parts": plan.fingerprint_parts(),
     }
-    _write_json_atomic(final / "manifest.json", manifest)
+    _write_json_atomic(final / MANIFEST_FILE, manifest)
     target = out_dir / name
     os.replace(final, target)  # the whole dataset appears at once
     shutil.rmtree(work, ignore_errors=True)
@@ -545,26 +710,41 @@ def finalize_dataset(plan: DatasetPlan, out_dir: Path, opts: RunOptions, unit_co
 # Orchestration
 
 
-def _existing_fingerprint(path: Path) -> str | None:
+def _recorded(path: Path) -> dict[str, Any]:
+    """The fingerprint a finished dataset's manifest.json or a partial run's plan.json recorded ({} if none)."""
     try:
-        return json.loads((path / "manifest.json").read_text()).get("fingerprint")
+        doc = json.loads(path.read_text())
     except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _what_changed(recorded: Mapping[str, Any], plan: DatasetPlan) -> str | None:
+    """None if `recorded` is this plan's fingerprint, else what differs, in words."""
+    if recorded.get("fingerprint") == plan.fingerprint:
         return None
+    parts = recorded.get("fingerprint_parts") or {}
+    changed = [what for key, what in (("source", f"the source data in {plan.dataset_dir}"),
+                                      ("options", "the conversion options or registry entry"))
+               if parts.get(key) != plan.fingerprint_parts()[key]]
+    if not parts or len(changed) == 2:
+        return "other inputs or options"
+    return changed[0]
 
 
 def _write_top_level(out_dir: Path, requests: Sequence[DatasetRequest]) -> None:
     combined = {}
     entries = []
     for req in requests:
-        combined.update(json.loads((out_dir / req.name / "dataset_statistics.json").read_text()))
+        combined.update(json.loads((out_dir / req.name / STATISTICS_FILE).read_text()))
         entries.append(
-            {"json_path": str((out_dir / req.name / "train.jsonl").resolve()), "sampling_strategy": "all",
+            {"json_path": str((out_dir / req.name / TRAIN_FILE).resolve()), "sampling_strategy": "all",
              "weight": req.weight}
         )
-    _write_json_atomic(out_dir / "dataset_statistics.json", combined)
+    _write_json_atomic(out_dir / STATISTICS_FILE, combined)
     text = "# LLaVA-NeXT --data_path file; images are relative to --image_folder " + str(out_dir.resolve()) + "\n"
     text += yaml.safe_dump({"datasets": entries}, sort_keys=False)
-    write_atomic(out_dir / "mixture.yaml", text.encode())
+    write_text(out_dir / MIXTURE_FILE, text)
 
 
 def convert(
@@ -595,23 +775,27 @@ def convert(
             shutil.rmtree(target, ignore_errors=True)
             shutil.rmtree(work, ignore_errors=True)
         elif target.exists():
-            if _existing_fingerprint(target) == plan.fingerprint:
-                log.info("%s: already converted in %s, skipping", req.name, target)
+            changed = _what_changed(_recorded(target / MANIFEST_FILE), plan)
+            if changed is None:
+                log.info("%s: already converted in %s (same source content and options), skipping", req.name, target)
                 shutil.rmtree(work, ignore_errors=True)  # left over if a run died right after finishing it
                 continue
-            failures[req.name] = f"{target} exists from a run with other inputs or options; pass --overwrite"
+            failures[req.name] = (f"{target} was converted from {changed} than this run's; pass --overwrite to "
+                                  "convert it again")
             log.error("%s: %s", req.name, failures[req.name])
             continue
         plan_file = work / "plan.json"
-        if plan_file.is_file() and json.loads(plan_file.read_text()).get("fingerprint") != plan.fingerprint:
-            failures[req.name] = f"{work} holds a partial run with other inputs or options; pass --overwrite"
+        changed = _what_changed(_recorded(plan_file), plan) if plan_file.is_file() else None
+        if changed is not None:
+            failures[req.name] = (f"{work} holds a partial run made from {changed} than this run's (resuming would "
+                                  "mix the two); pass --overwrite to start again")
             log.error("%s: %s", req.name, failures[req.name])
             continue
         (work / "final" / "images").mkdir(parents=True, exist_ok=True)
         (work / "units").mkdir(parents=True, exist_ok=True)
         for stale in (work / "units").glob("*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)  # a killed run's unfinished unit is redone from scratch
-        _write_json_atomic(plan_file, {"fingerprint": plan.fingerprint})
+        _write_json_atomic(plan_file, {"fingerprint": plan.fingerprint, "fingerprint_parts": plan.fingerprint_parts()})
         log.info("%s: %s (%s %s), %d shard files", req.name, plan.dataset_dir, plan.tfds_name, plan.tfds_version,
                  len(plan.units))
         plans.append(plan)
@@ -621,16 +805,17 @@ def convert(
         work = out_dir / WORK_DIR / plan.request.name
         for unit in plan.units:
             jobs.append(
-                {
-                    "unit": unit,
-                    "spec_raw": plan.spec_raw,
-                    "leaves": plan.leaves,
-                    "request": plan.request,
-                    "work_dir": str(work),
-                    "images_root": str(work / "final" / "images"),
-                    "frames_per_episode": opts.frames_per_episode,
-                    "seed": opts.seed,
-                }
+                UnitJob(
+                    unit=unit,
+                    spec_raw=plan.spec_raw,
+                    leaves=plan.leaves,
+                    request=plan.request,
+                    work_dir=str(work),
+                    images_root=str(work / "final" / "images"),
+                    frames_per_episode=opts.frames_per_episode,
+                    seed=opts.seed,
+                    verify_images=opts.verify_images,
+                )
             )
     by_name = {p.request.name: p for p in plans}
     pending = {p.request.name: {u.unit_id for u in p.units} for p in plans}
@@ -643,20 +828,20 @@ def convert(
     frames = {name: 0 for name in by_name}
     mbytes = {name: 0.0 for name in by_name}
 
-    def on_result(job: Mapping[str, Any], res: Mapping[str, Any]) -> None:
-        name = job["unit"].dataset
+    def on_result(job: UnitJob, res: Mapping[str, Any]) -> None:
+        name = job.unit.dataset
         bar = bars[name]
         if "error" in res:
             failures.setdefault(name, res["error"])
             log.error("%s: %s", name, res["error"])
         else:
-            log.debug("%s: read %s: %d episodes", name, job["unit"].path, res["episodes"])
+            log.debug("%s: read %s: %d episodes", name, job.unit.path, res["episodes"])
             results[name][res["unit"]] = res
             frames[name] += sum(s["frames"] for s in res["splits"].values())
             mbytes[name] += sum(s["image_bytes"] for s in res["splits"].values()) / 1e6
             bar.update(res["episodes"])
             bar.set_postfix(frames=frames[name], MB=f"{mbytes[name]:.1f}")
-        pending[name].discard(job["unit"].unit_id)
+        pending[name].discard(job.unit.unit_id)
         if not pending[name] and name not in failures:
             try:
                 m = finalize_dataset(by_name[name], out_dir, opts, results[name])
@@ -684,16 +869,16 @@ def convert(
                 try:
                     res = fut.result()
                 except BrokenProcessPool as e:
-                    res = {"unit": job["unit"].unit_id, "error": f"worker process died: {e}"}
+                    res = {"unit": job.unit.unit_id, "error": f"worker process died: {e}"}
                 on_result(job, res)
     for bar in bars.values():
         bar.close()
 
     if failures:
-        log.error("not written: mixture.yaml and dataset_statistics.json (failed: %s)", ", ".join(sorted(failures)))
+        log.error("not written: %s and %s (failed: %s)", MIXTURE_FILE, STATISTICS_FILE, ", ".join(sorted(failures)))
     else:
         _write_top_level(out_dir, requests)
-        log.info("wrote %s and %s", out_dir / "mixture.yaml", out_dir / "dataset_statistics.json")
+        log.info("wrote %s and %s", out_dir / MIXTURE_FILE, out_dir / STATISTICS_FILE)
         try:
             (out_dir / WORK_DIR).rmdir()
         except OSError:
@@ -706,7 +891,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m data_tools.convert",
         description="Convert OXE RLDS datasets to LLaVA JSON exactly as OpenVLA's pipeline sees them "
         "(standardization, statistics, BOUNDS_Q99 normalization, splits); images at native resolution.",
-        epilog="Exit codes: 0 all converted, 1 some dataset failed (others are still written), 2 usage error.",
+        epilog="Exit codes: 0 all converted, 1 some dataset failed (others are still written), 2 usage error "
+        "(including an --out that cannot be created or written).",
     )
     p.add_argument("--data-dir", required=True, type=Path, help="directory holding <dataset>/<version>/ TFDS dirs")
     src = p.add_mutually_exclusive_group(required=True)
@@ -720,12 +906,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for --frames-per-episode (default 0)")
     p.add_argument("--stats-from", type=Path, default=None,
                    help="use published statistics (OpenVLA dataset_statistics.json / norm_stats) instead of computing")
+    p.add_argument("--verify-images", action="store_true",
+                   help="also decode every copied JPEG in full (slow); damaged frames are skipped and counted in "
+                   "manifest.json either way (the cheap structure check always runs)")
     p.add_argument("--overwrite", action="store_true", help="discard earlier output / partial runs of these datasets")
     p.add_argument("--registry", action="append", default=[], type=Path,
                    help="extra registry YAML with custom datasets (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+def _unwritable(out: Path) -> str | None:
+    """Why files cannot be written under `out` (None if they can): checked before any work starts."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create the directory: {e.strerror or e}"
+    if not out.is_dir():
+        return "exists and is not a directory"
+    if not os.access(out, os.W_OK | os.X_OK):
+        return "the directory is not writable"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -752,10 +954,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RegistryError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    opts = RunOptions(args.frames_per_episode, args.seed, str(args.stats_from) if args.stats_from else None)
+    problem = _unwritable(args.out)
+    if problem:
+        print(f"error: --out {args.out}: {problem}", file=sys.stderr)
+        return 2
+    opts = RunOptions(args.frames_per_episode, args.seed, str(args.stats_from) if args.stats_from else None,
+                      verify_images=args.verify_images)
     started = time.time()
-    failures = convert(args.data_dir, requests, args.out, registry, opts, args.workers, args.overwrite,
-                       progress=not args.no_progress)
+    try:
+        failures = convert(args.data_dir, requests, args.out, registry, opts, args.workers, args.overwrite,
+                           progress=not args.no_progress)
+    except OSError as e:  # writing the work directory or the top-level files; names the output path
+        print(f"error: writing under --out {args.out} failed: {e}", file=sys.stderr)
+        return 1
     log.info("done in %.1fs: %d converted, %d failed", time.time() - started, len(requests) - len(failures), len(failures))
     for name, err in failures.items():
         print(f"FAILED {name}: {err}", file=sys.stderr)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-from pathlib import Path
 
 import numpy as np
 
@@ -63,9 +61,65 @@ def frame_jpeg(stored: bytes | np.ndarray, flip_channels: bool) -> tuple[bytes, 
     return _encode_jpeg(_decode_rgb(stored)), "encoded"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name and rename, so a killed run never leaves a truncated file under `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+# Markers that stand alone (no length field): TEM, RST0-7, SOI, EOI.
+_STANDALONE = {0x01, *range(0xD0, 0xD8), 0xD8, 0xD9}
+
+
+def jpeg_structure_problem(data: bytes) -> str | None:
+    """None if `data` is a structurally complete JPEG, else what is wrong with it.
+
+    Walks the marker segments from SOI, skips each scan's entropy-coded data (stuffed 0xFF00 bytes and
+    RSTn markers belong to it) and requires EOI as the last two bytes. This catches what a copy without
+    decoding would otherwise pass on: truncated files (no EOI), a valid header followed by zeros (the scan
+    never reaches EOI), and bytes after EOI. It does not decode, so a file whose compressed data is
+    damaged but well-framed passes; `verify_decodes` is the full check. Cost: see BENCHMARKS.md.
+    """
+    n = len(data)
+    if data[:2] != b"\xff\xd8":
+        return "no JPEG start-of-image marker"
+    pos = 2
+    find = data.find
+    while True:
+        if pos + 2 > n:
+            return f"truncated: ends at byte {n} inside the marker segments, before end-of-image"
+        if data[pos] != 0xFF:
+            return f"byte {pos}: expected a marker, found 0x{data[pos]:02x}"
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0xD9:
+            if pos + 2 != n:
+                return f"{n - pos - 2} bytes after the end-of-image marker"
+            return None
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        if pos + 4 > n:
+            return f"truncated: ends at byte {n} inside a segment header"
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if length < 2:
+            return f"byte {pos}: invalid segment length {length}"
+        pos += 2 + length
+        if pos > n:
+            return f"truncated: segment 0xff{marker:02x} runs past the end of the file ({n} bytes)"
+        if marker != 0xDA:  # not start-of-scan: the next segment follows directly
+            continue
+        while True:  # entropy-coded data: runs to the first 0xFF not followed by 0x00 or RSTn
+            pos = find(b"\xff", pos)
+            if pos < 0 or pos + 1 >= n:
+                return "truncated: the scan data has no end-of-image marker"
+            nxt = data[pos + 1]
+            if nxt == 0x00 or 0xD0 <= nxt <= 0xD7 or nxt == 0xFF:
+                pos += 1 if nxt == 0xFF else 2
+                continue
+            break
+
+
+def verify_decodes(data: bytes) -> str | None:
+    """None if PIL decodes every pixel of `data`, else the decoder's complaint (the --verify-images check)."""
+    try:
+        _decode_rgb(data)
+    except ImageDecodeError as e:
+        return str(e)
+    return None

@@ -31,7 +31,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import logging
+
 import yaml
+
+from data_tools.cli import add_common_flags, add_output, setup_logging
+from data_tools.converted_format import MANIFEST_FILE, STATISTICS_FILE, TRAIN_FILE
+from data_tools.atomic import write_text_if_changed
+from data_tools.weights import WeightError, at_line, entry_lines, parse_weight
+
+log = logging.getLogger("data_tools.mixture")
 
 __all__ = [
     "MixtureToolError",
@@ -122,25 +131,33 @@ def _count_lines(path: Path) -> int:
 
 
 def _num_transitions(folder: Path, name: str, frames: int) -> tuple[int, str]:
-    stats_path = folder / "dataset_statistics.json"
+    """OpenVLA's balancing count n_d, from the statistics; each fallback is logged as a warning, because
+    balancing by another count changes every dataset's share of the mixture."""
+    stats_path = folder / STATISTICS_FILE
     try:
         stats = json.loads(stats_path.read_text())
         entry = stats.get(name) if name in stats else (next(iter(stats.values())) if len(stats) == 1 else None)
         if entry and "num_transitions" in entry:
-            return int(entry["num_transitions"]), "dataset_statistics.json"
-    except (OSError, ValueError, AttributeError):
-        pass
+            return int(entry["num_transitions"]), STATISTICS_FILE
+        why = f"it has no num_transitions for {name!r}"
+    except (OSError, ValueError, AttributeError) as e:
+        why = f"cannot read it ({type(e).__name__}: {e})"
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        return int(manifest["counts"]["num_transitions"]), "manifest.json"
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        n = int(manifest["counts"]["num_transitions"])
+        log.warning("%s: %s; balancing %s by num_transitions from manifest.json instead", stats_path, why, name)
+        return n, MANIFEST_FILE
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    log.warning("%s: %s, and manifest.json has no counts: balancing %s by its %d train frames instead of its "
+                "transitions (OpenVLA counts every transition); reconvert it to restore the statistics",
+                stats_path, why, name, frames)
     return frames, "train frames"
 
 
 def converted_names(converted: Path) -> list[str]:
     """Datasets of a converted directory: the folders that hold a train.jsonl."""
-    return sorted(p.parent.name for p in converted.glob("*/train.jsonl"))
+    return sorted(p.parent.name for p in converted.glob(f"*/{TRAIN_FILE}"))
 
 
 def converted_datasets(converted: str | Path, names: list[str] | None = None) -> dict[str, ConvertedDataset]:
@@ -160,9 +177,9 @@ def converted_datasets(converted: str | Path, names: list[str] | None = None) ->
     out = {}
     for name in wanted:
         folder = converted / name
-        frames = _count_lines(folder / "train.jsonl")
+        frames = _count_lines(folder / TRAIN_FILE)
         n, source = _num_transitions(folder, name, frames)
-        out[name] = ConvertedDataset(name, folder / "train.jsonl", frames, n, source)
+        out[name] = ConvertedDataset(name, folder / TRAIN_FILE, frames, n, source)
     return out
 
 
@@ -170,21 +187,20 @@ def converted_datasets(converted: str | Path, names: list[str] | None = None) ->
 # Weights
 
 
-def _check_weight(name: str, w: Any, where: str) -> float:
-    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(float(w)) or w < 0:
-        raise MixtureToolError(f"{where}: weight of {name!r} must be a finite number >= 0, got {w!r}")
-    return float(w)
-
-
-def _weights_from_data(data: Any, where: str) -> dict[str, float]:
+def _weights_from_data(data: Any, where: str, lines: Mapping[Any, int] | None = None) -> dict[str, float]:
     weights: dict[str, float] = {}
+    lines = dict(lines or {})
 
-    def add(name: Any, w: Any) -> None:
+    def add(name: Any, w: Any, item: Any = None) -> None:
+        here = at_line(where, lines, name if item is None else item)
         if not isinstance(name, str) or not name:
-            raise MixtureToolError(f"{where}: dataset names must be non-empty strings, got {name!r}")
+            raise MixtureToolError(f"{here}: dataset names must be non-empty strings, got {name!r}")
         if name in weights:
-            raise MixtureToolError(f"{where}: {name!r} is listed twice")
-        weights[name] = _check_weight(name, w, where)
+            raise MixtureToolError(f"{here}: {name!r} is listed twice")
+        try:
+            weights[name] = parse_weight(w, here, name)
+        except WeightError as e:
+            raise MixtureToolError(str(e)) from None
 
     if isinstance(data, Mapping) and "datasets" in data:
         entries = data["datasets"]
@@ -194,9 +210,9 @@ def _weights_from_data(data: Any, where: str) -> dict[str, float]:
             if isinstance(e, str):
                 add(e, 1.0)
             elif isinstance(e, Mapping) and "name" in e:
-                add(e["name"], e.get("weight", 1.0))
+                add(e["name"], e.get("weight", 1.0), i)
             elif isinstance(e, Mapping) and "json_path" in e:  # a training mixture: <dataset>/train.jsonl
-                add(Path(str(e["json_path"])).parent.name, e.get("weight", 1.0))
+                add(Path(str(e["json_path"])).parent.name, e.get("weight", 1.0), i)
             else:
                 raise MixtureToolError(f"{where}: datasets[{i}] needs `name` (or `json_path`), got {e!r}")
     elif isinstance(data, Mapping):
@@ -225,17 +241,19 @@ def read_weights(weights: str | Path | Mapping | None = None, preset: str | None
         if preset not in shipped:
             raise MixtureToolError(f"unknown preset {preset!r}; shipped mixtures: {', '.join(shipped)}")
         path = shipped[preset]
-        return preset, _weights_from_data(yaml.safe_load(path.read_text()), str(path))
+        text = path.read_text()
+        return preset, _weights_from_data(yaml.safe_load(text), str(path), entry_lines(text))
     if isinstance(weights, Mapping):
         return "inline", _weights_from_data(dict(weights), "inline weights")
     path = Path(weights)
     if not path.is_file():
         raise MixtureToolError(f"weights file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise MixtureToolError(f"{path}: not valid YAML: {e}") from None
-    return str(path), _weights_from_data(data, str(path))
+    return str(path), _weights_from_data(data, str(path), entry_lines(text))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,7 +335,7 @@ def format_table(plan: MixturePlan) -> str:
 def mixture_yaml_text(plan: MixturePlan) -> str:
     spec = {
         "datasets": [
-            {"json_path": str(plan.converted / r.name / "train.jsonl"), "sampling_strategy": "all", "weight": r.weight}
+            {"json_path": str(plan.converted / r.name / TRAIN_FILE), "sampling_strategy": "all", "weight": r.weight}
             for r in plan.rows
         ],
         "vla_mixture": plan.to_dict(),
@@ -334,10 +352,7 @@ def write_training_mixture(plan: MixturePlan, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = mixture_yaml_text(plan)
-    if not path.exists() or path.read_text() != text:  # keep mtimes of unchanged files
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    write_text_if_changed(path, text)  # keeps mtimes of unchanged files
     return path
 
 
@@ -347,27 +362,30 @@ def write_training_mixture(plan: MixturePlan, path: str | Path) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_tools.mixture", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--converted", required=True, help="output folder of data_tools convert (OUT/<dataset>/train.jsonl)")
+    p.add_argument("--data-dir", "--converted", dest="data_dir", required=True,
+                   help="output folder of data_tools convert (OUT/<dataset>/train.jsonl) (also: --converted)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", help="YAML {dataset: weight}, a data_tools mixture file, or a training mixture")
     src.add_argument("--preset", help="a shipped mixture name (data_tools/mixtures/NAME.yaml), e.g. bridge_rt_1")
     p.add_argument("--fraction", type=float, default=1.0, help="effective frames / train frames of the mixture's datasets (default 1)")
     p.add_argument("--balance", action="store_true", help="multiply weights by each dataset's num_transitions (OpenVLA)")
     p.add_argument("--seed", type=int, default=0, help="recorded in the mixture; pass the same to the trainer's --vla_data_seed")
-    p.add_argument("-o", "--output", required=True, help="the training mixture YAML to write")
+    add_output(p, "-o", "--output", type=str, metavar="YAML", help="the training mixture YAML to write")
+    add_common_flags(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging(args)
     try:
         label, weights = read_weights(args.weights, args.preset)
-        plan = plan_mixture(args.converted, weights, args.fraction, args.balance, args.seed, weights_source=label)
+        plan = plan_mixture(args.data_dir, weights, args.fraction, args.balance, args.seed, weights_source=label)
     except MixtureToolError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(plan))
-    out = write_training_mixture(plan, args.output)
+    out = write_training_mixture(plan, args.out)
     print(f"wrote {out}")
     return 0
 

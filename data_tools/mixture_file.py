@@ -26,6 +26,9 @@ from typing import Any
 
 import yaml
 
+from data_tools.registry import OXE_BUCKET, Registry
+from data_tools.weights import WeightError, at_line, entry_lines, parse_weight
+
 __all__ = [
     "OXE_BUCKET",
     "KNOWN_DATASETS",
@@ -38,87 +41,13 @@ __all__ = [
     "resolve_mixture_path",
 ]
 
-OXE_BUCKET = "gs://gresearch/robotics"
-BRIDGE_RELEASE = "https://rail.eecs.berkeley.edu/datasets/bridge_release/data/tfds/bridge_dataset/{version}/"
 MIXTURES_DIR = Path(__file__).resolve().parent / "mixtures"
 
-# OpenVLA's dataset names (prismatic/vla/datasets/rlds/oxe/configs.py) -> default version. Versions are
-# those of the OXE bucket (gs://gresearch/robotics/<name>/<version>), as OXE's and OpenVLA's download
-# scripts use them; None marks datasets that have no public RLDS copy (LIBERO, T-DROID, DROID-wipe).
-KNOWN_DATASETS: dict[str, str | None] = {
-    "fractal20220817_data": "0.1.0",
-    "kuka": "0.1.0",
-    "bridge_oxe": "0.1.0",
-    "bridge_orig": "1.0.0",
-    "bridge_dataset": "1.0.0",
-    "taco_play": "0.1.0",
-    "jaco_play": "0.1.0",
-    "berkeley_cable_routing": "0.1.0",
-    "roboturk": "0.1.0",
-    "nyu_door_opening_surprising_effectiveness": "0.1.0",
-    "viola": "0.1.0",
-    "berkeley_autolab_ur5": "0.1.0",
-    "toto": "0.1.0",
-    "language_table": "0.1.0",
-    "columbia_cairlab_pusht_real": "0.1.0",
-    "stanford_kuka_multimodal_dataset_converted_externally_to_rlds": "0.1.0",
-    "nyu_rot_dataset_converted_externally_to_rlds": "0.1.0",
-    "stanford_hydra_dataset_converted_externally_to_rlds": "0.1.0",
-    "austin_buds_dataset_converted_externally_to_rlds": "0.1.0",
-    "nyu_franka_play_dataset_converted_externally_to_rlds": "0.1.0",
-    "maniskill_dataset_converted_externally_to_rlds": "0.1.0",
-    "furniture_bench_dataset_converted_externally_to_rlds": "0.1.0",
-    "cmu_franka_exploration_dataset_converted_externally_to_rlds": "0.1.0",
-    "ucsd_kitchen_dataset_converted_externally_to_rlds": "0.1.0",
-    "ucsd_pick_and_place_dataset_converted_externally_to_rlds": "0.1.0",
-    "austin_sailor_dataset_converted_externally_to_rlds": "0.1.0",
-    "austin_sirius_dataset_converted_externally_to_rlds": "0.1.0",
-    "bc_z": "0.1.0",
-    "utokyo_pr2_opening_fridge_converted_externally_to_rlds": "0.1.0",
-    "utokyo_pr2_tabletop_manipulation_converted_externally_to_rlds": "0.1.0",
-    "utokyo_xarm_pick_and_place_converted_externally_to_rlds": "0.1.0",
-    "utokyo_xarm_bimanual_converted_externally_to_rlds": "0.1.0",
-    "robo_net": "1.0.0",
-    "berkeley_mvp_converted_externally_to_rlds": "0.1.0",
-    "berkeley_rpt_converted_externally_to_rlds": "0.1.0",
-    "kaist_nonprehensile_converted_externally_to_rlds": "0.1.0",
-    "stanford_mask_vit_converted_externally_to_rlds": "0.1.0",
-    "tokyo_u_lsmo_converted_externally_to_rlds": "0.1.0",
-    "dlr_sara_pour_converted_externally_to_rlds": "0.1.0",
-    "dlr_sara_grid_clamp_converted_externally_to_rlds": "0.1.0",
-    "dlr_edan_shared_control_converted_externally_to_rlds": "0.1.0",
-    "asu_table_top_converted_externally_to_rlds": "0.1.0",
-    "stanford_robocook_converted_externally_to_rlds": "0.1.0",
-    "imperialcollege_sawyer_wrist_cam": "0.1.0",
-    "iamlab_cmu_pickup_insert_converted_externally_to_rlds": "0.1.0",
-    "uiuc_d3field": "0.1.0",
-    "utaustin_mutex": "0.1.0",
-    "berkeley_fanuc_manipulation": "0.1.0",
-    "cmu_playing_with_food": "0.1.0",
-    "cmu_play_fusion": "0.1.0",
-    "cmu_stretch": "0.1.0",
-    "berkeley_gnm_recon": "0.1.0",
-    "berkeley_gnm_cory_hall": "0.1.0",
-    "berkeley_gnm_sac_son": "0.1.0",
-    "droid": "1.0.0",
-    "fmb_dataset": "0.0.1",
-    "dobbe": "0.0.1",
-    "roboset": "0.1.0",
-    "rh20t": "0.1.0",
-    **{
-        name: None
-        for name in (
-            "tdroid_carrot_in_bowl", "tdroid_pour_corn_in_pot", "tdroid_flip_pot_upright",
-            "tdroid_move_object_onto_plate", "tdroid_knock_object_over", "tdroid_cover_object_with_towel",
-            "droid_wipe", "libero_spatial_no_noops", "libero_object_no_noops", "libero_goal_no_noops",
-            "libero_10_no_noops",
-        )
-    },
-}
-# OpenVLA names whose folder in the OXE bucket is named differently.
-BUCKET_NAMES = {"bridge_oxe": "bridge", "fmb_dataset": "fmb"}
-# Datasets that do not come from the OXE bucket by default ({version} is filled in).
-DEFAULT_SOURCES = {"bridge_orig": BRIDGE_RELEASE, "bridge_dataset": BRIDGE_RELEASE}
+# The dataset catalog (default versions, download sources, the evidence for each version) is the registry's
+# (data_tools/registry/oxe.yaml, each entry's `download:`); this is a read-only view of it. None marks
+# datasets with no public RLDS copy (LIBERO, T-DROID, DROID-wipe).
+_CATALOG = Registry.load().catalog()
+KNOWN_DATASETS: dict[str, str | None] = {name: info.version for name, info in sorted(_CATALOG.items())}
 
 
 class MixtureError(ValueError):
@@ -176,11 +105,7 @@ def closest_names(name: str, n: int = 3) -> list[str]:
 
 
 def _default_source(name: str, version: str, source_root: str | None) -> str:
-    if source_root:
-        return f"{source_root.rstrip('/')}/{name}/{version}"
-    if name in DEFAULT_SOURCES:
-        return DEFAULT_SOURCES[name].format(version=version)
-    return f"{OXE_BUCKET}/{BUCKET_NAMES.get(name, name)}/{version}"
+    return _CATALOG[name].url(version, source_root)
 
 
 def _entry(raw: Any, where: str, source_root: str | None) -> DatasetEntry:
@@ -212,9 +137,10 @@ def _entry(raw: Any, where: str, source_root: str | None) -> DatasetEntry:
         raise MixtureError(f"{where}: `fraction` must be a number in (0, 1], got {fraction!r}")
     if not 0.0 < float(fraction) <= 1.0:
         raise MixtureError(f"{where}: `fraction` must be in (0, 1], got {fraction}")
-    weight = raw.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-        raise MixtureError(f"{where}: `weight` must be a number >= 0, got {weight!r}")
+    try:
+        weight = parse_weight(raw.get("weight", 1.0), where)
+    except WeightError as e:
+        raise MixtureError(str(e)) from None
     for key in _BOOL_FIELDS & set(raw):
         if not isinstance(raw[key], bool):
             raise MixtureError(f"{where}: `{key}` must be true or false, got {raw[key]!r}")
@@ -233,8 +159,11 @@ def _entry(raw: Any, where: str, source_root: str | None) -> DatasetEntry:
     )
 
 
-def parse_mixture(data: Any, name: str = "mixture", path: Path | None = None) -> Mixture:
-    """Validate an already-parsed YAML document."""
+def parse_mixture(data: Any, name: str = "mixture", path: Path | None = None,
+                  source_root: str | None = None, lines: Mapping[Any, int] | None = None) -> Mixture:
+    """Validate an already-parsed YAML document. `source_root`, when given, replaces the file's
+    `source_root` and the shipped default sources (download --source-root: a local copy of the bucket);
+    `lines`: data_tools.weights.entry_lines of its text, for file:line errors."""
     where = str(path) if path else name
     if not isinstance(data, Mapping):
         raise MixtureError(f"{where}: expected a mapping with a `datasets` list at the top")
@@ -244,12 +173,13 @@ def parse_mixture(data: Any, name: str = "mixture", path: Path | None = None) ->
     raw_datasets = data.get("datasets")
     if not isinstance(raw_datasets, list) or not raw_datasets:
         raise MixtureError(f"{where}: `datasets` must be a non-empty list")
-    source_root = data.get("source_root")
+    if source_root is None:
+        source_root = data.get("source_root")
     if source_root is not None and not isinstance(source_root, str):
         raise MixtureError(f"{where}: `source_root` must be a URL or path string")
     entries: list[DatasetEntry] = []
     for i, raw in enumerate(raw_datasets):
-        entry = _entry(raw, f"{where}: datasets[{i}]", source_root)
+        entry = _entry(raw, f"{at_line(where, dict(lines or {}), i)}: datasets[{i}]", source_root)
         if any(e.name == entry.name for e in entries):
             raise MixtureError(f"{where}: datasets[{i}]: {entry.name!r} is listed twice")
         entries.append(entry)
@@ -277,13 +207,15 @@ def resolve_mixture_path(spec: str | Path) -> Path:
     raise MixtureError(f"mixture file {str(spec)!r} not found{hint}")
 
 
-def load_mixture(spec: str | Path) -> Mixture:
-    """Load and validate a mixture file (path or shipped name); raises MixtureError."""
+def load_mixture(spec: str | Path, source_root: str | None = None) -> Mixture:
+    """Load and validate a mixture file (path or shipped name); raises MixtureError.
+    `source_root` overrides where datasets without an explicit `source:` come from."""
     path = resolve_mixture_path(spec)
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise MixtureError(f"{path}: not valid YAML: {err}") from None
     except OSError as err:
         raise MixtureError(f"{path}: cannot read: {err}") from None
-    return parse_mixture(data, name=path.stem, path=path)
+    return parse_mixture(data, name=path.stem, path=path, source_root=source_root, lines=entry_lines(text))

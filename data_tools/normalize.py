@@ -7,11 +7,14 @@ standardization transform and before skip_unlabeled. OpenVLA trains with load_pr
 
 Normalization: openvla normalize_action_and_proprio with NormalizationType.BOUNDS_Q99, which runs in
 TensorFlow float32 with numpy float64 bounds: (q99 - q01 + 1e-8) is formed in float64 and cast once.
+Un-normalization: OpenVLA's predict_action inverse (float64, no epsilon). This module is the one owner of
+both: the converter normalizes with it, the policy/server/eval un-normalize with it (pure numpy, no torch).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -49,34 +52,84 @@ def compute_statistics(
     }
 
 
-def normalize_bounds_q99(actions: np.ndarray, stats: Mapping[str, Any]) -> np.ndarray:
-    """clip(2*(x-q01)/(q99-q01+1e-8)-1, -1, 1) where mask, then 0 where min == max (gripper included)."""
-    a = stats["action"]
+# OpenVLA's forward map divides by (q99 - q01 + 1e-8) (normalize_action_and_proprio, so a dimension with
+# q01 == q99 does not divide by zero); its inverse (modeling_prismatic.py predict_action) multiplies by
+# (q99 - q01) with no epsilon. Both are kept exactly: inverse(forward(x)) is x up to 1e-8 relative, far below
+# one action bin (2/256), and the policy's actions are OpenVLA's to the last bit.
+FORWARD_EPSILON = 1e-8
+
+
+@dataclass(frozen=True)
+class ActionStatistics:
+    """The part of one dataset's statistics that BOUNDS_Q99 (un)normalization reads, typed.
+
+    Built from OpenVLA's per-dataset entry ({"action": {...}, ...}) or from its "action" entry itself.
+    A missing mask means every dimension is normalized; min/max (absent in some published files) mark
+    the unused dimensions (min == max), which the forward map sets to 0.
+    """
+
+    q01: np.ndarray
+    q99: np.ndarray
+    mask: np.ndarray
+    min: np.ndarray | None = None
+    max: np.ndarray | None = None
+
+    @classmethod
+    def from_mapping(cls, stats: "Mapping[str, Any] | ActionStatistics") -> "ActionStatistics":
+        if isinstance(stats, ActionStatistics):
+            return stats
+        a = stats["action"] if "action" in stats else stats
+        q01, q99 = np.asarray(a["q01"], np.float64), np.asarray(a["q99"], np.float64)
+        mask = np.asarray(a["mask"], bool) if a.get("mask") is not None else np.ones(q01.shape, bool)
+        if q99.shape != q01.shape or mask.shape != q01.shape:
+            raise ValueError(f"statistics disagree in size: q01 {q01.shape}, q99 {q99.shape}, mask {mask.shape}")
+        lo, hi = (np.asarray(a[k], np.float64) if a.get(k) is not None else None for k in ("min", "max"))
+        return cls(q01, q99, mask, lo, hi)
+
+    @property
+    def unused(self) -> np.ndarray:
+        """Dimensions that never vary (min == max): OpenVLA maps them to 0."""
+        if self.min is None or self.max is None:
+            return np.zeros(self.q01.shape, bool)
+        return self.min == self.max
+
+    def check(self, values: np.ndarray) -> None:
+        if values.shape[-1:] != self.q01.shape:
+            raise ValueError(f"actions of dimension {values.shape[-1:]} do not match the statistics "
+                             f"(q01 {self.q01.shape}, q99 {self.q99.shape}, mask {self.mask.shape})")
+
+
+StatsLike = "Mapping[str, Any] | ActionStatistics"
+
+
+def normalize_bounds_q99(actions: np.ndarray, stats: StatsLike) -> np.ndarray:
+    """OpenVLA's forward map, float32 as its TensorFlow pipeline computes it (float64 bounds cast once):
+    clip(2*(x-q01)/(q99-q01+1e-8)-1, -1, 1) where mask, x elsewhere; then 0 where min == max (gripper included)."""
+    s = ActionStatistics.from_mapping(stats)
     x = np.asarray(actions, dtype=F32)
-    low64, high64 = np.asarray(a["q01"], np.float64), np.asarray(a["q99"], np.float64)
-    low32 = low64.astype(F32)
-    denom = (high64 - low64 + 1e-8).astype(F32)
+    s.check(x)
+    low32 = s.q01.astype(F32)
+    denom = (s.q99 - s.q01 + FORWARD_EPSILON).astype(F32)
     scaled = np.clip(F32(2) * (x - low32) / denom - F32(1), F32(-1), F32(1)).astype(F32)
-    mask = np.asarray(a.get("mask", [True] * x.shape[-1]), dtype=bool)
-    out = np.where(mask, scaled, x)
-    zeros = np.asarray(a["min"], np.float64) == np.asarray(a["max"], np.float64)
-    return np.where(zeros, F32(0), out).astype(F32)
+    out = np.where(s.mask, scaled, x)
+    return np.where(s.unused, F32(0), out).astype(F32)
 
 
-def unnormalize_bounds_q99(normalized: np.ndarray, stats: Mapping[str, Any]) -> np.ndarray:
-    """Inverse of normalize_bounds_q99 where it is invertible (inside [q01, q99], masked dims)."""
-    a = stats["action"]
+def unnormalize_bounds_q99(normalized: np.ndarray, stats: StatsLike) -> np.ndarray:
+    """OpenVLA's inverse (predict_action), float64: 0.5*(y+1)*(q99-q01)+q01 where mask, y elsewhere.
+    Inverts normalize_bounds_q99 inside [q01, q99] up to the forward epsilon (see FORWARD_EPSILON)."""
+    s = ActionStatistics.from_mapping(stats)
     y = np.asarray(normalized, dtype=np.float64)
-    low, high = np.asarray(a["q01"], np.float64), np.asarray(a["q99"], np.float64)
-    mask = np.asarray(a.get("mask", [True] * y.shape[-1]), dtype=bool)
-    return np.where(mask, 0.5 * (y + 1) * (high - low + 1e-8) + low, y)
+    s.check(y)
+    return np.where(s.mask, 0.5 * (y + 1.0) * (s.q99 - s.q01) + s.q01, y)
 
 
 def zero_action_keep_mask(normalized: np.ndarray, q01: Sequence[float], q99: Sequence[float]) -> np.ndarray:
     """OpenVLA's DROID zero_action_filter on normalized actions: keep frames whose first six dims differ
     from the normalized zero action by more than 1e-5."""
     lo, hi = np.asarray(q01, F32), np.asarray(q99, F32)
-    norm_zero = F32(2) * (np.zeros_like(lo) - lo) / (hi - lo + F32(1e-8)) - F32(1)
+    # OpenVLA's filter holds DROID's bounds as float32 constants, so its epsilon is added in float32 here
+    norm_zero = F32(2) * (np.zeros_like(lo) - lo) / (hi - lo + F32(FORWARD_EPSILON)) - F32(1)
     return np.any(np.abs(np.asarray(normalized, F32)[:, :6] - norm_zero) > F32(1e-5), axis=1)
 
 

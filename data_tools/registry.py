@@ -38,6 +38,10 @@ To register a custom RLDS dataset, write a YAML file and pass it with --registry
 See data_tools/registry/oxe.yaml for every op (drop_first, relabel_from_state, rel2abs, binarize, ...)."""
 
 
+OXE_BUCKET = "gs://gresearch/robotics"
+VERSION_SOURCES = {"schema", "oxe_colab", "unverified", "none", "hf_repo"}
+
+
 class RegistryError(ValueError):
     """A registry file is malformed or names an unknown op."""
 
@@ -162,6 +166,38 @@ def _parse_episode_op(raw: Any, where: str) -> EpisodeOp:
     return EpisodeOp(name, params)
 
 
+@dataclass(frozen=True)
+class DownloadInfo:
+    """Where a dataset is downloaded from: the catalog part of a registry entry (its `download:` field)."""
+
+    name: str
+    version: str | None  # None: no public RLDS copy
+    source: str  # URL template of the version folder, with {version}
+    version_source: str  # the evidence for `version` (see oxe.yaml's header)
+    convertible: bool = True  # False: in `download_only:` (no standardization registered)
+
+    def url(self, version: str | None = None, source_root: str | None = None) -> str:
+        version = version or self.version
+        if source_root:
+            return f"{source_root.rstrip('/')}/{self.name}/{version}"
+        return self.source.format(version=version)
+
+
+def _parse_download(name: str, raw: Any, tfds_name: str, convertible: bool) -> DownloadInfo:
+    where = f"registry[{name}].download"
+    if not isinstance(raw, Mapping):
+        raise RegistryError(f"{where}: expected {{version, version_source[, source]}}, got {raw!r}")
+    unknown = set(raw) - {"version", "version_source", "source"}
+    if unknown:
+        raise RegistryError(f"{where}: unknown fields {sorted(unknown)}")
+    src = raw.get("version_source")
+    if src not in VERSION_SOURCES:
+        raise RegistryError(f"{where}: version_source must be one of {sorted(VERSION_SOURCES)}, got {src!r}")
+    version = raw.get("version")
+    return DownloadInfo(name, None if version is None else str(version),
+                        str(raw.get("source") or f"{OXE_BUCKET}/{tfds_name}/{{version}}"), src, convertible)
+
+
 def parse_entry(name: str, raw: Mapping[str, Any]) -> DatasetSpec:
     where = f"registry[{name}]"
     if not isinstance(raw, Mapping):
@@ -204,15 +240,18 @@ def parse_entry(name: str, raw: Mapping[str, Any]) -> DatasetSpec:
 class Registry:
     """Name -> DatasetSpec; later files override earlier ones entry by entry."""
 
-    def __init__(self, specs: Mapping[str, DatasetSpec], raw: Mapping[str, Mapping[str, Any]], sources: Sequence[str]):
+    def __init__(self, specs: Mapping[str, DatasetSpec], raw: Mapping[str, Mapping[str, Any]], sources: Sequence[str],
+                 downloads: Mapping[str, DownloadInfo] | None = None):
         self._specs = dict(specs)
         self._raw = dict(raw)
         self.sources = list(sources)
+        self._downloads = dict(downloads or {})
 
     @classmethod
     def load(cls, extra: Iterable[str | Path] = ()) -> "Registry":
         specs: dict[str, DatasetSpec] = {}
         raw_all: dict[str, Mapping[str, Any]] = {}
+        downloads: dict[str, DownloadInfo] = {}
         sources = []
         for path in [BUNDLED_REGISTRY, *[Path(p) for p in extra]]:
             try:
@@ -225,10 +264,19 @@ class Registry:
             if not isinstance(entries, Mapping):
                 raise RegistryError(f"registry file {path}: expected a top-level 'datasets:' mapping")
             for name, raw in entries.items():
-                specs[str(name)] = parse_entry(str(name), raw)
-                raw_all[str(name)] = raw
+                spec = specs[str(name)] = parse_entry(str(name), raw)
+                # the download catalog is not part of how a dataset converts (nor of its conversion fingerprint)
+                raw_all[str(name)] = {k: v for k, v in raw.items() if k != "download"}
+                if "download" in raw:
+                    downloads[str(name)] = _parse_download(str(name), raw["download"], spec.tfds_name, True)
+            for name, raw in ((doc or {}).get("download_only") or {}).items():
+                downloads[str(name)] = _parse_download(str(name), raw, str(name), False)
             sources.append(str(path))
-        return cls(specs, raw_all, sources)
+        return cls(specs, raw_all, sources, downloads)
+
+    def catalog(self) -> dict[str, DownloadInfo]:
+        """Every dataset `data_tools.download` knows: name -> where and which version to fetch."""
+        return dict(self._downloads)
 
     def names(self) -> list[str]:
         return sorted(self._specs)

@@ -14,6 +14,9 @@ from typing import Sequence
 
 import numpy as np
 
+from data_tools.cli import add_common_flags, add_input, add_output, resolve_input, setup_logging
+from data_tools.converted_format import SPLITS, TRAIN_FILE, converted_dataset_dirs, sample_action, split_file
+
 DIMS = ["x", "y", "z", "roll", "pitch", "yaw", "grip"]
 
 
@@ -23,7 +26,7 @@ def load_actions(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
         with open(path) as f:
             for line in f:
                 s = json.loads(line)
-                norm.append(s["conversations"][1]["value"])
+                norm.append(sample_action(s))
                 raw.append(s["action_raw"])
                 episodes.add(s["episode"])
     return np.asarray(norm, np.float32).reshape(-1, 7), np.asarray(raw, np.float32).reshape(-1, 7), len(episodes)
@@ -31,10 +34,9 @@ def load_actions(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
 
 def table(out: Path) -> list[dict]:
     rows = []
-    for manifest in sorted(out.glob("*/manifest.json")):
-        ds = manifest.parent
-        for split in ("train", "val"):
-            norm, _, episodes = load_actions(ds / f"{split}.jsonl")
+    for ds in converted_dataset_dirs(out):
+        for split in SPLITS:
+            norm, _, episodes = load_actions(ds / split_file(split))
             rows.append({
                 "dataset": ds.name, "split": split, "samples": len(norm), "episodes": episodes,
                 "mean": norm.mean(0).round(3).tolist() if len(norm) else [],
@@ -61,9 +63,8 @@ def plot(out: Path, plot_dir: Path) -> list[Path]:
 
     plot_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for manifest in sorted(out.glob("*/manifest.json")):
-        ds = manifest.parent
-        norm, raw, _ = load_actions(ds / "train.jsonl")
+    for ds in converted_dataset_dirs(out):
+        norm, raw, _ = load_actions(ds / TRAIN_FILE)
         fig, axes = plt.subplots(2, 7, figsize=(21, 5.5))
         for row, (values, label) in enumerate(((norm, "normalized"), (raw, "raw"))):
             for d in range(7):
@@ -80,21 +81,30 @@ def plot(out: Path, plot_dir: Path) -> list[Path]:
     return written
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_tools.stats", description=__doc__.split("\n\n")[1],
+                                epilog="Exit codes: 0 printed, 2 not a converted directory.")
+    add_input(p, "output directory of data_tools.convert (positional or --data-dir)")
+    add_output(p, "--plot", required=False, metavar="DIR", help="write PNG histograms and table.md here")
+    add_common_flags(p)
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_tools.stats", description=__doc__.split("\n\n")[1])
-    p.add_argument("out", type=Path, help="output directory of data_tools.convert")
-    p.add_argument("--plot", type=Path, default=None, metavar="DIR", help="write PNG histograms and table.md here")
+    p = build_parser()
     args = p.parse_args(argv)
-    if not any(args.out.glob("*/manifest.json")):
-        print(f"error: {args.out} holds no converted dataset", file=sys.stderr)
+    converted = resolve_input(p, args)
+    setup_logging(args)
+    if not converted_dataset_dirs(converted):
+        print(f"error: {converted} holds no converted dataset", file=sys.stderr)
         return 2
-    text = format_table(table(args.out))
+    text = format_table(table(converted))
     print(text)
-    if args.plot:
-        for path in plot(args.out, args.plot):
+    if args.out:
+        for path in plot(converted, args.out):
             print(f"wrote {path}")
-        (args.plot / "table.md").write_text(text)
-        print(f"wrote {args.plot / 'table.md'}")
+        (args.out / "table.md").write_text(text)
+        print(f"wrote {args.out / 'table.md'}")
     return 0
 
 

@@ -18,6 +18,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from data_tools.cli import add_common_flags, add_input, resolve_input, setup_logging
+from data_tools.converted_format import (
+    MANIFEST_FILE,
+    MIXTURE_FILE,
+    SPLITS,
+    STATISTICS_FILE,
+    converted_dataset_dirs,
+    human_turn,
+    image_path,
+    sample_id,
+    split_file,
+)
 from data_tools.normalize import normalize_bounds_q99
 
 MAX_LISTED = 20
@@ -63,23 +75,23 @@ def _finite_list(value: Any, n: int = 7) -> bool:
 
 def validate_dataset(out: Path, ds_dir: Path, combined: dict[str, Any] | None, rep: Report, decode: bool) -> dict[str, int]:
     name = ds_dir.name
-    manifest = json.loads((ds_dir / "manifest.json").read_text())
-    stats_file = ds_dir / "dataset_statistics.json"
+    manifest = json.loads((ds_dir / MANIFEST_FILE).read_text())
+    stats_file = ds_dir / STATISTICS_FILE
     stats = None
     if not stats_file.is_file():
-        rep.add("statistics", f"{name}: no dataset_statistics.json")
+        rep.add("statistics", f"{name}: no {STATISTICS_FILE}")
     else:
         stats = json.loads(stats_file.read_text()).get(name)
         if stats is None:
-            rep.add("statistics", f"{name}: dataset_statistics.json has no entry {name!r}")
+            rep.add("statistics", f"{name}: {STATISTICS_FILE} has no entry {name!r}")
     if combined is not None and name not in combined:
-        rep.add("statistics", f"{name}: missing from the top-level dataset_statistics.json")
+        rep.add("statistics", f"{name}: missing from the top-level {STATISTICS_FILE}")
     seen: set[str] = set()
     lines_per_split: dict[str, int] = {}
-    for split in ("train", "val"):
-        path = ds_dir / f"{split}.jsonl"
+    for split in SPLITS:
+        path = ds_dir / split_file(split)
         if not path.is_file():
-            rep.add("files", f"{name}: no {split}.jsonl")
+            rep.add("files", f"{name}: no {split_file(split)}")
             continue
         n = 0
         with open(path) as f:
@@ -118,10 +130,10 @@ def _check_sample(
         rep.add("provenance", f"{where}: episode/step must be non-negative integers")
     else:
         if s["dataset"] != name or s["split"] != split:
-            rep.add("provenance", f"{where}: dataset/split {s['dataset']}/{s['split']} in {name}/{split}.jsonl")
-        if sid != f"{name}/{split}/{ep:06d}/{step:04d}":
+            rep.add("provenance", f"{where}: dataset/split {s['dataset']}/{s['split']} in {name}/{split_file(split)}")
+        if sid != sample_id(name, split, ep, step):
             rep.add("provenance", f"{where}: id {sid} does not match dataset/split/episode/step")
-        if s["image"] != f"{name}/images/{split}/{ep:06d}/{step:04d}.jpg":
+        if s["image"] != image_path(name, split, ep, step):
             rep.add("provenance", f"{where}: image path {s['image']} does not match the provenance")
     conv = s["conversations"]
     if not (isinstance(conv, list) and len(conv) == 2 and conv[0].get("from") == "human" and conv[1].get("from") == "gpt"):
@@ -130,6 +142,8 @@ def _check_sample(
     human = conv[0].get("value", "")
     if not isinstance(human, str) or human.count("<image>") != 1 or not human.startswith("<image>\n"):
         rep.add("image_token", f"{where}: the human turn must start with '<image>\\n' and hold exactly one <image>")
+    elif isinstance(s.get("instruction"), str) and human != human_turn(s["instruction"]):
+        rep.add("format", f"{where}: the human turn is not the prompt of the sample's `instruction`")
     action = conv[1].get("value")
     if not _finite_list(action):
         rep.add("action", f"{where}: gpt value must be 7 finite numbers")
@@ -149,34 +163,42 @@ def _check_sample(
 def validate(out: Path, decode: bool = True) -> tuple[Report, dict[str, dict[str, int]]]:
     rep = Report()
     combined = None
-    top = out / "dataset_statistics.json"
+    top = out / STATISTICS_FILE
     if top.is_file():
         combined = json.loads(top.read_text())
     else:
-        rep.add("files", "no top-level dataset_statistics.json")
-    if not (out / "mixture.yaml").is_file():
-        rep.add("files", "no top-level mixture.yaml")
-    datasets = sorted(p.parent for p in out.glob("*/manifest.json"))
+        rep.add("files", f"no top-level {STATISTICS_FILE}")
+    if not (out / MIXTURE_FILE).is_file():
+        rep.add("files", f"no top-level {MIXTURE_FILE}")
+    datasets = converted_dataset_dirs(out)
     summary = {}
     for ds in datasets:
         summary[ds.name] = validate_dataset(out, ds, combined, rep, decode)
     if combined is not None:
         for name in combined:
-            if not (out / name / "manifest.json").is_file():
+            if not (out / name / MANIFEST_FILE).is_file():
                 rep.add("files", f"statistics for {name} but no converted dataset directory")
     return rep, summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_tools.validate", description=__doc__.split("\n\n")[1],
                                 epilog="Exit codes: 0 valid, 1 problems found, 2 not a converted directory.")
-    p.add_argument("out", type=Path, help="output directory of data_tools.convert")
+    add_input(p, "output directory of data_tools.convert (positional or --data-dir)")
     p.add_argument("--no-decode", action="store_true", help="only check that images exist (faster)")
+    add_common_flags(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
-    if not args.out.is_dir() or not any(args.out.glob("*/manifest.json")):
-        print(f"error: {args.out} holds no converted dataset (*/manifest.json)", file=sys.stderr)
+    converted = resolve_input(p, args)
+    setup_logging(args)
+    if not converted.is_dir() or not converted_dataset_dirs(converted):
+        print(f"error: {converted} holds no converted dataset (*/{MANIFEST_FILE})", file=sys.stderr)
         return 2
-    rep, summary = validate(args.out, decode=not args.no_decode)
+    rep, summary = validate(converted, decode=not args.no_decode)
     for name, splits in summary.items():
         print(f"{name}: " + ", ".join(f"{s} {n} samples" for s, n in splits.items()))
     if rep.ok:

@@ -1,4 +1,4 @@
-"""Continuous robot actions <-> dedicated action tokens (DESIGN.md 2.3).
+"""Continuous robot actions <-> dedicated action tokens (docs/DESIGN.md 2.3).
 
 256 new tokens `<ACTION_0>`..`<ACTION_255>` are added to the Qwen2 tokenizer (they fit in the spare
 embedding rows). Values in [-1, 1] fall into 256 equal intervals; +1 goes to the last; decoding
@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.converted_format import PROMPT_TEMPLATE as DEFAULT_INSTRUCTION_PROMPT
+from data_tools.atomic import write_text
+
 CONFIG_NAME = "vla_action_tokenizer.json"
-DEFAULT_INSTRUCTION_PROMPT = "What action should the robot take to {instruction}?"
 
 
 @dataclass
@@ -113,9 +115,7 @@ class ActionTokenizer:
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / CONFIG_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        tmp.replace(path)
+        write_text(path, json.dumps(self.to_dict(), indent=2))
         return path
 
     @classmethod

@@ -25,12 +25,22 @@ class DataArguments(upstream_train.DataArguments):
     vla_eval_steps: int = field(default=0, metadata={"help": "evaluate --vla_val_data every N steps (0: only at the end)"})
     vla_blind: bool = field(default=False, metadata={"help": "ablation: drop the <image> token from VLA prompts, so the model "
                                                                "trains without seeing its images (a blind baseline)"})
+    vla_action_repr: str = field(default="bins", metadata={"help": "action representation (llava_vla_plugin/action_repr.py): "
+                                                                    "bins (one step of 256-bin tokens), bins_chunk (H x D tokens), "
+                                                                    "parallel_l1 (H x D placeholders, L1-regression head, one forward)"})
+    vla_horizon: int = field(default=1, metadata={"help": "chunk length H (future actions per prediction; bins needs 1)"})
+    vla_window_mode: str = field(default="oft", metadata={"help": "how H-step windows are cut (data_tools/action_windows.py): "
+                                                                   "oft (drop each episode's last H-1 frames) or openvla "
+                                                                   "(goal = last step; relative dims 0, gripper repeated past it)"})
 
 
 @dataclass
 class TrainingArguments(upstream_train.TrainingArguments):
     # flash_attention_2 (upstream's default) raises where flash-attn is not installed.
     attn_implementation: str = field(default_factory=default_attn_implementation)
+    vla_lora_merge: bool = field(default=True, metadata={"help": "with --lora_enable True: after training also write "
+                                                                  "OUTPUT_DIR/merged, a full checkpoint with the adapter merged in "
+                                                                  "(as large as a full fine-tune; plain upstream loads it)"})
     vla_resume: str = field(default="auto", metadata={"help": "auto: continue from the newest checkpoint-* in output_dir "
                                                                 "(refused if the run configuration changed); never: refuse "
                                                                 "an output_dir that holds checkpoints; or a checkpoint path"})

@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from data_tools.converted_format import STATISTICS_FILE
+from data_tools.weights import at_line, entry_lines, parse_weight
+
 log = logging.getLogger(__name__)
 
 
@@ -107,6 +110,13 @@ class SampleStore(Sequence):
     def __setitem__(self, i: int, sample: dict) -> None:
         self._overrides[int(i)] = sample
 
+    def select(self, keep: np.ndarray) -> "SampleStore":
+        """The samples where `keep` is true (same buffer; for frames a training rule drops, e.g. the oft windows)."""
+        if self._overrides:
+            raise RuntimeError("select() before any sample was replaced")
+        return SampleStore(self._buf, self._off, self._line_source, self._sources, self._index[np.asarray(keep, bool)],
+                           self._text_len, self._has_media)
+
     def text_lengths(self) -> np.ndarray:
         return self._text_len[self._index]
 
@@ -119,22 +129,39 @@ def parse_sources(data_path: str) -> list[DataSource]:
     p = Path(data_path)
     if p.suffix not in (".yaml", ".yml"):
         return [DataSource(p)]
-    spec = yaml.safe_load(p.read_text()) or {}
-    entries = spec.get("datasets")
-    if not entries:
+    text = p.read_text()
+    try:
+        spec = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p}: not valid YAML: {e}") from None
+    entries = spec.get("datasets") if isinstance(spec, dict) else None
+    if not entries or not isinstance(entries, list):
         raise ValueError(f"{p}: a mixture YAML needs a non-empty `datasets:` list of {{json_path, weight}} entries")
+    lines = entry_lines(text)
     sources = []
     for i, e in enumerate(entries):
-        if "json_path" not in e:
-            raise ValueError(f"{p}: datasets[{i}] has no json_path")
+        where = f"{at_line(p, lines, i)}: datasets[{i}]"
+        if not isinstance(e, dict) or "json_path" not in e:
+            raise ValueError(f"{where} has no json_path")
         jp = Path(e["json_path"])
         if not jp.is_absolute():
             jp = (p.parent / jp)
-        weight = float(e.get("weight", 1.0))
-        if not (weight >= 0 and math.isfinite(weight)):
-            raise ValueError(f"{p}: datasets[{i}] ({jp}) has weight {weight}; weights must be finite and >= 0")
-        sources.append(DataSource(jp, str(e.get("sampling_strategy", "all")), weight))
+        weight = parse_weight(e.get("weight", 1.0), f"{where} ({jp})")
+        strategy = str(e.get("sampling_strategy", "all"))
+        check_sampling_strategy(strategy, f"{where} ({jp})")
+        sources.append(DataSource(jp, strategy, weight))
     return sources
+
+
+def check_sampling_strategy(strategy: str, where: str) -> None:
+    """Reject a malformed sampling_strategy when the mixture is read, naming the file and entry."""
+    if strategy == "all":
+        return
+    kind, _, number = strategy.partition(":")
+    digits = number[:-1] if number.endswith("%") else number
+    if kind not in ("first", "end", "random") or not digits.isdigit():
+        raise ValueError(f"{where}: unknown sampling_strategy {strategy!r} (all, first:N, end:N, random:N; "
+                         "N may be a percentage such as 10%)")
 
 
 def apply_sampling_strategy(samples: list, strategy: str, source: Path) -> list:
@@ -201,7 +228,7 @@ def find_statistics(sources: list[DataSource]) -> dict:
     stats: dict = {}
     for src in sources:
         for folder in (src.path.parent, src.path.parent.parent):
-            f = folder / "dataset_statistics.json"
+            f = folder / STATISTICS_FILE
             if f.exists():
                 stats.update(json.loads(f.read_text()))
                 break

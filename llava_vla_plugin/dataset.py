@@ -10,6 +10,7 @@ and logged skip.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import os
@@ -19,20 +20,54 @@ import numpy as np
 import torch
 from llava.train.train import LazySupervisedDataset
 
+from data_tools.converted_format import SampleFormatError, is_action_sample, sample_action, sample_instruction
+from llava_vla_plugin.action_repr import PROMPT_FRAMING_TOKENS, ActionReprConfig, make_representation
+from llava_vla_plugin.action_tokenizer import ActionTokenizer
+from llava_vla_plugin.chunk_data import WindowSource
 from llava_vla_plugin.data_files import find_statistics, load_data
+from llava_vla_plugin.register import PROMPT_TEXT_TOKENS_MIN, check_max_length
 from llava_vla_plugin.prompt import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX, VLAPromptBuilder
-from llava_vla_plugin import state
+from llava_vla_plugin.visual_tokens import VisualGeometry, sample_budget
 
 log = logging.getLogger(__name__)
+
+# --vla_skip_bad_samples stops after this many bad samples in a row: that is not a few damaged samples
+# but wrong input (a wrong --image_folder, a model_max_length too short for every frame), and skipping
+# on would train on nothing or on a biased remainder.
+MAX_CONSECUTIVE_BAD = 50
 
 
 class BadSampleError(ValueError):
     pass
 
 
-def is_vla_sample(sample: dict) -> bool:
-    conv = sample.get("conversations") or []
-    return len(conv) >= 2 and isinstance(conv[1].get("value"), list)
+def visual_geometry(tokenizer, data_args) -> VisualGeometry | None:
+    """The model's visual-token geometry: set on the tokenizer by register.py's initialize_vision_tokenizer
+    hook (it runs before the dataset is built and sees the model), or from data_args when a caller gives
+    `mm_patch_merge_type` there; None (no budget check) when neither knows the model."""
+    geometry = getattr(tokenizer, "vla_visual_geometry", None)
+    if geometry is not None:
+        return geometry
+    merge = getattr(data_args, "mm_patch_merge_type", None)
+    if merge is None:
+        return None
+    processor = getattr(data_args, "image_processor", None)
+    size = getattr(processor, "size", None) or {}
+    side = size.get("height") or size.get("shortest_edge") if isinstance(size, dict) else None
+    return VisualGeometry.from_config(
+        {"image_aspect_ratio": getattr(data_args, "image_aspect_ratio", "pad"), "mm_patch_merge_type": merge,
+         "image_grid_pinpoints": getattr(data_args, "image_grid_pinpoints", None)}, image_size=side)
+
+
+def _action_string(value: Any) -> bool:
+    """An assistant turn holding a robot action as text ("[0.1, ...]"): it would be trained as text."""
+    if not isinstance(value, str) or not value.lstrip().startswith("["):
+        return False
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return False
+    return isinstance(parsed, list) and bool(parsed) and all(isinstance(a, (int, float)) for a in parsed)
 
 
 def _sample_name(sample: dict, i: int) -> str:
@@ -71,19 +106,82 @@ class VLADataset(LazySupervisedDataset):
         self.dataset_statistics = find_statistics(sources)
         self.skip_bad_samples = bool(getattr(data_args, "vla_skip_bad_samples", False))
         self.skipped = 0
+        self.model_max_length = int(getattr(tokenizer, "model_max_length", 0) or 0)
+        self.geometry = visual_geometry(tokenizer, data_args)
         self.blind = bool(getattr(data_args, "vla_blind", False))
         if self.blind:
             log.warning("VLADataset: --vla_blind: the <image> token is dropped; the model will NOT see its images")
-        self.action_tokenizer = state.get_action_tokenizer()
-        if self.action_tokenizer.first_token_id is None:
-            self.action_tokenizer.add_to_tokenizer(tokenizer)
+        # The tokens were added to the model's tokenizer by register.add_action_tokens; binding is idempotent.
+        self.action_tokenizer = ActionTokenizer()
+        # The action representation (action_repr.py) makes the targets; binding its tokens is idempotent.
+        self.action_repr = make_representation(ActionReprConfig.from_args(data_args), self.action_tokenizer)
+        self.action_repr.bind(tokenizer)
+        if self.action_repr.answer_tokens + PROMPT_FRAMING_TOKENS > PROMPT_TEXT_TOKENS_MIN:  # longer answers than `bins`
+            check_max_length(tokenizer, PROMPT_FRAMING_TOKENS + self.action_repr.answer_tokens)
         self.prompt_builder = VLAPromptBuilder(tokenizer, self.action_tokenizer)
+        self.windows = None
+        if self.action_repr.horizon > 1:  # future-action windows from the per-episode sequences (chunk_data.py)
+            self.windows = WindowSource(self.action_repr.horizon, self.action_repr.config.window_mode)
+            keep = self.windows.keep_mask(self.list_data_dict)
+            if not keep.all():
+                log.warning("VLADataset: window mode %r, H=%d: %d of %d frames have no full window (the last H-1 of "
+                            "each episode) and are not training samples", self.windows.mode, self.windows.horizon,
+                            int((~keep).sum()), len(keep))
+                self.list_data_dict = self.list_data_dict.select(keep)
         log.warning("VLADataset: %d samples from %s; statistics for %s",
                     len(self.list_data_dict), data_path, sorted(self.dataset_statistics) or "no dataset")
-        if not is_eval:  # a checkpoint carries the training data's statistics
-            state.set_dataset_statistics(self.dataset_statistics)
         if not self.list_data_dict:
             raise ValueError(f"no samples in {data_path}" + (" (the held-out data is empty: pass another VAL_DATA)" if is_eval else ""))
+        self._check_budgets_before_training(sources)
+
+    def _check_budgets_before_training(self, sources) -> None:
+        """Before any step: the first robot-action sample of each data file must fit model_max_length.
+
+        Converted datasets have one frame size per dataset, so this finds a budget that cannot fit (e.g.
+        anyres_max_9 at 480x640 with a short max length: every sample) before training rather than after
+        hours of `loss 0.0`; every sample is checked again when it is loaded (_check_budget)."""
+        if self.geometry is None or not self.model_max_length:
+            return
+        store, seen, first = self.list_data_dict, set(), []
+        for i in range(len(store)):
+            source = store[i].get("_source")
+            if source not in seen:
+                seen.add(source)
+                first.append(i)
+            if len(seen) == len(sources):
+                break
+        for i in first:
+            sample = store[i]
+            if not is_action_sample(sample) or "image" not in sample:
+                continue
+            path = os.path.join(self.data_args.image_folder or "", sample["image"])
+            try:
+                from PIL import Image
+
+                with Image.open(path) as im:  # reads the header only
+                    size = im.size
+                input_ids, _, _ = self._vla_ids(sample)
+            except Exception:  # noqa: BLE001 - a broken sample is reported (or skipped) when it is loaded
+                continue
+            try:
+                self._check_budget(len(input_ids), [size])
+            except BadSampleError as e:
+                msg = f"{_sample_name(sample, i)}: {e}"
+                if not self.skip_bad_samples:
+                    raise BadSampleError(msg + "\n  (checked before training on the first sample of each data file)") from None
+                log.warning("before training: %s; such samples will be skipped and counted", msg)
+
+    def _check_budget(self, n_input_ids: int, image_sizes) -> None:
+        """Raise if the sample's text + visual tokens exceed model_max_length (upstream would truncate its labels)."""
+        if self.geometry is None or not self.model_max_length:
+            return
+        budget = sample_budget(n_input_ids, image_sizes, self.geometry)
+        if budget.total > self.model_max_length:
+            raise BadSampleError(
+                f"needs {budget.describe(self.geometry)} but --model_max_length is {self.model_max_length}: "
+                f"upstream would truncate the action labels away and train on nothing. Raise --model_max_length "
+                f"to at least {budget.total}, or use smaller frames or image_aspect_ratio pad "
+                f"({VisualGeometry('pad').tokens(1, 1)} visual tokens per frame)")
 
     # ---- lengths for length-grouped sampling (precomputed at load: no pass over the samples) -----
     @property
@@ -100,61 +198,73 @@ class VLADataset(LazySupervisedDataset):
 
     # ---- items ---------------------------------------------------------------------------------
     def __getitem__(self, i) -> dict[str, Any]:
-        try:
-            return self._get_checked(i)
-        except Exception as e:  # noqa: BLE001 - every failure is reported with the sample's name
-            sample = self.list_data_dict[i]
-            msg = f"{_sample_name(sample, i)}: {type(e).__name__}: {e}"
-            if not self.skip_bad_samples:
-                raise BadSampleError(msg + "\n  (fix or remove the sample, or pass --vla_skip_bad_samples True to count and skip such samples)") from e
-            self.skipped += 1
-            log.warning("skipping bad sample #%d: %s", self.skipped, msg)
-            # The substitute is the next sample, deterministically; the skip is counted and logged.
-            return self[(i + 1) % len(self)]
+        n = len(self)
+        limit = min(n, MAX_CONSECUTIVE_BAD)
+        for attempt in range(limit):
+            # With --vla_skip_bad_samples the substitute is the next sample, deterministically (a loop, not
+            # recursion: a long run of bad samples must end in the error below, not in RecursionError).
+            j = (int(i) + attempt) % n
+            try:
+                return self._get_checked(j)
+            except Exception as e:  # noqa: BLE001 - every failure is reported with the sample's name
+                msg = f"{_sample_name(self.list_data_dict[j], j)}: {type(e).__name__}: {e}"
+                if not self.skip_bad_samples:
+                    raise BadSampleError(msg + "\n  (fix or remove the sample, or pass --vla_skip_bad_samples True to count and skip such samples)") from e
+                self.skipped += 1
+                log.warning("skipping bad sample #%d: %s", self.skipped, msg)
+        raise BadSampleError(
+            f"{limit} samples in a row (indices {int(i) % n}..{(int(i) + limit - 1) % n}) are bad; the last: {msg}\n"
+            "  --vla_skip_bad_samples skips a few damaged samples, not wrong input: check --image_folder, "
+            "--data_path and --model_max_length")
 
     def _get_checked(self, i: int) -> dict[str, Any]:
         sample = self.list_data_dict[i]
-        if not is_vla_sample(sample):
+        conv = sample.get("conversations") or []
+        if len(conv) >= 2 and _action_string(conv[1].get("value")):
+            raise BadSampleError("the action is a string, not a JSON list of numbers: it would be trained as text "
+                                 "(write the assistant turn as a list, as data_tools.convert does)")
+        if not is_action_sample(sample):
             fixed = ensure_image_token(sample)
             if fixed is not sample:
                 self.list_data_dict[i] = fixed
             return self._get_item(i)
         return self._get_vla_item(i, sample)
 
-    def _get_vla_item(self, i: int, sample: dict) -> dict[str, Any]:
-        conv = sample["conversations"]
-        human = conv[0].get("value", "")
-        action = conv[1]["value"]
+    def _vla_ids(self, sample: dict):
+        """(input_ids, labels, extra targets) of a robot-action sample, after checking the action and the human turn."""
+        human = sample["conversations"][0].get("value", "")
+        action = sample_action(sample)
         if len(action) != self.action_tokenizer.action_dim:
             raise BadSampleError(f"action has {len(action)} values, expected {self.action_tokenizer.action_dim}")
-        if not all(isinstance(a, (int, float)) and math.isfinite(a) for a in action):
-            raise BadSampleError(f"action has non-numeric or non-finite values: {action}")
-        instruction = sample.get("instruction")
-        if instruction is None:
-            instruction = _instruction_from_human(human, self.action_tokenizer.prompt)
-        input_ids, labels = self.prompt_builder.build(instruction, action)
+        if not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in action):
+            raise BadSampleError(f"action has non-numeric, boolean or non-finite values: {action}")
+        n_image = str(human).count(DEFAULT_IMAGE_TOKEN)
+        if n_image > 1:
+            raise BadSampleError(f"the human turn has {n_image} {DEFAULT_IMAGE_TOKEN} tokens; a robot-action sample "
+                                 "has one image and one")
+        try:
+            instruction = sample_instruction(sample, self.action_tokenizer.prompt)
+        except SampleFormatError as e:
+            raise BadSampleError(str(e)) from None
+        window = self.windows.window(sample) if self.windows is not None else np.asarray([action], dtype=np.float64)
+        return self.action_repr.build(self.prompt_builder, instruction, window)
+
+    def _get_vla_item(self, i: int, sample: dict) -> dict[str, Any]:
+        input_ids, labels, extra = self._vla_ids(sample)
         if self.blind:
             keep = input_ids != IMAGE_TOKEN_INDEX
             input_ids, labels = input_ids[keep], labels[keep]
-        out: dict[str, Any] = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
+        out: dict[str, Any] = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels), **extra}
         if "image" in sample:
             image_file = sample["image"]
             path = os.path.join(self.data_args.image_folder or "", image_file)
             if not os.path.exists(path):
                 raise BadSampleError(f"image file {path} does not exist (check --image_folder)")
             out["image"] = [self.process_image(image_file)]
+            if not self.blind:  # blind: no image placeholder, so no visual tokens
+                self._check_budget(len(input_ids), [out["image"][0][1]])
         elif self.data_args.is_multimodal:
             raise BadSampleError("robot-action sample without an image")
         out["id"] = sample.get("id", i)
         return out
 
-
-def _instruction_from_human(human: str, template: str) -> str:
-    """Recover the instruction from the human turn our converter writes: `<image>\\nWhat action ... to X?`."""
-    text = human.replace(DEFAULT_IMAGE_TOKEN, "").strip()
-    head, _, tail = template.partition("{instruction}")
-    if text.startswith(head) and text.endswith(tail):
-        return text[len(head): len(text) - len(tail) if tail else None]
-    # Free-form human turns are kept as the whole instruction sentence.
-    raise BadSampleError(f"human turn {human[:80]!r} does not follow the prompt template {template!r}; "
-                         "give the sample an `instruction` field")

@@ -1,4 +1,4 @@
-"""Offline evaluation of a VLA checkpoint on held-out converted samples (DESIGN.md 2.1, 2.6).
+"""Offline evaluation of a VLA checkpoint on held-out converted samples (docs/DESIGN.md 2.1, 2.6).
 
     python -m llava_vla_plugin.eval --checkpoint runs/ov-vla \\
         --data converted/bridge_orig/val.jsonl converted/fractal20220817_data/val.jsonl \\
@@ -9,9 +9,11 @@ decode, un-normalize with the sample's dataset statistics) and compared with its
 dataset (the sample's `dataset` field) and per action dimension:
   action_accuracy_generated  predicted action token == the label's token (the bin of the normalized
                           value), tokens generated greedily among the action tokens, each after the
-                          model's own previous picks. Training's validation logs teacher-forced
-                          accuracies instead (llava_vla_plugin.trainer.METRIC_DOC); this one is what a
-                          robot gets. (Called action_token_accuracy before.)
+                          model's own previous picks; continuous heads (parallel_l1): the prediction's
+                          bin. Chunked checkpoints are scored on chunk step 0 (the sample's own step).
+                          Training's validation logs teacher-forced accuracies instead
+                          (llava_vla_plugin.trainer.METRIC_DOC); this one is what a robot gets.
+                          (Called action_token_accuracy before.)
   l1_normalized           |predicted bin centre - normalized label| (the label as in the data, [-1, 1])
   l1_unnormalized         |un-normalized prediction - action_raw| (the raw action when the sample has
                           it, else the un-normalized label)
@@ -34,6 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.cli import add_common_flags, add_output, setup_logging
+from data_tools.converted_format import SampleFormatError, is_action_sample, sample_action
+from data_tools.converted_format import sample_instruction as _sample_instruction
 from llava_vla_plugin.data_files import read_samples
 
 GRIPPER_THRESHOLD = 0.5
@@ -44,14 +49,11 @@ class EvalDataError(ValueError):
 
 
 def sample_instruction(sample: dict, template: str) -> str:
-    """The instruction the training prompt was built from: `instruction`, else parsed from the human turn."""
-    if sample.get("instruction"):
-        return sample["instruction"]
-    human = sample["conversations"][0]["value"].replace("<image>", "").strip()
-    head, _, tail = template.partition("{instruction}")
-    if human.startswith(head) and human.endswith(tail):
-        return human[len(head): len(human) - len(tail) if tail else None]
-    raise EvalDataError(f"human turn {human[:80]!r} does not follow the prompt template {template!r}")
+    """The instruction the training prompt was built from (data_tools.converted_format owns the rule)."""
+    try:
+        return _sample_instruction(sample, template)
+    except SampleFormatError as e:
+        raise EvalDataError(str(e)) from None
 
 
 def load_eval_samples(paths: list[str], image_folder: str, max_samples: int | None, action_dim: int) -> list[dict]:
@@ -62,10 +64,9 @@ def load_eval_samples(paths: list[str], image_folder: str, max_samples: int | No
         for i, s in enumerate(read_samples(Path(path))):
             if max_samples is not None and taken >= max_samples:
                 break
-            conv = s.get("conversations") or []
-            if len(conv) < 2 or not isinstance(conv[1].get("value"), list) or "image" not in s:
+            if not is_action_sample(s) or "image" not in s:
                 continue  # not a VLA sample (co-training data): nothing to score
-            action = conv[1]["value"]
+            action = sample_action(s)
             if len(action) != action_dim:
                 raise EvalDataError(f"{path}: sample {s.get('id', i)} has a {len(action)}-d action, the model predicts {action_dim}")
             name = s.get("dataset") or Path(path).parent.name
@@ -160,7 +161,7 @@ def evaluate(policy, samples: list[dict], batch_size: int = 8, progress: bool = 
     summaries, arrays, rows = {}, {}, []
     bar = tqdm(total=len(samples), desc="eval", unit="sample", disable=not progress, file=sys.stderr)
     for name, group in by_ds.items():
-        pred_ids, seconds = [], 0.0
+        pred_steps, seconds = [], 0.0
         for start in range(0, len(group), batch_size):
             batch = group[start:start + batch_size]
             images = []
@@ -169,12 +170,13 @@ def evaluate(policy, samples: list[dict], batch_size: int = 8, progress: bool = 
                     images.append(im.convert("RGB"))
             instructions = [sample_instruction(s["sample"], template) for s in batch]
             t0 = time.perf_counter()
-            pred_ids.append(policy.predict_action_ids(images, instructions))
+            # [B, H, D] from the checkpoint's representation; a sample's label is its own step: chunk step 0 is scored
+            pred_steps.append(policy.predict_normalized(images, instructions)[:, 0])
             seconds += time.perf_counter() - t0
             bar.update(len(batch))
-        ids = np.concatenate(pred_ids)
-        pred_bins = at.ids_to_bins(ids)
-        pred_norm = at.decode(pred_bins)
+        pred_norm = np.concatenate(pred_steps)
+        pred_bins = at.encode(pred_norm)  # for token representations the decoded bin centres encode to their own bins
+        ids = pred_bins + at.token_ids[0]
         true_norm = np.stack([s["action"] for s in group])
         true_bins = at.encode(true_norm)
         key = keys[name]
@@ -202,20 +204,26 @@ def overall(summaries: dict) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llava_vla_plugin.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory")
     parser.add_argument("--data", required=True, nargs="+", help="converted val.jsonl file(s)")
     parser.add_argument("--image-folder", required=True, help="folder the samples' image paths are relative to (the converter's OUT)")
-    parser.add_argument("--report", required=True, help="output folder for report.json, report.png, predictions.jsonl")
+    add_output(parser, "--report", type=str, help="output folder for report.json, report.png, predictions.jsonl")
     parser.add_argument("--max-samples", type=int, default=None, help="at most this many samples per data file")
     parser.add_argument("--batch-size", type=int, default=8, help="images per generate call (default 8)")
     parser.add_argument("--unnorm-key", default=None, help="statistics for all samples (default: each sample's `dataset`)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_common_flags(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging(args)
     if args.max_samples is not None and args.max_samples < 1:
         parser.error("--max-samples must be >= 1")
     if args.batch_size < 1:
@@ -243,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
-    out = Path(args.report)
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {
         "checkpoint": str(args.checkpoint),

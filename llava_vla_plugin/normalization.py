@@ -2,11 +2,10 @@
 
 Pure numpy (no torch): the server, the evaluation and clients can use it on their own.
 
-OpenVLA's BOUNDS_Q99 inverse (prismatic/extern/hf/modeling_prismatic.py, predict_action):
-    action = 0.5 * (a + 1) * (q99 - q01) + q01   where mask is true
-    action = a                                   where mask is false (the gripper: already 0/1-ish)
-A missing mask means every dimension is un-normalized. Statistics are OpenVLA's format
-(DESIGN.md 2.2): {dataset_name: {"action": {"q01", "q99", "mask", ...}, ...}}.
+Reading a checkpoint's statistics and choosing the dataset (`unnorm_key`) are here; the BOUNDS_Q99 maps
+themselves (OpenVLA's inverse, predict_action: 0.5*(a+1)*(q99-q01)+q01 where mask, a elsewhere) are
+data_tools/normalize.py's, the same module the converter normalized the training data with. Statistics
+are OpenVLA's format (docs/DESIGN.md, "Statistics"): {dataset_name: {"action": {"q01", "q99", "mask", ...}, ...}}.
 """
 from __future__ import annotations
 
@@ -14,9 +13,8 @@ import json
 from pathlib import Path
 from typing import Mapping
 
-import numpy as np
-
-STATS_NAME = "dataset_statistics.json"
+from data_tools.converted_format import STATISTICS_FILE as STATS_NAME
+from data_tools.normalize import normalize_bounds_q99, unnormalize_bounds_q99
 
 
 class UnnormKeyError(KeyError):
@@ -58,25 +56,6 @@ def action_stats(norm_stats: Mapping[str, dict], unnorm_key: str | None) -> dict
     return norm_stats[resolve_unnorm_key(norm_stats, unnorm_key)]["action"]
 
 
-def unnormalize_actions(normalized, stats: Mapping[str, list]) -> np.ndarray:
-    """[..., D] actions in [-1, 1] -> the dataset's units (float64), mask respected."""
-    a = np.asarray(normalized, dtype=np.float64)
-    low = np.asarray(stats["q01"], dtype=np.float64)
-    high = np.asarray(stats["q99"], dtype=np.float64)
-    mask = np.asarray(stats.get("mask", np.ones_like(low, dtype=bool)), dtype=bool)
-    if a.shape[-1:] != low.shape or high.shape != low.shape or mask.shape != low.shape:
-        raise ValueError(f"actions of dimension {a.shape[-1:]} do not match the statistics "
-                         f"(q01 {low.shape}, q99 {high.shape}, mask {mask.shape})")
-    return np.where(mask, 0.5 * (a + 1.0) * (high - low) + low, a)
-
-
-def normalize_actions(actions, stats: Mapping[str, list]) -> np.ndarray:
-    """The forward BOUNDS_Q99 map of DESIGN.md 2.2 (for checks; the converter owns the real one)."""
-    x = np.asarray(actions, dtype=np.float64)
-    low = np.asarray(stats["q01"], dtype=np.float64)
-    high = np.asarray(stats["q99"], dtype=np.float64)
-    mask = np.asarray(stats.get("mask", np.ones_like(low, dtype=bool)), dtype=bool)
-    out = np.where(mask, np.clip(2 * (x - low) / (high - low + 1e-8) - 1, -1, 1), x)
-    if "min" in stats and "max" in stats:
-        out = np.where(np.asarray(stats["min"]) == np.asarray(stats["max"]), 0.0, out)
-    return out
+# The maps themselves live in data_tools/normalize.py, shared with the converter that wrote the data.
+unnormalize_actions = unnormalize_bounds_q99
+normalize_actions = normalize_bounds_q99

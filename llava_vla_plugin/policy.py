@@ -4,7 +4,7 @@
     policy = VLAPolicy.from_pretrained("runs/ov-vla", device="cuda", dtype="bfloat16")
     action = policy.predict_action(image, "put the cup in the sink", unnorm_key="bridge_orig")
 
-What happens (DESIGN.md 2.3-2.6):
+What happens (docs/DESIGN.md 2.3-2.6):
   * the checkpoint loads with plain upstream `load_pretrained_model(path, None, "llava_qwen")`;
   * the prompt ids are exactly the training prompt's (VLAPromptBuilder), with the image placeholder;
   * the image goes through upstream's `process_images` with the checkpoint's `image_aspect_ratio`,
@@ -35,6 +35,8 @@ import torch
 from PIL import Image
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from llava_vla_plugin import lora
+from llava_vla_plugin.action_repr import ActionReprConfig, ActionRepresentation, make_representation
 from llava_vla_plugin.action_tokenizer import ActionTokenizer
 from llava_vla_plugin.normalization import action_stats, load_statistics, resolve_unnorm_key, unnormalize_actions
 from llava_vla_plugin.prompt import VLAPromptBuilder
@@ -149,7 +151,8 @@ class PreparedInputs:
 
 class VLAPolicy:
     def __init__(self, model, tokenizer, image_processor, action_tokenizer: ActionTokenizer, norm_stats: dict,
-                 checkpoint: str | None = None, last_logits_only: bool = True):
+                 checkpoint: str | None = None, last_logits_only: bool = True,
+                 action_repr: ActionRepresentation | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -160,6 +163,10 @@ class VLAPolicy:
         self.end_id = self.prompt_builder.im_end
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.end_id
         self.action_dim = action_tokenizer.action_dim
+        # How actions are decoded (action_repr.py); a checkpoint without vla_action_repr.json is `bins`, H = 1.
+        self.action_repr = action_repr or make_representation(ActionReprConfig(action_dim=self.action_dim, n_bins=action_tokenizer.n_bins), action_tokenizer)
+        self.horizon = self.action_repr.horizon
+        self.n_action_tokens = getattr(self.action_repr, "n_action_tokens", 0)  # 0: no tokens generated (parallel_l1)
         ids = tokenizer.convert_tokens_to_ids(action_tokenizer.tokens)
         if ids != action_tokenizer.token_ids.tolist():
             raise ValueError("the checkpoint's tokenizer and vla_action_tokenizer.json disagree on the action token ids "
@@ -169,10 +176,12 @@ class VLAPolicy:
             raise ValueError(f"the model's LM head has {n_rows} rows, fewer than the action token ids need")
         # Batches are left-padded for generation (upstream pads by this config field).
         model.config.tokenizer_padding_side = "left"
-        self.last_logits_only = keep_last_logits_only(model) if last_logits_only else False
+        # an unmerged LoRA model (PEFT wrapper) generates through its base model's forward
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.last_logits_only = keep_last_logits_only(base) if last_logits_only else False
         self.generation_config = GenerationConfig(
             do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None, min_p=None, typical_p=None,
-            repetition_penalty=None, no_repeat_ngram_size=None, max_new_tokens=self.action_dim + 1,
+            repetition_penalty=None, no_repeat_ngram_size=None, max_new_tokens=self.n_action_tokens + 1,
             min_new_tokens=None, eos_token_id=self.end_id, pad_token_id=self.pad_id, bos_token_id=None,
             use_cache=True,
         )
@@ -182,10 +191,14 @@ class VLAPolicy:
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike, device: str | None = None, dtype=None,
-                        attn_implementation: str | None = None, last_logits_only: bool = True) -> "VLAPolicy":
+                        attn_implementation: str | None = None, last_logits_only: bool = True,
+                        base_model: str | None = None, merge_lora: bool = True) -> "VLAPolicy":
         """Load with plain upstream `load_pretrained_model`; device defaults to cuda when present.
 
         The vision tower id in the checkpoint's config must resolve (HF cache / hub) as for upstream.
+        A LoRA checkpoint (adapter_config.json: `--lora_enable True` runs, OUTPUT_DIR or checkpoint-N)
+        loads its base model (adapter_config.json's, or `base_model`) plus the adapter, merged in
+        memory unless `merge_lora=False` (lora.py); OUTPUT_DIR/merged loads like a full checkpoint.
         """
         from llava.model.builder import load_pretrained_model
 
@@ -195,21 +208,27 @@ class VLAPolicy:
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
         action_tokenizer = ActionTokenizer.load(path)
+        action_repr = make_representation(ActionReprConfig.load(path), action_tokenizer)
         norm_stats = load_statistics(path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = resolve_dtype(dtype, device)
         name = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[torch_dtype]
+        attn = attn_implementation or default_attn_implementation()
         try:
-            tokenizer, model, image_processor, _ = load_pretrained_model(
-                str(path), None, "llava_qwen", device_map=str(device), torch_dtype=name,
-                attn_implementation=attn_implementation or default_attn_implementation())
+            if lora.is_lora_checkpoint(path):
+                tokenizer, model, image_processor = lora.load_lora_checkpoint(
+                    path, base=base_model, device=str(device), torch_dtype=name, attn_implementation=attn, merge=merge_lora)
+            else:
+                tokenizer, model, image_processor, _ = load_pretrained_model(
+                    str(path), None, "llava_qwen", device_map=str(device), torch_dtype=name, attn_implementation=attn)
         except OSError as e:
             tower = json.loads((path / "config.json").read_text()).get("mm_vision_tower")
             raise OSError(f"loading {path} failed: {e}\n(the vision tower {tower!r} named in its config.json must "
                           "resolve from the Hugging Face cache or hub: check HF_HOME / HF_HUB_OFFLINE)") from e
+        action_repr.load_into(model, tokenizer, path)
         model.eval()
         return cls(model, tokenizer, image_processor, action_tokenizer, norm_stats, checkpoint=str(path),
-                   last_logits_only=last_logits_only)
+                   last_logits_only=last_logits_only, action_repr=action_repr)
 
     # ---- inputs --------------------------------------------------------------------------------
     @property
@@ -256,24 +275,34 @@ class VLAPolicy:
 
     def logits_processor(self) -> LogitsProcessorList:
         at = self.action_tokenizer
-        return LogitsProcessorList([ActionConstraint(int(at.token_ids[0]), at.n_bins, self.end_id, self.action_dim)])
+        return LogitsProcessorList([ActionConstraint(int(at.token_ids[0]), at.n_bins, self.end_id, self.n_action_tokens)])
 
     # ---- generation ----------------------------------------------------------------------------
     @torch.inference_mode()
     def generate_ids(self, inputs: PreparedInputs) -> torch.Tensor:
-        """Constrained greedy generation; returns the new tokens [B, action_dim + 1]."""
+        """Constrained greedy generation; returns the new tokens [B, H * action_dim + 1]."""
         with self._lock:
             out = self.model.generate(**inputs.generate_kwargs(), generation_config=self.generation_config,
                                       use_model_defaults=False, logits_processor=self.logits_processor())
-        return out[:, -(self.action_dim + 1):]
+        return out[:, -(self.n_action_tokens + 1):]
 
     def predict_action_ids(self, images: Sequence, instructions: Sequence[str]) -> np.ndarray:
-        """[B, action_dim] action token ids."""
-        new = self.generate_ids(self.prepare(images, instructions)).cpu().numpy()
-        ids = new[:, :self.action_dim]
-        if new.shape[1] != self.action_dim + 1 or not self.action_tokenizer.is_action_id(ids).all():
-            raise RuntimeError(f"constrained generation returned {new.tolist()}: not {self.action_dim} action tokens")
+        """[B, H * action_dim] action token ids (token representations only)."""
+        return self.action_ids_from_inputs(self.prepare(images, instructions))
+
+    def action_ids_from_inputs(self, inputs: PreparedInputs) -> np.ndarray:
+        n = self.n_action_tokens
+        if not n:
+            raise RuntimeError(f"the {self.action_repr.name} representation predicts no action tokens: use predict_normalized")
+        new = self.generate_ids(inputs).cpu().numpy()
+        ids = new[:, :n]
+        if new.shape[1] != n + 1 or not self.action_tokenizer.is_action_id(ids).all():
+            raise RuntimeError(f"constrained generation returned {new.tolist()}: not {n} action tokens")
         return ids
+
+    def predict_normalized(self, images: Sequence, instructions: Sequence[str] | str) -> np.ndarray:
+        """Normalized actions [B, H, action_dim], decoded as the checkpoint's representation says."""
+        return self.action_repr.predict_normalized(self, self.prepare(images, instructions))
 
     def decode_normalized(self, ids) -> np.ndarray:
         return self.action_tokenizer.decode_ids(ids)
@@ -282,13 +311,17 @@ class VLAPolicy:
         return unnormalize_actions(normalized, action_stats(self.norm_stats, unnorm_key))
 
     def predict_actions(self, images: Sequence, instructions: Sequence[str] | str, unnorm_key: str | None = None) -> np.ndarray:
-        """Batched form: [B, action_dim] actions in the dataset's units (float64, as OpenVLA returns).
+        """Batched form: [B, action_dim] actions in the dataset's units (float64, as OpenVLA returns), or
+        [B, H, action_dim] (every step un-normalized) for a chunked checkpoint (H > 1).
 
-        One generate() call for the batch (left-padded); a single string applies to every image.
+        One generate() call (one forward for parallel_l1) for the batch (left-padded); a single string
+        applies to every image.
         """
         resolve_unnorm_key(self.norm_stats, unnorm_key)  # a bad key fails before the model runs
-        return self.unnormalize(self.decode_normalized(self.predict_action_ids(images, instructions)), unnorm_key)
+        actions = self.unnormalize(self.predict_normalized(images, instructions), unnorm_key)
+        return actions if self.horizon > 1 else actions[:, 0]
 
     def predict_action(self, image, instruction: str, unnorm_key: str | None = None) -> np.ndarray:
-        """One image (PIL or HxWx3 uint8) and instruction -> [action_dim] action (float64)."""
+        """One image (PIL or HxWx3 uint8) and instruction -> [action_dim] action (float64), or the chunk
+        [H, action_dim] for a chunked checkpoint (as OpenVLA-OFT's deploy.py answers)."""
         return self.predict_actions([image], [instruction], unnorm_key)[0]

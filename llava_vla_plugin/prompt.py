@@ -1,4 +1,4 @@
-"""Prompt and labels for VLA samples (DESIGN.md 2.4), with the tokenizer prepared once.
+"""Prompt and labels for VLA samples (docs/DESIGN.md 2.4), with the tokenizer prepared once.
 
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
     <|im_start|>user\\n<image>\\nWhat action should the robot take to {instruction}?<|im_end|>\\n
@@ -15,16 +15,12 @@ from functools import lru_cache
 
 import numpy as np
 
+from data_tools.converted_format import IGNORE_INDEX, IMAGE_TOKEN as DEFAULT_IMAGE_TOKEN
+from data_tools.converted_format import prompt_text as instruction_text
 from llava_vla_plugin.action_tokenizer import ActionTokenizer
 
-IGNORE_INDEX = -100
 IMAGE_TOKEN_INDEX = -200  # upstream's placeholder id, replaced by visual features in the model
-DEFAULT_IMAGE_TOKEN = "<image>"
-
-
-def instruction_text(instruction: str, template: str) -> str:
-    """OpenVLA lowercases the instruction when it builds the prompt; so do we (data keep the original)."""
-    return template.format(instruction=instruction.lower())
+__all__ = ["IGNORE_INDEX", "IMAGE_TOKEN_INDEX", "DEFAULT_IMAGE_TOKEN", "instruction_text", "VLAPromptBuilder"]
 
 
 class VLAPromptBuilder:

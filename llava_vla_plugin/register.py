@@ -1,24 +1,28 @@
 """Install the VLA hooks into upstream LLaVA-NeXT (idempotent).
 
 upstream train() looks these names up in `llava.train.train` at call time, so they are replaced
-there (DESIGN.md section 3): LLaVATrainer, LazySupervisedDataset, the three argument dataclasses;
+there (docs/DESIGN.md section 3): LLaVATrainer, LazySupervisedDataset, the three argument dataclasses;
 two methods of LlavaMetaForCausalLM: initialize_vision_tokenizer (runs before the dataset is
 built: the action tokens are added here) and prepare_inputs_labels_for_multimodal (where a too
 small model_max_length silently cuts the action labels off); and LlavaQwenForCausalLM.forward,
-whose training path runs the LM head on labelled positions only (sparse_head.py).
+whose training path runs the LM head on labelled positions only (sparse_head.py); upstream's LoRA
+state-dict helpers, so its final LoRA save keeps the action-token rows (lora.py).
 """
 from __future__ import annotations
 
 import logging
 
 from llava_vla_plugin.env import apply_env_defaults
+from llava_vla_plugin.visual_tokens import VisualGeometry
 
 log = logging.getLogger(__name__)
 _registered = False
 
 # Visual tokens per image with siglip-so400m-384 (27x27 patches, +1 newline with spatial_unpad).
-PAD_VISUAL_TOKENS = 730
-PROMPT_TEXT_TOKENS_MIN = 48  # system + user framing + 7 actions + <|im_end|>, without the instruction
+PAD_VISUAL_TOKENS = VisualGeometry("pad", "spatial_unpad").tokens(384, 384)  # 730
+# system + user framing + the answer, without the instruction; the answer's length is the action
+# representation's (action_repr.py): 7 action tokens + <|im_end|> for `bins`
+PROMPT_TEXT_TOKENS_MIN = 48
 
 
 class ConfigurationError(ValueError):
@@ -34,7 +38,7 @@ def register() -> None:
     from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
     from llava.model.llava_arch import LlavaMetaForCausalLM
 
-    from llava_vla_plugin import sparse_head
+    from llava_vla_plugin import lora, sparse_head
     from llava_vla_plugin.arguments import DataArguments, ModelArguments, TrainingArguments
     from llava_vla_plugin.dataset import VLADataset
     from llava_vla_plugin.trainer import VLATrainer
@@ -44,6 +48,7 @@ def register() -> None:
     upstream_train.TrainingArguments = TrainingArguments
     upstream_train.LLaVATrainer = VLATrainer
     upstream_train.LazySupervisedDataset = VLADataset
+    upstream_train.DataCollatorForSupervisedDataset = _collator_class(upstream_train.DataCollatorForSupervisedDataset)
 
     original_init_tokenizer = LlavaMetaForCausalLM.initialize_vision_tokenizer
     original_prepare = LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal
@@ -52,6 +57,9 @@ def register() -> None:
         check_configuration(model_args, tokenizer, self.config)
         original_init_tokenizer(self, model_args, tokenizer)
         add_action_tokens(self, tokenizer)
+        # The dataset, built next from this tokenizer, checks each sample's text + visual token budget
+        # against model_max_length with the model's real geometry (llava_vla_plugin/visual_tokens.py).
+        tokenizer.vla_visual_geometry = VisualGeometry.from_model(self)
 
     def prepare_inputs_labels_for_multimodal(self, input_ids, position_ids, attention_mask, past_key_values, labels, images, *args, **kwargs):
         out = original_prepare(self, input_ids, position_ids, attention_mask, past_key_values, labels, images, *args, **kwargs)
@@ -60,6 +68,7 @@ def register() -> None:
         return out
 
     sparse_head.install(LlavaQwenForCausalLM)
+    lora.install_upstream_save_hooks()
     LlavaMetaForCausalLM.initialize_vision_tokenizer = initialize_vision_tokenizer
     LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal = prepare_inputs_labels_for_multimodal
     _registered = True
@@ -76,19 +85,26 @@ def check_configuration(model_args, tokenizer, config) -> None:
     if version not in conversation_lib.conv_templates:
         raise ConfigurationError(f"--version {version!r} is not a conversation template; upstream would silently use "
                                  f"vicuna_v1. Known: {', '.join(sorted(conversation_lib.conv_templates))} (use qwen_1_5)")
+    check_max_length(tokenizer)
+
+
+def check_max_length(tokenizer, text_tokens: int = PROMPT_TEXT_TOKENS_MIN) -> None:
+    """`text_tokens`: framing + the action representation's answer (VLADataset asks its representation)."""
     max_len = int(getattr(tokenizer, "model_max_length", 0) or 0)
-    need = PAD_VISUAL_TOKENS + PROMPT_TEXT_TOKENS_MIN
+    need = PAD_VISUAL_TOKENS + text_tokens
     if max_len < need:
         raise ConfigurationError(f"--model_max_length {max_len} is below one image's {PAD_VISUAL_TOKENS} visual tokens + "
-                                 f"{PROMPT_TEXT_TOKENS_MIN} text tokens; the action labels would be truncated away. "
+                                 f"{text_tokens} text tokens; the action labels would be truncated away. "
                                  f"Use at least {need} for image_aspect_ratio=pad; anyres_max_9 needs ~1500-3000 "
                                  f"for 256x256..480x640 frames (4096 is safe)")
 
 
 def check_labels_survived(labels, new_labels, config) -> None:
     """Upstream truncates embeddings and labels to tokenizer_model_max_length without a word."""
-    before = int((labels != -100).sum())
-    after = int((new_labels != -100).sum())
+    from data_tools.converted_format import IGNORE_INDEX
+
+    before = int((labels != IGNORE_INDEX).sum())
+    after = int((new_labels != IGNORE_INDEX).sum())
     if after < before:
         limit = getattr(config, "tokenizer_model_max_length", None)
         raise ConfigurationError(
@@ -107,9 +123,9 @@ def add_action_tokens(model, tokenizer) -> int:
     """
     import torch
 
-    from llava_vla_plugin import state
+    from llava_vla_plugin.action_tokenizer import ActionTokenizer
 
-    at = state.get_action_tokenizer()
+    at = ActionTokenizer()
     n_before = len(tokenizer)
     added = at.add_to_tokenizer(tokenizer)
     if not added:
@@ -131,6 +147,24 @@ def add_action_tokens(model, tokenizer) -> int:
                     p.data[new] = p.data[:n_before].mean(dim=0, keepdim=True).to(p.dtype)
     log.warning("added %d action tokens (ids %d..%d), embeddings initialised to the vocabulary mean", added, at.token_ids[0], at.token_ids[-1])
     return added
+
+
+def _collator_class(base):
+    """Upstream's collator keeps input_ids/labels/images only; regression representations also need their
+    continuous targets (`action_targets`, one [H, D] per VLA sample, in batch order)."""
+
+    class VLACollator(base):
+        def __call__(self, instances):
+            batch = super().__call__(instances)
+            targets = [inst["action_targets"] for inst in instances if "action_targets" in inst]
+            if targets:
+                import torch
+
+                batch["action_targets"] = torch.stack(targets)
+            return batch
+
+    VLACollator.__name__ = VLACollator.__qualname__ = "VLACollator"
+    return VLACollator
 
 
 class _gathered:

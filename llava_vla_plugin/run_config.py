@@ -36,7 +36,8 @@ RESUME_MODES = ("auto", "never")
 RUN_KEYS = ("model", "vision_tower", "data_path", "image_folder", "image_aspect_ratio", "image_grid_pinpoints",
             "mm_patch_merge_type", "mm_tunable_parts", "model_max_length", "per_device_train_batch_size",
             "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay",
-            "seed", "vla_data_seed", "vla_blind", "lora_enable", "bf16", "fp16")
+            "seed", "vla_data_seed", "vla_blind", "lora_enable", "bf16", "fp16", "vla_action_repr", "vla_horizon",
+            "vla_window_mode")
 
 
 def checkpoints(output_dir: str | os.PathLike) -> list[Path]:

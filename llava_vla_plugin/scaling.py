@@ -6,7 +6,9 @@
 A run is a folder with out/final_metrics.json (or final_metrics.json) and, from llava_vla_plugin.sweep,
 config.json (fraction, mixture, model, steps). x: frames = `train_frames` (frames in the training
 mixture), tokens = `train_tokens_seen`, compute = `compute_flops` (6 x params x tokens). y: any key of
-final_metrics.json (default val_action_loss; the last vla_metrics.jsonl entry is a fallback).
+final_metrics.json (default val_action_loss; the last vla_metrics.jsonl entry is a fallback), or closed-loop
+success: closed_loop_success / closed_loop_<suite> / closed_loop_LIBERO from <run>/closed_loop/report.json
+(`python -m llava_vla_plugin.closed_loop_report RESULTS --out <run>/closed_loop`).
 
 Runs are grouped by the settings that are not the scale axis (frames: mixture, model, steps; tokens and
 compute: mixture, model) and each group with at least 3 distinct x gets a fit. The fit is least squares
@@ -30,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from data_tools.cli import add_common_flags, add_output, setup_logging
 
 X_KEYS = {"frames": "train_frames", "tokens": "train_tokens_seen", "compute": "compute_flops"}
 DEFAULT_GROUP_BY = {"frames": ("mixture", "model", "steps"), "tokens": ("mixture", "model"), "compute": ("mixture", "model")}
@@ -239,6 +243,10 @@ def collect_runs(paths: Iterable[str | Path], x: str, y: str) -> list[dict[str, 
         metrics = dict(final)
         if y not in metrics:
             metrics.update({k: v for k, v in _last_eval(out / "vla_metrics.jsonl").items() if k not in metrics})
+        if y.startswith("closed_loop_"):  # closed-loop success (closed_loop_report --out <run>/closed_loop)
+            from llava_vla_plugin.closed_loop_report import closed_loop_metrics
+
+            metrics.update(closed_loop_metrics(d))
         xv = metrics.get(X_KEYS[x])
         if xv is None and x == "frames":
             xv = config.get("planned_train_frames")
@@ -409,29 +417,37 @@ def _plot(path: Path, groups: list[dict[str, Any]], x: str, y: str, ci: float) -
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llava_vla_plugin.scaling", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="runs folder(s) of a sweep, or run folders")
     p.add_argument("--x", choices=sorted(X_KEYS), default="frames")
-    p.add_argument("--y", default="val_action_loss", help="a key of final_metrics.json (default val_action_loss); "
+    p.add_argument("--y", default="val_action_loss", help="a key of final_metrics.json (default val_action_loss), or "
+                   "closed_loop_success / closed_loop_<suite> (the run's closed_loop/report.json); "
                    "val_action_accuracy (renamed val_action_accuracy_teacher_forced) still reads older runs")
-    p.add_argument("--report", required=True, help="folder for scaling.json/.csv/.png (+ mixtures.csv)")
+    add_output(p, "--report", type=str, metavar="DIR", help="folder for scaling.json/.csv/.png (+ mixtures.csv)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--ci", type=float, default=0.95, help="confidence level (default 0.95)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--group-by", help="comma-separated config keys to fit separately (default: all but the scale axes)")
+    add_common_flags(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
+    setup_logging(args)
     if not 0 < args.ci < 1 or args.bootstrap < 10:
         p.error("--ci must be in (0, 1) and --bootstrap >= 10")
     group_by = [g for g in args.group_by.split(",") if g] if args.group_by is not None else None
     try:
-        result = build_report(args.runs, args.x, RENAMED_METRICS.get(args.y, args.y), args.report, args.bootstrap, args.ci, args.seed, group_by)
+        result = build_report(args.runs, args.x, RENAMED_METRICS.get(args.y, args.y), args.out, args.bootstrap, args.ci, args.seed, group_by)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_summary(result))
-    print(f"wrote {Path(args.report) / 'scaling.json'}, scaling.csv, scaling.png" + (", mixtures.csv" if result["mixtures"] else ""))
+    print(f"wrote {Path(args.out) / 'scaling.json'}, scaling.csv, scaling.png" + (", mixtures.csv" if result["mixtures"] else ""))
     return 0 if result["n_points"] else 1
 
 

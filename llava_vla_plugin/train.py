@@ -19,6 +19,9 @@ def main() -> None:
     import llava.train.train as upstream_train
 
     upstream_train.train()
+    from llava_vla_plugin import lora
+
+    lora.merge_pending()  # LoRA runs: OUTPUT_DIR/merged (unless --vla_lora_merge False)
 
 
 def _init_cpu_deepspeed() -> None:

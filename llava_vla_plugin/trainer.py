@@ -1,6 +1,6 @@
 """VLATrainer: upstream's LLaVATrainer made to run on transformers 4.57, plus VLA checkpoints and metrics.
 
-Upstream fixes done here by subclassing rather than patch files (DESIGN.md section 3, edits 1, 3, 4, 8):
+Upstream fixes done here by subclassing rather than patch files (docs/DESIGN.md section 3, edits 1, 3, 4, 8):
   1 `_inner_training_loop`: upstream's MeZO rewrite has ~30 undefined names; use HF's unless trainer_mode == "zo".
   3 `create_accelerator_and_postprocess`: upstream's passes arguments accelerate 1.x removed; use HF's.
   4 `_save_checkpoint(model, trial)`: HF dropped the `metrics` argument upstream still passes.
@@ -24,17 +24,21 @@ import transformers
 from transformers import TrainerCallback
 from llava.train.llava_trainer import LLaVATrainer, should_only_save_mm_adapter
 
-from llava_vla_plugin import run_config, state
+from llava_vla_plugin import lora, run_config
 from llava_vla_plugin.action_tokenizer import ActionTokenizer
 from llava_vla_plugin.normalization import STATS_NAME
 
 log = logging.getLogger(__name__)
 
 
-def write_vla_files(output_dir: str, action_tokenizer: ActionTokenizer, statistics: dict) -> None:
-    """What turns an upstream checkpoint into a usable policy: the action tokenizer and the statistics."""
+def write_vla_files(output_dir: str, action_tokenizer: ActionTokenizer, statistics: dict, action_repr=None,
+                    model=None, state_dict=None) -> None:
+    """What turns an upstream checkpoint into a usable policy: the action tokenizer, the action representation
+    (its config, and its head where it has one) and the statistics."""
     os.makedirs(output_dir, exist_ok=True)
     action_tokenizer.save(output_dir)
+    if action_repr is not None:
+        action_repr.save(output_dir, model=model, state_dict=state_dict)
     tmp = os.path.join(output_dir, STATS_NAME + ".tmp")
     with open(tmp, "w") as f:
         json.dump(statistics, f, indent=2)
@@ -63,7 +67,8 @@ class ActionMetrics:
     action tokens: between logging steps in training, over the whole held-out set in validation.
     Names and meanings: METRIC_DOC."""
 
-    def __init__(self) -> None:
+    def __init__(self, action_tokenizer: ActionTokenizer | None = None) -> None:
+        self.action_tokenizer = action_tokenizer
         self.reset()
 
     def reset(self) -> None:
@@ -93,6 +98,13 @@ class ActionMetrics:
         self.l1_sum += float((centers[pred_bins] - centers[target_bins]).abs().sum())
         if with_loss:  # the training loss is logged already; validation needs the action-token part
             self.ce_sum += float(F.cross_entropy(pos_logits.float(), targets[mask], reduction="sum"))
+
+    def update_output(self, out, with_loss: bool = False) -> None:
+        """From a sparse_head.SparseHeadOutput (the interface every representation's metrics share)."""
+        targets, logits = getattr(out, "targets", None), getattr(out, "logits", None)
+        at = self.action_tokenizer
+        if targets is not None and logits is not None and at is not None and at.first_token_id is not None:
+            self.update(logits.detach(), targets.to(logits.device), at, with_loss=with_loss)
 
     def summary(self) -> dict[str, float]:
         """Training-log names (validation prefixes `val_`); see METRIC_DOC for what each measures."""
@@ -157,12 +169,32 @@ class SetupReportCallback(TrainerCallback):
                     getattr(getattr(model, "config", None), "image_aspect_ratio", "?"))
 
 
+class LoRAFinalSaveCallback(TrainerCallback):
+    """LoRA runs: a complete checkpoint in OUTPUT_DIR (upstream's own LoRA save after train() writes no
+    tokenizer and no VLA files), then, after train() returned, OUTPUT_DIR/merged (lora.merge_pending)."""
+
+    def __init__(self, trainer: "VLATrainer"):
+        self.trainer = trainer
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.save_model(args.output_dir)  # every rank: gathers ZeRO-3 weights
+        if args.should_save and getattr(args, "vla_lora_merge", True):
+            lora.request_merge(args.output_dir)
+
+
 class VLATrainer(LLaVATrainer):
     def __init__(self, *args, tokenizer=None, **kwargs):
         if tokenizer is not None and kwargs.get("processing_class") is None:
             kwargs["processing_class"] = tokenizer
+        action_repr = getattr(kwargs.get("train_dataset"), "action_repr", None)
+        if action_repr is not None and kwargs.get("model") is not None:  # a head / rows before the optimizer exists
+            action_repr.prepare_model(kwargs["model"], kwargs.get("processing_class"))
+        is_lora = lora.is_peft_model(kwargs.get("model"))
+        if is_lora:  # before the optimizer exists: the action rows must be among its parameters
+            lora.enable_action_token_training(kwargs["model"], kwargs["train_dataset"].action_tokenizer.token_ids)
         super().__init__(*args, **kwargs)
-        self.action_metrics = ActionMetrics()
+        self.action_metrics = self.action_repr.metrics()
+        self.tokens_pending = 0  # this rank's positions since the last step (sparse head's num_tokens); see sync_tokens_seen
         self.val_dataset = None
         self.last_val_metrics: dict = {}
         data_args = getattr(self.train_dataset, "data_args", None)
@@ -172,11 +204,30 @@ class VLATrainer(LLaVATrainer):
 
             self.val_dataset = VLADataset(val_path, self.processing_class, data_args, is_eval=True)
         self.add_callback(ValidationCallback(self, int(getattr(data_args, "vla_eval_steps", 0) or 0)))
+        if is_lora:
+            self.add_callback(LoRAFinalSaveCallback(self))
+
         if self.args.include_num_input_tokens_seen not in ("no", False):
             raise ValueError("--include_num_input_tokens_seen counts input_ids before the image tokens are inserted; the VLA "
                              "trainer counts every position itself (train_tokens_seen): drop the flag")
         self.add_callback(TokensSeenCallback(self))
         self.add_callback(SetupReportCallback(self))
+
+    # ---- what the training data carries (no process-wide state: the dataset owns both) ----------
+    @property
+    def action_tokenizer(self) -> ActionTokenizer:
+        """The train dataset's action tokenizer, bound to the tokenizer the dataset was built with."""
+        return self.train_dataset.action_tokenizer
+
+    @property
+    def action_repr(self):
+        """The train dataset's action representation (action_repr.py): targets, metrics, checkpoint files."""
+        return self.train_dataset.action_repr
+
+    @property
+    def dataset_statistics(self) -> dict:
+        """The statistics of the training data (a checkpoint carries them for un-normalization)."""
+        return self.train_dataset.dataset_statistics
 
     # ---- data loading: deterministic worker seeds (upstream's crashes with num_workers > 0) -------
     def get_train_dataloader(self):
@@ -220,7 +271,8 @@ class VLATrainer(LLaVATrainer):
 
     # ---- tokens seen ------------------------------------------------------------------------------
     def sync_tokens_seen(self) -> None:
-        t = torch.tensor([state.take_token_count()], dtype=torch.int64, device=self.args.device)
+        t = torch.tensor([self.tokens_pending], dtype=torch.int64, device=self.args.device)
+        self.tokens_pending = 0
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(t)
         self.state.num_input_tokens_seen = int(self.state.num_input_tokens_seen or 0) + int(t[0])
@@ -251,7 +303,6 @@ class VLATrainer(LLaVATrainer):
     def run_validation(self) -> dict:
         if self.val_dataset is None:
             return {}
-        at = state.get_action_tokenizer()
         rank, world = self.args.process_index, self.args.world_size
         indices = list(range(rank, len(self.val_dataset), world))
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.val_dataset, indices),
@@ -260,11 +311,11 @@ class VLATrainer(LLaVATrainer):
         model = self.model
         was_training = model.training
         model.eval()
-        val = ActionMetrics()
+        val = self.action_repr.metrics()
         for batch in loader:
             batch = self._prepare_inputs(batch)
             out = model(**{k: v for k, v in batch.items() if k not in ("prompts", "ids")})
-            val.update(out.logits, state.pop_targets(), at, with_loss=True)
+            val.update_output(out, with_loss=True)
         if was_training:
             model.train()
         sums = torch.tensor([val.ce_sum, val.correct, val.constrained_correct, val.l1_sum, val.total],
@@ -313,7 +364,7 @@ class VLATrainer(LLaVATrainer):
             LLaVATrainer._save_checkpoint(self, model, trial)
             if self.args.should_save:
                 out = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-                write_vla_files(out, state.get_action_tokenizer(), state.get_dataset_statistics())
+                write_vla_files(out, self.action_tokenizer, self.dataset_statistics, self.action_repr, self.model)
             return None
         transformers.Trainer._save_checkpoint(self, model, trial)
         self._after_checkpoint(trial)
@@ -328,21 +379,27 @@ class VLATrainer(LLaVATrainer):
         run_config.write_run_config(os.path.join(run_dir, f"checkpoint-{self.state.global_step}"), self.run_configuration())
         run_config.prune_optimizer_state(run_dir, getattr(self.args, "vla_keep_optimizer_state", "latest"))
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if lora.is_peft_model(model if model is not None else self.model):  # HF restores the adapter only
+            lora.load_non_lora_trainables(model if model is not None else self.model, resume_from_checkpoint)
+
     # ---- VLA checkpoint files ------------------------------------------------------------------
     def _save(self, output_dir: Optional[str] = None, state_dict=None):
         super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save and lora.is_peft_model(self.model):
+            lora.save_lora_extras(self.model, output_dir, state_dict)
         if self.args.should_save:
-            write_vla_files(output_dir, state.get_action_tokenizer(), state.get_dataset_statistics())
+            write_vla_files(output_dir, self.action_tokenizer, self.dataset_statistics, self.action_repr, self.model, state_dict)
 
     # ---- metrics -------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.record_batch_digest(inputs)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        targets = state.pop_targets()
-        logits = getattr(outputs, "logits", None)
-        if targets is not None and logits is not None and state.get_action_tokenizer().first_token_id is not None:
-            self.action_metrics.update(logits.detach(), targets.to(logits.device), state.get_action_tokenizer())
+        if getattr(outputs, "num_tokens", None) is not None:
+            self.tokens_pending += outputs.num_tokens
+        self.action_metrics.update_output(outputs)  # sparse_head.SparseHeadOutput; the representation's metrics
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:

@@ -21,6 +21,8 @@
 #   every EVAL_STEPS and at the end -> OUTPUT_DIR/vla_metrics.jsonl, OUTPUT_DIR/final_metrics.json
 #   CONFIG=run.yaml: settings from a file (scripts/launch_config.py); every launch writes the resolved
 #   settings to OUTPUT_DIR/launch_config.yaml, so CONFIG=OUTPUT_DIR/launch_config.yaml replays a run.
+#   ACTION_REPR=bins (bins_chunk, parallel_l1: llava_vla_plugin/action_repr.py) HORIZON=1 (chunk length H)
+#   WINDOW_MODE=oft (openvla): how H-step windows are cut from each episode (data_tools/action_windows.py)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CALLER=$(pwd)
@@ -70,6 +72,9 @@ GRADIENT_CHECKPOINTING=${GRADIENT_CHECKPOINTING:-True}
 RESUME=${RESUME:-auto}
 SAVE_TOTAL_LIMIT=${SAVE_TOTAL_LIMIT:-2}
 KEEP_OPTIMIZER=${KEEP_OPTIMIZER:-latest}
+ACTION_REPR=${ACTION_REPR:-bins}
+HORIZON=${HORIZON:-1}
+WINDOW_MODE=${WINDOW_MODE:-oft}
 
 # User paths: against the caller's directory (the launcher used to cd to the repository first).
 DATA=$(abspath "$DATA"); IMAGE_FOLDER=$(abspath "$IMAGE_FOLDER"); OUTPUT_DIR=$(abspath "$OUTPUT_DIR")
@@ -137,6 +142,9 @@ ARGS=(
   --lazy_preprocess True
   --report_to "$REPORT_TO"
   --dataloader_drop_last True
+  --vla_action_repr "$ACTION_REPR"
+  --vla_horizon "$HORIZON"
+  --vla_window_mode "$WINDOW_MODE"
 )
 
 if [ -n "$VAL_DATA" ]; then ARGS+=(--vla_val_data "$VAL_DATA" --vla_eval_steps "$EVAL_STEPS" --per_device_eval_batch_size "$BATCH_SIZE"); fi
@@ -154,7 +162,8 @@ if [ "$NODE_RANK" = "0" ]; then
     IMAGE_ASPECT_RATIO="$IMAGE_ASPECT_RATIO" MODEL_MAX_LENGTH="$MODEL_MAX_LENGTH" PRECISION="$PRECISION" \
     NUM_WORKERS="$NUM_WORKERS" REPORT_TO="$REPORT_TO" VAL_DATA="$VAL_DATA" EVAL_STEPS="$EVAL_STEPS" SEED="$SEED" \
     GRADIENT_CHECKPOINTING="$GRADIENT_CHECKPOINTING" RESUME="$RESUME" SAVE_TOTAL_LIMIT="$SAVE_TOTAL_LIMIT" \
-    KEEP_OPTIMIZER="$KEEP_OPTIMIZER" -- "${CONFIG_ARGS[@]}" "$@"
+    KEEP_OPTIMIZER="$KEEP_OPTIMIZER" ACTION_REPR="$ACTION_REPR" HORIZON="$HORIZON" WINDOW_MODE="$WINDOW_MODE" \
+    -- "${CONFIG_ARGS[@]}" "$@"
   echo "[finetune] resolved settings -> $OUTPUT_DIR/launch_config.yaml (once training starts)"
 fi
 if [ "$NUM_GPUS" = "0" ]; then

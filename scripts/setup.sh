@@ -54,6 +54,15 @@ if [ "$MODE" != "--upstream-only" ]; then
     touch "$deps_stamp"
     changed=1
   fi
+  # Closed-loop evaluation renders MuJoCo offscreen through EGL (MUJOCO_GL=egl): on CPU hosts that
+  # is Mesa's software EGL. Training and the data tools do not need it, so a miss is a warning that
+  # names the packages; the simulator tests then fail with an error naming MUJOCO_GL.
+  if ! /sbin/ldconfig -p 2>/dev/null | grep -qE 'libEGL\.so\.1|libEGL_mesa\.so|libEGL_nvidia\.so'; then
+    say "warning: no EGL library found: closed-loop evaluation (robosuite/MuJoCo, MUJOCO_GL=egl) cannot render."
+    say "         Debian/Ubuntu: sudo apt-get install libegl1 libegl-mesa0   (GPU hosts: the NVIDIA driver's EGL)"
+  elif ! PYTHONPATH="$ROOT" "$VENV/bin/python" -m llava_vla_plugin.sim_lift --check-render >>"$LOG" 2>&1; then
+    say "warning: MuJoCo cannot render offscreen with MUJOCO_GL=egl (see $LOG); install libegl1 libegl-mesa0"
+  fi
   if [ "$MODE" = "--gpu" ]; then
     if command -v nvcc >/dev/null && "$VENV/bin/python" -c 'import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
       if ! "$VENV/bin/python" -c 'import flash_attn' 2>/dev/null; then

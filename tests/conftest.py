@@ -1,4 +1,6 @@
-"""Shared fixtures: upstream detection (tests that need it skip with the reason), the tiny model."""
+"""Shared fixtures: upstream and shared-schema detection (tests that need them skip with the reason, and
+fail instead under CI=true: CI has both beside the clone, so a missing one is a broken CI, not an optional
+extra), the tiny model."""
 from __future__ import annotations
 
 import importlib.util
@@ -17,11 +19,29 @@ UPSTREAM_REASON = ("upstream LLaVA-NeXT is not installed: run `LLAVA_NEXT_SRC=/p
                    "(a local checkout or git mirror at commit df17966) to run this test")
 
 
+# .ci/run exports CI=true (as GitHub Actions and most CI services do)
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+SHARED_SCHEMAS = ROOT.parent / "shared" / "oxe_schemas"
+
+
 def upstream_available() -> bool:
     return importlib.util.find_spec("llava") is not None
 
 
-requires_upstream = pytest.mark.skipif(not upstream_available(), reason=UPSTREAM_REASON)
+# under CI the test runs (and fails on the missing import) instead of skipping
+requires_upstream = pytest.mark.skipif(not upstream_available() and not IN_CI, reason=UPSTREAM_REASON)
+
+
+def skip_unless_ci(reason: str) -> None:
+    """pytest.skip(reason) on a workstation; pytest.fail(reason) under CI=true, where nothing may be skipped."""
+    if IN_CI:
+        pytest.fail(f"CI=true: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def shared_schemas_missing(what: str) -> None:
+    """Skip (fail under CI) a test that needs the shared OXE schemas ($OXE_SCHEMAS_DIR or ../shared/oxe_schemas)."""
+    skip_unless_ci(f"{what} needs the shared OXE schemas, not found at $OXE_SCHEMAS_DIR or {SHARED_SCHEMAS}")
 
 
 def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -48,7 +68,7 @@ def qwen_tokenizer():
 def tiny_model(tmp_path_factory):
     """The tiny llava_qwen model, built once per test session (needs upstream)."""
     if not upstream_available():
-        pytest.skip(UPSTREAM_REASON)
+        skip_unless_ci(UPSTREAM_REASON)
     from llava_vla_plugin.testing.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
+from conftest import shared_schemas_missing
 from llava_vla_plugin.testing.rlds_fixture import available_schemas, write_rlds_dataset
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "oxe_schemas"
@@ -245,7 +246,7 @@ def _expected(root: Path, name: str):
 def test_dataset_matches_openvla_semantics(converted, name):
     root, out, names = converted
     if name not in names:
-        pytest.skip(f"schema {name} not available (the shared OXE schemas, {SHARED} or $OXE_SCHEMAS_DIR, are absent)")
+        shared_schemas_missing(f"schema {name}")
     samples, actions, n_traj = _expected(root, name)
 
     # statistics: OpenVLA get_dataset_statistics over split="all", before skip_unlabeled
@@ -310,5 +311,5 @@ def test_manifest_reports_drops(converted):
 def test_enough_schemas_covered(converted):
     _, _, names = converted
     if len(available_schemas()) < 10:
-        pytest.skip(f"the shared OXE schemas ({SHARED} or $OXE_SCHEMAS_DIR) are absent: only {names} ran")
+        shared_schemas_missing(f"covering 10 schemas (only {names} ran)")
     assert len(names) >= 10

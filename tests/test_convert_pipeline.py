@@ -24,6 +24,29 @@ def run_convert(*args: str, env_extra: dict[str, str] | None = None) -> subproce
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+# A hard kill after the n-th parsed episode, injected from outside production code: the converter runs in a
+# child process whose `parse_episode` is wrapped (workers=1, so every episode is parsed in that process).
+_KILL_AFTER = """
+import os, sys
+import data_tools.convert as c
+n, real = int(sys.argv[1]), c.parse_episode
+seen = [0]
+def parse_then_die(*a, **k):
+    seen[0] += 1
+    if seen[0] > n:
+        os._exit(17)  # simulated kill -9: no cleanup, no atexit
+    return real(*a, **k)
+c.parse_episode = parse_then_die
+sys.exit(c.main(sys.argv[2:]))
+"""
+
+
+def run_convert_killed_after(episodes: int, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run([sys.executable, "-c", _KILL_AFTER, str(episodes), "--no-progress", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
 def tree(out: Path) -> dict[str, bytes]:
     files = {}
     for p in sorted(out.rglob("*")):
@@ -64,7 +87,7 @@ def test_byte_identical_for_any_worker_count(data, reference, tmp_path):
 def test_resume_after_kill(data, reference, tmp_path):
     out = tmp_path / "out"
     args = ("--data-dir", str(data), "--datasets", "bridge_orig,fractal20220817_data", "--out", str(out))
-    killed = run_convert(*args, env_extra={"DATA_TOOLS_CONVERT_CRASH_AFTER_EPISODES": "8"})
+    killed = run_convert_killed_after(7, *args)
     assert killed.returncode == 17
     assert not (out / "bridge_orig").exists()  # nothing final from an unfinished dataset
     assert any((out / ".work" / "bridge_orig" / "units").glob("*.tmp"))  # killed mid-unit

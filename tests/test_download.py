@@ -8,6 +8,7 @@ import hashlib
 import http.server
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -449,3 +450,118 @@ def test_cli_help_and_unknown_dataset(tmp_path: Path, caplog: pytest.LogCaptureF
     mix = _mixture(tmp_path, "unused", [{"name": "kukaa"}])
     assert _run(tmp_path, mix, tmp_path / "dest") == 2
     assert "closest known names: kuka" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------
+# failing fast offline, --timeout, --source-root (issue 10, defect 8)
+
+
+def _cli(cwd: Path, *args: str, env: dict | None = None, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
+    """The real command, from a folder outside the repository, as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **(env or {})}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "data_tools.download", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc, time.monotonic() - start
+
+
+def test_unresolvable_source_fails_in_seconds_with_a_clear_message(tmp_path: Path) -> None:
+    # .invalid never resolves (RFC 2606): what an offline machine sees for storage.googleapis.com.
+    # Before the fix, gcsfs/aiohttp retried each dataset's DNS failure for ~33 s.
+    datasets = [{"name": n, "source": f"https://oxe-mirror.invalid/{n}/0.1.0"} for n in ("kuka", "taco_play", "toto")]
+    mix = _mixture(tmp_path, "unused", datasets)
+    proc, seconds = _cli(tmp_path, "--mixture", str(mix), "--out", "data", "--dry-run")
+    assert proc.returncode == 1, proc.stderr
+    assert seconds < 20, f"an unreachable source took {seconds:.1f} s to report"
+    assert "cannot resolve host oxe-mirror.invalid" in proc.stderr and "--source-root" in proc.stderr
+    assert proc.stderr.count("cannot resolve host") == 1  # explained once, then "see above"
+    assert all(f"FAILED  {n}" in proc.stdout for n in ("kuka", "taco_play", "toto"))
+    assert not (tmp_path / "data").exists()
+
+
+def test_refused_connection_is_not_retried(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mix = _mixture(tmp_path, "unused", [{"name": "kuka", "source": f"http://127.0.0.1:{port}/kuka/0.1.0/"}])
+    start = time.monotonic()
+    assert _run(tmp_path, mix, tmp_path / "dest", "--retries", "5") == 1
+    assert time.monotonic() - start < 10
+
+
+def test_timeout_flag_bounds_a_silent_server(tmp_path: Path) -> None:
+    """A server that accepts and never answers: --timeout 1 ends the listing in about a second."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        port = server.getsockname()[1]
+        mix = _mixture(tmp_path, "unused", [{"name": "kuka", "source": f"http://127.0.0.1:{port}/kuka/0.1.0/"}])
+        start = time.monotonic()
+        assert dl.main(["--mixture", str(mix), "--out", str(tmp_path / "d"), "--dry-run", "--timeout", "1"]) == 1
+        assert time.monotonic() - start < 8
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+def test_only_transient_errors_are_retried(tmp_path: Path, bucket: Path, monkeypatch: pytest.MonkeyPatch,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    import aiohttp
+
+    def response_error(status: int) -> Exception:
+        return aiohttp.ClientResponseError(None, (), status=status, message="x")  # type: ignore[arg-type]
+
+    assert dl.is_transient(ConnectionResetError("reset")) and dl.is_transient(TimeoutError())
+    assert dl.is_transient(response_error(503)) and dl.is_transient(response_error(429))
+    assert not dl.is_transient(response_error(404)) and not dl.is_transient(response_error(403))
+    assert not dl.is_transient(socket.gaierror(-2, "Name or service not known"))
+    assert not dl.is_transient(FileNotFoundError("gone"))
+    wrapped = OSError("listing failed")
+    wrapped.__cause__ = OSError(errno.ENETUNREACH, "Network is unreachable")
+    assert not dl.is_transient(wrapped)
+
+    calls: list[str] = []
+
+    def missing(fs, url, dest, on_bytes):
+        calls.append(url)
+        raise FileNotFoundError(url)
+
+    monkeypatch.setattr(dl, "fetch_once", missing)
+    mix = _mixture(tmp_path, str(bucket), [{"name": "kuka", "fraction": 0.2}])
+    assert dl.main(["--mixture", str(mix), "--out", str(tmp_path / "d"), "--workers", "1", "--retries", "3"]) == 1
+    assert len(calls) == 1, "a missing file was retried"
+    assert "not retried" in caplog.text
+
+
+def test_source_root_flag_and_env_read_a_local_copy(tmp_path: Path, bucket: Path) -> None:
+    """A shipped preset by name (its sources are on the internet), redirected to a local copy."""
+    proc, _ = _cli(tmp_path, "--mixture", "bridge", "--out", "data", "--source-root", str(bucket),
+                   "--other-splits", "none", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    manifest = _manifest(tmp_path / "data", "bridge_orig", "1.0.0")
+    assert manifest["complete"] and manifest["source"] == f"{bucket}/bridge_orig/1.0.0"
+    # the environment variable does the same (the flag wins when both are set)
+    proc, _ = _cli(tmp_path, "--mixture", "bridge", "--out", "data2", "--dry-run",
+                   env={dl.SOURCE_ROOT_ENV: str(bucket)})
+    assert proc.returncode == 0, proc.stderr
+    assert "bridge_orig" in proc.stdout and "16/16" in proc.stdout  # the preset fetches every shard
+    proc, _ = _cli(tmp_path, "--mixture", "bridge", "--out", "data3", "--dry-run", "--source-root", str(bucket),
+                   env={dl.SOURCE_ROOT_ENV: str(tmp_path / "nowhere")})
+    assert proc.returncode == 0, proc.stderr

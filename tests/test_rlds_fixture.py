@@ -10,6 +10,7 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
+from conftest import shared_schemas_missing  # noqa: E402
 from llava_vla_plugin.testing import rlds_fixture as fx  # noqa: E402
 
 BUNDLED = ["bridge_orig", "fractal20220817_data", "kuka", "language_table"]
@@ -84,14 +85,13 @@ def test_bundled_schemas_roundtrip(name: str, tmp_path: Path) -> None:
     _check(name, tmp_path)
 
 
-_NO_SHARED = pytest.param(
-    None, marks=pytest.mark.skip(reason="shared/oxe_schemas not found (set OXE_SCHEMAS_DIR); bundled schemas only"),
-    id="shared-schemas",
-)
+_NO_SHARED = pytest.param(None, id="shared-schemas")
 
 
 @pytest.mark.parametrize("name", _shared_only() or [_NO_SHARED])
-def test_shared_schemas_roundtrip(name: str, tmp_path: Path) -> None:
+def test_shared_schemas_roundtrip(name: str | None, tmp_path: Path) -> None:
+    if name is None:
+        shared_schemas_missing("the shared-schema round trip")
     _check(name, tmp_path)
 
 

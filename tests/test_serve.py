@@ -6,6 +6,7 @@ plain urllib with the json-numpy wire format written out here, as an OpenVLA cli
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import subprocess
 import sys
@@ -13,13 +14,15 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import json_numpy
 import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import ROOT, requires_upstream, run_py
-from llava_vla_plugin.serve import BadRequest, dumps, loads, parse_act_payload
+from llava_vla_plugin.serve import BadRequest, decode_json, parse_act_payload, response_action
 from test_policy import policy_results
 
 
@@ -34,18 +37,24 @@ def decode_array(d: dict) -> np.ndarray:
 
 
 # ---- wire format and request parsing (no model) ------------------------------------------------
-def test_json_numpy_format():
+def test_json_numpy_format_is_the_packages():
     a = np.array([[1, 2, 3]], dtype=np.uint8)
-    assert json.loads(dumps(a)) == {"__numpy__": "AQID", "dtype": "|u1", "shape": [1, 3]}
+    assert json.loads(json_numpy.dumps(a)) == {"__numpy__": "AQID", "dtype": "|u1", "shape": [1, 3]}
     f = np.array([0.5, -1.25])
-    assert np.array_equal(loads(json.dumps(encode_array(f))), f)
-    assert loads(dumps({"x": np.float64(2.5)}))["x"] == 2.5  # numpy scalars: shape [] -> scalar
-    try:  # the real package, where installed, agrees both ways
-        import json_numpy
-    except ImportError:
-        return
-    assert np.array_equal(json_numpy.loads(dumps(f)), f)
-    assert np.array_equal(loads(json_numpy.dumps(a)), a)
+    assert np.array_equal(decode_json(json.dumps(encode_array(f))), f)  # this file's hand encoding
+    assert np.array_equal(decode_json(json_numpy.dumps({"x": f}))["x"], f)
+    assert decode_json(json_numpy.dumps({"x": np.float64(2.5)}))["x"] == 2.5  # numpy scalars: shape [] -> scalar
+
+
+def test_response_shape_rule():
+    # The policy answers (D,) today; chunked checkpoints (H, D) come later, so [H, D] is a made-up array here.
+    assert response_action(np.arange(7.0)).shape == (7,)
+    assert response_action(np.arange(7.0)[None]).shape == (7,)  # a 1-step chunk answers as OpenVLA does
+    chunk = np.arange(56.0).reshape(8, 7)
+    assert np.array_equal(response_action(chunk), chunk)  # OFT's deploy.py answers the whole chunk
+    for bad in (np.zeros(()), np.zeros((0,)), np.zeros((2, 3, 4))):
+        with pytest.raises(ValueError, match="expected \\(D,\\) or \\(H, D\\)"):
+            response_action(bad)
 
 
 def test_parse_act_payload_accepts_openvla_forms_and_refuses_bad_ones():
@@ -71,6 +80,14 @@ def test_parse_act_payload_accepts_openvla_forms_and_refuses_bad_ones():
         (json.dumps({"image": encode_array(img), "instruction": "go", "unnorm_key": 3}), "'unnorm_key' must be a string"),
         (json.dumps({"encoded": inner, "x": 1}), "only the 'encoded' key"),
         (json.dumps([1, 2]), "expected a JSON object"),
+        (json.dumps({"image": encode_array(np.zeros((1, 1, 3), np.uint8)), "instruction": "go"}), "1x1 pixels"),
+        (json.dumps({"image": {"__numpy__": "AQID", "shape": [3]}, "instruction": "go"}), r"missing \['dtype'\]"),
+        (json.dumps({"image": {"__numpy__": "", "dtype": "|u1", "shape": [0]}, "instruction": "go"}), "non-empty base64"),
+        (json.dumps({"image": {"__numpy__": "AQID", "dtype": "|u1", "shape": [2, 2]}, "instruction": "go"}),
+         "holds 3 bytes but dtype '|u1' and shape \\[2, 2\\] need 4"),
+        (json.dumps({"image": {"__numpy__": "AQID", "dtype": "|O", "shape": [3]}, "instruction": "go"}), "Python objects"),
+        (json.dumps({"image": {"__numpy__": "A?ID", "dtype": "|u1", "shape": [3]}, "instruction": "go"}), "not valid base64"),
+        ("[" * 100_000 + "]" * 100_000, "nests JSON arrays/objects deeper"),
     ]
     for body, msg in bad:
         with pytest.raises(BadRequest, match=msg):
@@ -80,17 +97,22 @@ def test_parse_act_payload_accepts_openvla_forms_and_refuses_bad_ones():
 def test_cli_help_and_usage_errors():
     proc = run_py(["-m", "llava_vla_plugin.serve", "--help"])
     assert proc.returncode == 0 and "POST /act" in proc.stdout and "--checkpoint" in proc.stdout
+    for flag in ("--max-body-mb", "--request-timeout", "--max-decodes", "--backlog"):
+        assert flag in proc.stdout
     assert run_py(["-m", "llava_vla_plugin.serve"]).returncode == 2  # --checkpoint is required
+    proc = run_py(["-m", "llava_vla_plugin.serve", "--checkpoint", "x", "--max-decodes", "0"])
+    assert proc.returncode == 2 and "--max-decodes must be positive" in proc.stderr
 
 
 # ---- a live server on the trained tiny checkpoint ----------------------------------------------
-@pytest.fixture(scope="module")
-def served(tiny_model, tmp_path_factory):
-    info, results = policy_results(tiny_model, tmp_path_factory)
-    log_dir = tmp_path_factory.mktemp("serve")
+@contextlib.contextmanager
+def running_server(ckpt, env: dict, log_dir: Path, *args: str, preexec_fn=None):
+    """`python -m llava_vla_plugin.serve` on 127.0.0.1 with a free port (--port 0: tests run in parallel
+    sessions on one machine) -> (url, process); stopped with SIGTERM, which must exit 0."""
     out, err = open(log_dir / "stdout", "w"), open(log_dir / "stderr", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "llava_vla_plugin.serve", "--checkpoint", str(info["ckpt"]),
-                             "--host", "127.0.0.1", "--port", "0"], cwd=ROOT, env=info["env"], stdout=out, stderr=err)
+    proc = subprocess.Popen([sys.executable, "-m", "llava_vla_plugin.serve", "--checkpoint", str(ckpt),
+                             "--host", "127.0.0.1", "--port", "0", *args], cwd=ROOT, env=env, stdout=out, stderr=err,
+                            preexec_fn=preexec_fn)
     url = None
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -99,18 +121,26 @@ def served(tiny_model, tmp_path_factory):
             url = line.split(" on ", 1)[1].split()[0]
             break
         time.sleep(0.2)
-    if url is None:
-        proc.kill()
-        pytest.fail(f"server did not start: {(log_dir / 'stderr').read_text()[-4000:]}")
-    yield url, results
-    proc.terminate()
     try:
-        assert proc.wait(timeout=20) == 0  # SIGTERM: a clean stop
+        if url is None:
+            pytest.fail(f"server did not start: {(log_dir / 'stderr').read_text()[-4000:]}")
+        yield url, proc
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0, (log_dir / "stderr").read_text()[-4000:]  # SIGTERM: a clean stop
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
         out.close()
         err.close()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, tmp_path_factory):
+    """The server with every limit at its default."""
+    info, results = policy_results(tiny_model, tmp_path_factory)
+    with running_server(info["ckpt"], info["env"], tmp_path_factory.mktemp("serve")) as (url, _):
+        yield url, results
 
 
 def post(url: str, payload, raw: bytes | None = None) -> tuple[int, object]:
@@ -145,6 +175,31 @@ def test_server_answers_like_predict_action(served):
     status, body = post(url, {"encoded": json.dumps(case_payload(case))})
     assert status == 200 and isinstance(body, str)
     assert decode_array(json.loads(body)).tolist() == case["policy_action"]
+
+
+OPENVLA_CLIENT = """
+import sys
+import json_numpy
+json_numpy.patch()
+import numpy as np, requests
+from PIL import Image
+url, image, instruction, unnorm_key = sys.argv[1:]
+action = requests.post(url + "/act", json={"image": np.asarray(Image.open(image).convert("RGB")),
+                                           "instruction": instruction, "unnorm_key": unnorm_key}).json()
+print(json_numpy.dumps(action))
+"""
+
+
+@requires_upstream
+def test_openvla_client_as_written(served):
+    """The client snippet of OpenVLA's deploy.py (requests + json_numpy.patch()), in its own process:
+    patch() replaces the json module's functions process-wide."""
+    url, results = served
+    case = results["cases"][2]
+    proc = run_py(["-c", OPENVLA_CLIENT, url, case["image"], case["instruction"], case["unnorm_key"]], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    action = json_numpy.loads(proc.stdout)
+    assert isinstance(action, np.ndarray) and action.shape == (7,) and action.tolist() == case["policy_action"]
 
 
 @requires_upstream

@@ -9,7 +9,7 @@ import json, sys, copy
 import torch
 from types import SimpleNamespace
 from transformers import AutoTokenizer
-from llava_vla_plugin import register, state
+from llava_vla_plugin import register
 register.register()
 from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
 from llava.train.train import DataCollatorForSupervisedDataset

@@ -22,15 +22,13 @@ def data(tmp_path):
 def make_dataset(qwen_tokenizer):
     from llava.model.multimodal_encoder.siglip_encoder import SigLipImageProcessor
 
-    from llava_vla_plugin import register, state
-    from llava_vla_plugin.action_tokenizer import ActionTokenizer
+    from llava_vla_plugin import register
 
     register.register()
 
     def make(data_path, image_folder, **kw):
         from llava_vla_plugin.dataset import VLADataset
 
-        state.set_action_tokenizer(ActionTokenizer())
         tok = copy.deepcopy(qwen_tokenizer)
         args = SimpleNamespace(image_folder=str(image_folder), image_processor=SigLipImageProcessor(),
                                image_aspect_ratio="pad", is_multimodal=True, early_mix_text=False,

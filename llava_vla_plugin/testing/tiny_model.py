@@ -107,24 +107,33 @@ def tiny_qwen2_config(vocab_size: int = 151936):
     )
 
 
-def publish_tiny_siglip(hf_home: Path, repo_id: str = TOWER_ID, seed: int = 0, layers: int = 2) -> Path:
+def publish_tiny_siglip(hf_home: Path, repo_id: str = TOWER_ID, seed: int = 0, layers: int = 2,
+                        config_overrides: dict | None = None, dtype=None) -> Path:
     """Write a tiny SigLIP into an HF hub cache layout so `from_pretrained(repo_id)` resolves offline.
 
     Upstream's tower hard-wires hidden 1152, image 384, patch 14 (it asserts 729 patches), so only the
     depth and MLP width shrink. Upstream drops the last layer when it loads the tower: layers=1 leaves
     the patch embedding alone, ten times cheaper per image (for tests that train many steps).
+    `config_overrides` and `dtype` publish other shapes the same way (testing/onevision_configs.py:
+    the real so400m shape with random weights).
     """
     import torch
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     torch.manual_seed(seed)
-    config = SiglipVisionConfig(
-        hidden_size=1152, image_size=384, patch_size=14, num_hidden_layers=layers,
-        intermediate_size=64, num_attention_heads=16,
-    )
-    model = SiglipVisionModel(config)
+    config = SiglipVisionConfig(**{
+        "hidden_size": 1152, "image_size": 384, "patch_size": 14, "num_hidden_layers": layers,
+        "intermediate_size": 64, "num_attention_heads": 16, **(config_overrides or {}),
+    })
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or default_dtype)  # built in that dtype: no fp32 copy of a large tower
+    try:
+        model = SiglipVisionModel(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     repo_dir = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
-    revision = hashlib.sha1(f"{repo_id}:{seed}:{layers}".encode()).hexdigest()
+    key = f"{repo_id}:{seed}:{layers}" + (f":{sorted(config_overrides.items())}" if config_overrides else "")
+    revision = hashlib.sha1(key.encode()).hexdigest()
     snapshot = repo_dir / "snapshots" / revision
     if snapshot.exists():
         shutil.rmtree(snapshot)

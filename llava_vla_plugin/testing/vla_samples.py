@@ -1,4 +1,4 @@
-"""Small converted-format VLA datasets (DESIGN.md 2.1 layout) for plugin tests and benchmarks.
+"""Small converted-format VLA datasets (docs/DESIGN.md 2.1 layout) for plugin tests and benchmarks.
 
 The end-to-end path (RLDS fixture -> data_tools.convert) makes the same layout; this writer exists
 so plugin tests can choose exactly how actions depend on images and instructions.

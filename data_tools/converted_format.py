@@ -1,0 +1,239 @@
+"""The converted-data format: the one owner of what `data_tools.convert` writes and everything else reads.
+
+Layout of a converted directory OUT (docs/DESIGN.md, "The converted format")::
+
+    OUT/mixture.yaml                     upstream's --data_path file: {datasets: [{json_path, weight, ...}]}
+    OUT/dataset_statistics.json          {dataset: statistics} of every dataset (OpenVLA's format)
+    OUT/<dataset>/train.jsonl, val.jsonl one ConvertedSample per line
+    OUT/<dataset>/dataset_statistics.json {dataset: statistics}
+    OUT/<dataset>/manifest.json          what was read, options, counts of everything dropped
+    OUT/<dataset>/images/<split>/<episode:06d>/<step:04d>.jpg
+
+A sample line is LLaVA's conversation format plus provenance and the raw action::
+
+    {"id": "<dataset>/<split>/<episode:06d>/<step:04d>", "image": "<dataset>/images/...jpg",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat action should the robot take to <instr>?"},
+                       {"from": "gpt", "value": [7 normalized floats]}],
+     "dataset": ..., "split": ..., "episode": int, "step": int, "action_raw": [7 floats],
+     "instruction": "<the dataset's instruction, original case>"}
+
+The human turn is what upstream LLaVA-NeXT reads, so the files also train with plain upstream; the
+`instruction` field is what our own readers use (no parsing the prompt back). Data converted before
+the field existed has no `instruction`: `sample_instruction` then recovers it from the human turn.
+Pure Python + numpy: data_tools and llava_vla_plugin both import it (data_tools never imports the plugin).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+# ---- file names ---------------------------------------------------------------------------------
+SPLITS = ("train", "val")
+STATISTICS_FILE = "dataset_statistics.json"
+MANIFEST_FILE = "manifest.json"
+MIXTURE_FILE = "mixture.yaml"
+IMAGES_DIR = "images"
+
+
+def split_file(split: str) -> str:
+    """`train.jsonl` / `val.jsonl`: one sample per line."""
+    return f"{split}.jsonl"
+
+
+TRAIN_FILE = split_file("train")
+VAL_FILE = split_file("val")
+
+# ---- prompt -------------------------------------------------------------------------------------
+IMAGE_TOKEN = "<image>"  # upstream LLaVA's image placeholder in the human turn
+IGNORE_INDEX = -100  # label of positions that carry no loss (upstream's and PyTorch's convention)
+# OpenVLA's prompt (prismatic/vla/datasets/datasets.py RLDSBatchTransform); a checkpoint records the one it used.
+PROMPT_TEMPLATE = "What action should the robot take to {instruction}?"
+
+
+def prompt_text(instruction: str, template: str = PROMPT_TEMPLATE) -> str:
+    """OpenVLA lowercases the instruction when it builds the prompt; so do we (the data keep the original)."""
+    return template.format(instruction=instruction.lower())
+
+
+def human_turn(instruction: str, template: str = PROMPT_TEMPLATE) -> str:
+    return f"{IMAGE_TOKEN}\n{prompt_text(instruction, template)}"
+
+
+class SampleFormatError(ValueError):
+    """A sample that does not follow the converted format; the message says what is wrong."""
+
+
+# ---- one sample ---------------------------------------------------------------------------------
+def _f32_json(values: Sequence[float] | np.ndarray) -> str:
+    """A JSON array of the shortest decimals that round-trip to the same float32 values."""
+    return "[" + ", ".join(str(v) for v in np.asarray(values, dtype=np.float32)) + "]"
+
+
+@dataclass(frozen=True)
+class ConvertedSample:
+    """One frame of one episode: what a line of train.jsonl / val.jsonl holds."""
+
+    dataset: str
+    split: str
+    episode: int
+    step: int
+    instruction: str
+    action: Any  # the normalized action ([-1, 1] where the mask says so), float32 values
+    action_raw: Any  # the standardized action before normalization, float32 values
+
+    @property
+    def id(self) -> str:
+        return sample_id(self.dataset, self.split, self.episode, self.step)
+
+    @property
+    def image(self) -> str:
+        return image_path(self.dataset, self.split, self.episode, self.step)
+
+    def to_json_line(self, template: str = PROMPT_TEMPLATE) -> str:
+        """The sample as one JSON line, formatted directly: json.dumps of the nested dict costs 3x more and
+        the converter runs this once per frame. Parses to the same object as json.dumps of `to_dict()`."""
+        human = json.dumps(human_turn(self.instruction, template), ensure_ascii=False)
+        return (
+            f'{{"id": "{self.id}", "image": "{self.image}", '
+            f'"conversations": [{{"from": "human", "value": {human}}}, {{"from": "gpt", "value": {_f32_json(self.action)}}}], '
+            f'"dataset": "{self.dataset}", "split": "{self.split}", "episode": {self.episode}, "step": {self.step}, '
+            f'"action_raw": {_f32_json(self.action_raw)}, '
+            f'"instruction": {json.dumps(self.instruction, ensure_ascii=False)}}}\n'
+        )
+
+    def to_dict(self, template: str = PROMPT_TEMPLATE) -> dict[str, Any]:
+        return json.loads(self.to_json_line(template))
+
+    @classmethod
+    def from_dict(cls, sample: Mapping[str, Any], template: str = PROMPT_TEMPLATE) -> "ConvertedSample":
+        """Read a sample line (new or old converted data); raises SampleFormatError naming the sample."""
+        missing = [k for k in ("dataset", "split", "episode", "step", "conversations") if k not in sample]
+        if missing or not is_action_sample(sample):
+            raise SampleFormatError(f"sample {sample.get('id', '?')!r} is not a converted robot-action sample"
+                                    + (f" (missing {missing})" if missing else ""))
+        return cls(str(sample["dataset"]), str(sample["split"]), int(sample["episode"]), int(sample["step"]),
+                   sample_instruction(sample, template), list(sample_action(sample)),
+                   sample.get("action_raw"))
+
+
+def sample_id(dataset: str, split: str, episode: int, step: int) -> str:
+    return f"{dataset}/{split}/{episode:06d}/{step:04d}"
+
+
+def image_relpath(split: str, episode: int, step: int) -> str:
+    """The image path under <dataset>/images/."""
+    return f"{split}/{episode:06d}/{step:04d}.jpg"
+
+
+def image_path(dataset: str, split: str, episode: int, step: int) -> str:
+    """The image path relative to the converted directory (upstream's --image_folder)."""
+    return f"{dataset}/{IMAGES_DIR}/{image_relpath(split, episode, step)}"
+
+
+def converted_dataset_dirs(out) -> list:
+    """The finished datasets of a converted directory: the folders holding a manifest (written last)."""
+    from pathlib import Path
+
+    return sorted(p.parent for p in Path(out).glob(f"*/{MANIFEST_FILE}"))
+
+
+# ---- predicates and accessors (plain dicts, as the loaders hold them) -----------------------------
+def is_action_sample(sample: Mapping[str, Any]) -> bool:
+    """A robot-action sample: its assistant turn is a list of numbers. Anything else (co-training
+    instruction data) is upstream's business."""
+    conv = sample.get("conversations") or []
+    return len(conv) >= 2 and isinstance(conv[1], Mapping) and isinstance(conv[1].get("value"), list)
+
+
+def sample_action(sample: Mapping[str, Any]) -> list:
+    """The normalized action (the assistant turn) of a robot-action sample."""
+    return sample["conversations"][1]["value"]
+
+
+def sample_instruction(sample: Mapping[str, Any], template: str = PROMPT_TEMPLATE) -> str:
+    """The instruction a sample's prompt is built from: its `instruction` field, else (data converted
+    before the field existed, or hand-written samples) recovered from the human turn via `template`."""
+    instruction = sample.get("instruction")
+    if isinstance(instruction, str) and instruction:
+        return instruction
+    conv = sample.get("conversations") or [{}]
+    human = str(conv[0].get("value", "")).replace(IMAGE_TOKEN, "").strip()
+    head, _, tail = template.partition("{instruction}")
+    if human.startswith(head) and human.endswith(tail) and len(human) >= len(head) + len(tail):
+        return human[len(head): len(human) - len(tail) if tail else None]
+    raise SampleFormatError(f"sample {sample.get('id', '?')!r}: human turn {human[:80]!r} does not follow the prompt "
+                            f"template {template!r}; give the sample an `instruction` field")
+
+
+# ---- per-episode action sequences (future-action windows are built from them at training time) ----
+def episode_actions_file(split: str) -> str:
+    """`train_actions.npz` / `val_actions.npz` beside the split's jsonl: every kept episode's full normalized
+    action sequence, so the chunk length H is a training option and needs no re-conversion."""
+    return f"{split}_actions.npz"
+
+
+# OpenVLA's `absolute_action_mask` for ActionEncoding.EEF_POS (the only encoding converted): the gripper is an
+# absolute command, the 6 end-effector deltas are relative (oxe/utils/... make_oxe_dataset_kwargs).
+EEF_POS_ABSOLUTE_MASK = (False,) * 6 + (True,)
+
+
+@dataclass(frozen=True)
+class EpisodeActions:
+    """The normalized action sequences of one dataset split, concatenated.
+
+    `actions[offsets[e]:offsets[e+1]]` is episode `episodes[e]`'s standardized trajectory (every step the
+    standardization kept, not only the exported frames), `steps` the raw step index of each row (a sample's
+    `step`), `absolute_mask` which dimensions are absolute (repeated past the episode's end in OpenVLA's rule)."""
+
+    actions: np.ndarray  # [N, D] float32, normalized
+    steps: np.ndarray  # [N] int64
+    episodes: np.ndarray  # [E] int64, the samples' `episode`
+    offsets: np.ndarray  # [E + 1] int64
+    absolute_mask: np.ndarray  # [D] bool
+
+    def save(self, path) -> None:
+        """An .npz (np.load reads it) written byte-identically for the same arrays: np.savez stamps each member
+        with the current time, so the zip is written here with a fixed date. Written to a temp name, then
+        renamed: a reader never sees half a file."""
+        import io
+        import os
+        import zipfile
+
+        arrays = {"actions": np.asarray(self.actions, np.float32), "steps": np.asarray(self.steps, np.int64),
+                  "episodes": np.asarray(self.episodes, np.int64), "offsets": np.asarray(self.offsets, np.int64),
+                  "absolute_mask": np.asarray(self.absolute_mask, bool)}
+        tmp = f"{path}.tmp"
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for name, arr in arrays.items():
+                buf = io.BytesIO()
+                np.lib.format.write_array(buf, arr, allow_pickle=False)
+                zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path) -> "EpisodeActions":
+        with np.load(path) as z:
+            return cls(z["actions"], z["steps"], z["episodes"], z["offsets"], z["absolute_mask"])
+
+    @classmethod
+    def from_episodes(cls, episodes: Mapping[int, tuple[np.ndarray, np.ndarray]], absolute_mask: Sequence[bool]) -> "EpisodeActions":
+        """{episode: (normalized actions [T, D], raw step indices [T])} -> the concatenated form (episode order)."""
+        keys = sorted(episodes)
+        dim = len(absolute_mask)
+        acts = [np.asarray(episodes[k][0], np.float32).reshape(-1, dim) for k in keys]
+        steps = [np.asarray(episodes[k][1], np.int64) for k in keys]
+        offsets = np.concatenate([[0], np.cumsum([len(a) for a in acts])]).astype(np.int64)
+        return cls(np.concatenate(acts) if acts else np.zeros((0, dim), np.float32),
+                   np.concatenate(steps) if steps else np.zeros(0, np.int64),
+                   np.asarray(keys, np.int64), offsets, np.asarray(absolute_mask, bool))
+
+    def episode(self, episode: int) -> tuple[np.ndarray, np.ndarray]:
+        """(actions [T, D], raw steps [T]) of one episode; KeyError when it is not in the file."""
+        pos = int(np.searchsorted(self.episodes, episode))
+        if pos >= len(self.episodes) or self.episodes[pos] != episode:
+            raise KeyError(f"episode {episode} has no action sequence")
+        lo, hi = int(self.offsets[pos]), int(self.offsets[pos + 1])
+        return self.actions[lo:hi], self.steps[lo:hi]

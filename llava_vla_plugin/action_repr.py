@@ -1,0 +1,404 @@
+"""Action representations: how normalized actions [H, D] become training targets and come back out.
+
+One interface, three implementations, chosen by one training option (`--vla_action_repr`), recorded in
+every checkpoint (`vla_action_repr.json`). The model sees the same data and backbone whichever is used;
+a representation answers four questions (openpi's tokenizers `tokenize` / `extract_actions` are the model):
+
+  targets       normalized window [H, D] -> input_ids, labels (+ regression targets) after the prompt
+  model         which tokens the tokenizer needs and which head (if any) the model carries
+  decoding      how the policy turns a prompt into normalized actions [B, H, D] (and what it constrains)
+  metrics       how action accuracy / L1 are counted in training and validation
+
+Registry (data, not an if-chain): REPRESENTATIONS = {name: class}.
+
+* ``bins`` -- today's OpenVLA-style step: D tokens `<ACTION_k>` (256 uniform bins over [-1, 1]) and
+  `<|im_end|>`, autoregressive, H = 1. Byte-identical to the behaviour before this module existed.
+* ``bins_chunk`` -- H x D action tokens (step-major), autoregressive; decoding is constrained to action
+  tokens for H x D steps, then `<|im_end|>`.
+* ``parallel_l1`` -- OpenVLA-OFT's parallel decoding: H x D placeholder positions (`<ACTION_SLOT>`)
+  follow the prompt; one forward pass gives their last hidden states, a small MLP head maps each step's
+  D hidden states to D continuous normalized values, trained with L1 loss. No LM head, no sampling.
+  Attention among the placeholders stays *causal* (OFT makes it bidirectional). Why: the placeholders'
+  inputs are identical, so what each position can add is computation over the prompt, which every
+  position attends to fully either way; the head reads all H x D positions jointly, so the chunk is
+  still decoded as a whole. Causal attention keeps the checkpoint an ordinary causal LM that plain
+  upstream LLaVA-NeXT loads, and keeps upstream's attention kernels (sdpa / flash-attention, whose
+  causal mask cannot be mixed per span), gradient checkpointing and DeepSpeed paths unchanged. A
+  bidirectional variant is a custom 4-d mask in the forward and is left as an ablation.
+  The head travels in the checkpoint as `vla_action_head.safetensors` (and inside model.safetensors,
+  which plain upstream ignores with an "unused weights" notice; resume restores it from there).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data_tools.action_windows import WINDOW_MODES
+from data_tools.converted_format import IGNORE_INDEX
+from llava_vla_plugin.action_tokenizer import ActionTokenizer
+
+log = logging.getLogger(__name__)
+
+REPR_FILE = "vla_action_repr.json"
+HEAD_FILE = "vla_action_head.safetensors"
+SLOT_TOKEN = "<ACTION_SLOT>"
+# system + user framing + `<|im_start|>assistant\n` + `<|im_end|>\n` after the answer, without instruction/actions
+PROMPT_FRAMING_TOKENS = 40
+
+
+class ActionReprError(ValueError):
+    pass
+
+
+# ---- configuration (saved in every checkpoint) ---------------------------------------------------
+@dataclass(frozen=True)
+class ActionReprConfig:
+    """What a checkpoint needs to decode its actions. Old checkpoints (no file) are `bins`, H = 1."""
+
+    name: str = "bins"
+    action_dim: int = 7
+    horizon: int = 1
+    window_mode: str = "oft"  # how training windows were cut (data_tools.action_windows); documentation at inference
+    n_bins: int = 256
+    head_width: Optional[int] = None  # parallel_l1: MLP width (None: the LM's hidden size)
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.name not in REPRESENTATIONS:
+            raise ActionReprError(f"unknown action representation {self.name!r}: use one of {', '.join(REPRESENTATIONS)}")
+        if self.horizon < 1 or self.action_dim < 1:
+            raise ActionReprError(f"horizon and action_dim must be >= 1 (got H={self.horizon}, D={self.action_dim})")
+        if self.window_mode not in WINDOW_MODES:
+            raise ActionReprError(f"unknown window mode {self.window_mode!r}: use one of {', '.join(WINDOW_MODES)}")
+        if self.name == "bins" and self.horizon != 1:
+            raise ActionReprError(f"`bins` predicts one step (H=1), got H={self.horizon}: use bins_chunk or parallel_l1 for chunks")
+
+    @classmethod
+    def from_args(cls, data_args) -> "ActionReprConfig":
+        return cls(name=str(getattr(data_args, "vla_action_repr", "bins")), horizon=int(getattr(data_args, "vla_horizon", 1)),
+                   window_mode=str(getattr(data_args, "vla_window_mode", "oft")))
+
+    def save(self, directory) -> Path:
+        path = Path(directory) / REPR_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, directory) -> "ActionReprConfig":
+        """The checkpoint's representation; a checkpoint written before representations existed is `bins`,
+        H = 1, with the action tokenizer's dimension and bin count."""
+        directory = Path(directory)
+        path = directory / REPR_FILE
+        if not path.exists():
+            at = ActionTokenizer.load(directory)
+            return cls(name="bins", action_dim=at.action_dim, horizon=1, n_bins=at.n_bins)
+        d = json.loads(path.read_text())
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ActionReprError(f"{path}: {e} (written by a newer llava_vla_plugin?)") from None
+
+
+# ---- the parallel_l1 head ------------------------------------------------------------------------
+class L1RegressionHead(torch.nn.Module):
+    """Each chunk step's D placeholder hidden states (concatenated) -> D continuous values (OFT's
+    L1RegressionActionHead shape: LayerNorm, 2-layer GELU MLP, linear out)."""
+
+    def __init__(self, hidden_size: int, action_dim: int, horizon: int, width: int, slot_token_id: int):
+        super().__init__()
+        self.hidden_size, self.action_dim, self.horizon = hidden_size, action_dim, horizon
+        self.slot_token_id = slot_token_id
+        self.net = torch.nn.Sequential(
+            torch.nn.LayerNorm(action_dim * hidden_size), torch.nn.Linear(action_dim * hidden_size, width), torch.nn.GELU(),
+            torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, action_dim))
+
+    def forward(self, slot_hidden: torch.Tensor) -> torch.Tensor:
+        """[B, H*D, hidden] -> [B, H, D]"""
+        b = slot_hidden.shape[0]
+        x = slot_hidden.reshape(b, self.horizon, self.action_dim * self.hidden_size)
+        return self.net(x.to(self.net[1].weight.dtype))
+
+
+def regression_forward(head: L1RegressionHead, hidden: torch.Tensor, labels: torch.Tensor,
+                       action_targets: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Training forward of the head (called by sparse_head): labels without the placeholder positions (for the
+    LM-head cross-entropy), predictions [n, H, D] and their L1 loss. Placeholders are labelled with their own
+    id so that they survive upstream's image expansion and padding aligned with the hidden states."""
+    slots = labels == head.slot_token_id
+    ce_labels = labels.masked_fill(slots, IGNORE_INDEX)
+    n_seq = int(slots.any(dim=1).sum())
+    if n_seq == 0:
+        return ce_labels, None, None
+    per_seq = slots.sum(dim=1)
+    want = head.horizon * head.action_dim
+    if not bool(((per_seq == 0) | (per_seq == want)).all()):
+        raise ActionReprError(f"a sequence has {per_seq.tolist()} action placeholders, expected 0 or {want} "
+                              "(truncated by model_max_length?)")
+    if action_targets is None or action_targets.shape[0] != n_seq:
+        raise ActionReprError(f"{n_seq} sequences with action placeholders but "
+                              f"{None if action_targets is None else action_targets.shape[0]} action_targets in the batch")
+    pred = head(hidden[slots].reshape(n_seq, want, hidden.shape[-1]))
+    return ce_labels, pred, action_targets.to(pred.dtype)
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+class RegressionMetrics:
+    """parallel_l1's counterpart of trainer.ActionMetrics (same summary keys): accuracy = the prediction
+    falls in the target's bin (the bins representation's unit), L1 in normalized units; `ce_sum` holds the
+    L1 sum so validation's `val_action_loss` is the representation's own loss."""
+
+    def __init__(self, action_tokenizer: ActionTokenizer) -> None:
+        self.at = action_tokenizer
+        self.reset()
+
+    def reset(self) -> None:
+        self.correct, self.constrained_correct, self.total, self.l1_sum, self.ce_sum = 0, 0, 0, 0.0, 0.0
+
+    @torch.no_grad()
+    def update_output(self, out, with_loss: bool = False) -> None:
+        pred, tgt = getattr(out, "action_pred", None), getattr(out, "action_targets", None)
+        if pred is None or tgt is None:
+            return
+        p, t = pred.detach().float().cpu().numpy(), tgt.detach().float().cpu().numpy()
+        err = np.abs(p - t)
+        self.correct += int((self.at.encode(p) == self.at.encode(t)).sum())
+        self.constrained_correct = self.correct  # no vocabulary to leave: both accuracies are the bin accuracy
+        self.total += int(t.size)
+        self.l1_sum += float(err.sum())
+        self.ce_sum += float(err.sum())
+
+    def summary(self) -> dict[str, float]:
+        if not self.total:
+            return {}
+        return {"action_accuracy_teacher_forced": self.correct / self.total,
+                "action_accuracy_teacher_forced_constrained": self.constrained_correct / self.total,
+                "action_l1": self.l1_sum / self.total}
+
+
+# ---- the interface --------------------------------------------------------------------------------
+class ActionRepresentation:
+    """Base: the token-free parts. Subclasses say how targets are made and decoded."""
+
+    name: ClassVar[str] = ""
+    extra_tokens: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: ActionReprConfig, action_tokenizer: Optional[ActionTokenizer] = None):
+        self.config = config
+        self.action_tokenizer = action_tokenizer or ActionTokenizer(n_bins=config.n_bins, action_dim=config.action_dim)
+        if self.action_tokenizer.action_dim != config.action_dim:
+            raise ActionReprError(f"action tokenizer has D={self.action_tokenizer.action_dim}, representation D={config.action_dim}")
+
+    @property
+    def horizon(self) -> int:
+        return self.config.horizon
+
+    @property
+    def action_dim(self) -> int:
+        return self.config.action_dim
+
+    # -- model / tokenizer --
+    def bind(self, tokenizer) -> int:
+        """Add the representation's tokens to the tokenizer (idempotent); returns how many were new."""
+        added = self.action_tokenizer.add_to_tokenizer(tokenizer)
+        missing = [t for t in self.extra_tokens if t not in tokenizer.get_vocab()]
+        if missing:
+            added += tokenizer.add_tokens(missing, special_tokens=True)
+        return added
+
+    @property
+    def answer_tokens(self) -> int:
+        """Tokens after the prompt in a training sample (the max-length guard adds them to the framing)."""
+        raise NotImplementedError
+
+    def prepare_model(self, model, tokenizer) -> None:
+        """Give the model what the representation needs before training (a head, new embedding rows)."""
+
+    # -- training targets --
+    def build(self, prompt_builder, instruction: str, window: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        raise NotImplementedError
+
+    def metrics(self):
+        raise NotImplementedError
+
+    # -- decoding --
+    def predict_normalized(self, policy, inputs) -> np.ndarray:
+        """Normalized actions [B, H, D] for prepared policy inputs."""
+        raise NotImplementedError
+
+    # -- checkpoint --
+    def save(self, directory, model=None, state_dict: Optional[dict] = None) -> None:
+        self.config.save(directory)
+
+    def load_into(self, model, tokenizer, directory) -> None:
+        """Attach what the checkpoint carries beyond upstream's files (the parallel_l1 head)."""
+
+
+class BinsRepresentation(ActionRepresentation):
+    """H x D tokens of 256 uniform bins, autoregressive; H = 1 for `bins`."""
+
+    name = "bins"
+
+    @property
+    def n_action_tokens(self) -> int:
+        return self.horizon * self.action_dim
+
+    @property
+    def answer_tokens(self) -> int:
+        return self.n_action_tokens + 1  # + <|im_end|>
+
+    def build(self, prompt_builder, instruction, window):
+        window = np.asarray(window)
+        if window.shape != (self.horizon, self.action_dim):
+            raise ActionReprError(f"action window has shape {window.shape}, expected ({self.horizon}, {self.action_dim})")
+        input_ids, labels = prompt_builder.build(instruction, window.reshape(-1))
+        return input_ids, labels, {}
+
+    def metrics(self):
+        from llava_vla_plugin.trainer import ActionMetrics
+
+        return ActionMetrics(self.action_tokenizer)
+
+    def predict_normalized(self, policy, inputs) -> np.ndarray:
+        ids = policy.action_ids_from_inputs(inputs)
+        return self.action_tokenizer.decode_ids(ids).reshape(len(ids), self.horizon, self.action_dim)
+
+
+class BinsChunkRepresentation(BinsRepresentation):
+    name = "bins_chunk"
+
+
+class ParallelL1Representation(ActionRepresentation):
+    name = "parallel_l1"
+    extra_tokens = (SLOT_TOKEN,)
+
+    @property
+    def n_slots(self) -> int:
+        return self.horizon * self.action_dim
+
+    @property
+    def answer_tokens(self) -> int:
+        return self.n_slots
+
+    def slot_id(self, tokenizer) -> int:
+        sid = tokenizer.convert_tokens_to_ids(SLOT_TOKEN)
+        if sid is None or sid == tokenizer.unk_token_id:
+            raise ActionReprError(f"the tokenizer has no {SLOT_TOKEN}: bind the representation first")
+        return int(sid)
+
+    def build(self, prompt_builder, instruction, window):
+        window = np.asarray(window, dtype=np.float32)
+        if window.shape != (self.horizon, self.action_dim):
+            raise ActionReprError(f"action window has shape {window.shape}, expected ({self.horizon}, {self.action_dim})")
+        if not np.isfinite(window).all():
+            raise ActionReprError(f"non-finite action values: {window[~np.isfinite(window)][:5].tolist()}")
+        prompt = prompt_builder.prompt_ids(instruction)
+        sid = self.slot_id(prompt_builder.tokenizer)
+        input_ids = np.array([*prompt, *([sid] * self.n_slots)], dtype=np.int64)
+        labels = np.full(len(input_ids), IGNORE_INDEX, dtype=np.int64)
+        labels[len(prompt):] = sid
+        return input_ids, labels, {"action_targets": torch.from_numpy(np.clip(window, -1.0, 1.0))}
+
+    def metrics(self):
+        return RegressionMetrics(self.action_tokenizer)
+
+    def new_head(self, model, tokenizer) -> L1RegressionHead:
+        hidden = int(model.config.hidden_size)
+        emb = model.get_input_embeddings().weight
+        head = L1RegressionHead(hidden, self.action_dim, self.horizon, self.config.head_width or hidden, self.slot_id(tokenizer))
+        return head.to(device=emb.device, dtype=emb.dtype)
+
+    def prepare_model(self, model, tokenizer) -> None:
+        """A fresh head, and the placeholder's embedding row set to the vocabulary mean, unless the model
+        already has a head (continuing from a parallel_l1 checkpoint: loaded from its head file)."""
+        if getattr(model, "vla_action_head", None) is not None:
+            return
+        source = getattr(model.config, "_name_or_path", "") or ""
+        if (Path(source) / HEAD_FILE).exists() and ActionReprConfig.load(source).name == self.name:
+            self.load_into(model, tokenizer, source)
+            log.warning("parallel_l1: continuing with the action head of %s", source)
+            return
+        from llava_vla_plugin.register import _gathered
+
+        sid = self.slot_id(tokenizer)
+        rows = [model.get_input_embeddings().weight]
+        out = model.get_output_embeddings()
+        if out is not None and out.weight is not rows[0]:
+            rows.append(out.weight)
+        with _gathered(rows), torch.no_grad():
+            for p in rows:
+                if p.numel():
+                    p.data[sid] = p.data[:self.action_tokenizer.token_ids[0]].mean(dim=0).to(p.dtype)
+        model.vla_action_head = self.new_head(model, tokenizer)
+        log.warning("parallel_l1: new action head (H=%d, D=%d, %d parameters); %s embedding = vocabulary mean",
+                    self.horizon, self.action_dim, sum(p.numel() for p in model.vla_action_head.parameters()), SLOT_TOKEN)
+
+    def predict_normalized(self, policy, inputs) -> np.ndarray:
+        """One forward pass: prompt + H*D placeholders, hidden states of the last H*D positions (left
+        padding puts them last in every row) -> head. No LM head, no generate()."""
+        model = policy.model
+        head = model.vla_action_head
+        sid = head.slot_token_id
+        b = inputs.input_ids.shape[0]
+        slots = torch.full((b, self.n_slots), sid, dtype=inputs.input_ids.dtype, device=inputs.input_ids.device)
+        input_ids = torch.cat([inputs.input_ids, slots], dim=1)
+        attention_mask = torch.cat([inputs.attention_mask, torch.ones_like(slots)], dim=1)
+        with policy._lock, torch.inference_mode():
+            (_, position_ids, attention_mask, _, embeds, _) = model.prepare_inputs_labels_for_multimodal(
+                input_ids, None, attention_mask, None, None, inputs.images, inputs.modalities, inputs.image_sizes)
+            hidden = model.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False, return_dict=True).last_hidden_state
+            pred = head(hidden[:, -self.n_slots:])
+        return pred.float().clamp(-1.0, 1.0).cpu().numpy()
+
+    def save(self, directory, model=None, state_dict: Optional[dict] = None) -> None:
+        """The config and the head's weights (from the gathered state dict under ZeRO-3, else the model)."""
+        from safetensors.torch import save_file
+
+        super().save(directory)
+        prefix = "vla_action_head."
+        if state_dict is not None and any(k.startswith(prefix) for k in state_dict):
+            weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        elif model is not None and getattr(model, "vla_action_head", None) is not None:
+            weights = model.vla_action_head.state_dict()
+        else:
+            raise ActionReprError("parallel_l1 checkpoint without an action head: nothing to save")
+        tmp = Path(directory) / (HEAD_FILE + ".tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp),
+                  metadata={"slot_token": SLOT_TOKEN, **{k: str(v) for k, v in asdict(self.config).items()}})
+        tmp.replace(Path(directory) / HEAD_FILE)
+
+    def load_into(self, model, tokenizer, directory) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(directory) / HEAD_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: a parallel_l1 checkpoint carries its action head there "
+                                    "(copy it from the run's output directory)")
+        head = self.new_head(model, tokenizer)
+        head.load_state_dict(load_file(str(path)))
+        model.vla_action_head = head.to(device=model.get_input_embeddings().weight.device)
+
+
+REPRESENTATIONS: dict[str, type[ActionRepresentation]] = {
+    "bins": BinsRepresentation,
+    "bins_chunk": BinsChunkRepresentation,
+    "parallel_l1": ParallelL1Representation,
+}
+
+
+def make_representation(config: ActionReprConfig, action_tokenizer: Optional[ActionTokenizer] = None) -> ActionRepresentation:
+    return REPRESENTATIONS[config.name](config, action_tokenizer)
+
+
+def with_horizon(config: ActionReprConfig, horizon: int) -> ActionReprConfig:
+    return replace(config, horizon=horizon)

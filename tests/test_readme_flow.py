@@ -1,0 +1,233 @@
+"""The README's flow, run as the README writes it: download -> convert -> validate -> train -> eval -> serve.
+
+The commands are not copied here: they are read from README.md, from the fenced ```bash blocks
+between the `readme-flow: begin` and `readme-flow: end` markers, so when the README changes this
+test runs the new commands. Each command runs verbatim through bash, from a temporary folder
+outside the clone, in the environment the README's "Work from any folder" block sets up
+(`LLAVA_VLA` = the clone, the set-up environment's `bin/` first on PATH).
+
+Overrides, each because CI cannot do what a user does (everything else is the launcher's defaults:
+4 data-loader workers, anyres_max_9, gradient checkpointing, batch 8, model_max_length 4096, ...):
+  VLA_SOURCE_ROOT  CI has no network: the download reads RLDS fixtures written with the real OXE
+                   schemas into a folder laid out like gs://gresearch/robotics (the documented way
+                   to point download at a local copy).
+  MODEL, VISION_TOWER (+ HF_HOME, HF_HUB_OFFLINE)  the 7B model cannot be fetched or trained on a CPU:
+                   the tiny llava_qwen model from llava_vla_plugin.testing.tiny_model, built offline.
+  MAX_STEPS=2      a whole epoch would take minutes; two steps reach the optimizer and the save.
+  NUM_GPUS=0       no GPU in CI: one CPU process (the launcher's documented CPU mode).
+  --port           appended to the serve command (argparse keeps the last value): port 8000 may be
+                   taken on a shared machine.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, requires_upstream
+
+pytestmark = [requires_upstream, pytest.mark.slow]
+
+README = ROOT / "README.md"
+BEGIN, END = "<!-- readme-flow: begin", "<!-- readme-flow: end"
+# Every variable scripts/finetune_ov_vla.sh reads: none may leak in from the developer's shell.
+LAUNCHER_VARS = [
+    "MODEL", "VISION_TOWER", "DATA", "IMAGE_FOLDER", "OUTPUT_DIR", "NUM_GPUS", "NNODES", "NODE_RANK", "MASTER_ADDR",
+    "MASTER_PORT", "DEEPSPEED", "BATCH_SIZE", "GRAD_ACCUM", "LR", "EPOCHS", "MAX_STEPS", "SAVE_STEPS",
+    "IMAGE_ASPECT_RATIO", "MODEL_MAX_LENGTH", "NUM_WORKERS", "REPORT_TO", "VAL_DATA", "EVAL_STEPS", "VLA_PYTHON",
+    "PRECISION",
+]
+
+
+def bash_blocks(text: str) -> list[str]:
+    """The ```bash blocks of a Markdown text, in order."""
+    return re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def flow_commands(readme: str) -> list[str]:
+    """The commands of the README's flow: one per logical line (`\\` continuations joined), comment-only
+    and blank lines dropped; trailing comments stay (bash ignores them)."""
+    assert readme.count(BEGIN) == 1 and readme.count(END) == 1, f"README.md needs one {BEGIN!r} ... {END!r} section"
+    section = readme[readme.index(BEGIN):readme.index(END)]
+    commands: list[str] = []
+    for block in bash_blocks(section):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                commands.append(line.strip())
+    return commands
+
+
+def without_comment(command: str) -> list[str]:
+    return shlex.split(command, comments=True)
+
+
+def test_flow_is_extracted_from_the_readme() -> None:
+    """The parts this test relies on are in the README (a rename there must fail here, not pass silently)."""
+    readme = README.read_text()
+    commands = flow_commands(readme)
+    tools = [next((w for w in without_comment(c) if w.startswith(("data_tools.", "llava_vla_plugin.")) or
+                   w.endswith("finetune_ov_vla.sh")), None) for c in commands]
+    assert {"data_tools.download", "data_tools.convert", "data_tools.validate", "llava_vla_plugin.eval",
+            "llava_vla_plugin.serve"} <= set(tools), tools
+    assert any(t and t.endswith("finetune_ov_vla.sh") for t in tools)
+    setup = next(b for b in bash_blocks(readme) if "export LLAVA_VLA=" in b)
+    assert "source .venv/bin/activate" in setup, "the README must say how to activate the environment"
+    # relative paths only: the flow must not depend on where the clone or the user is
+    assert not any(re.search(r"(?<![\w$])/(?:tmp|home|work|data)\b", c) for c in commands), commands
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _json_numpy(array: np.ndarray) -> dict:
+    """The json-numpy wire format OpenVLA clients send (json_numpy.patch(); written out, no dependency)."""
+    array = np.ascontiguousarray(array)
+    return {"__numpy__": base64.b64encode(array.tobytes()).decode("ascii"),
+            "dtype": np.lib.format.dtype_to_descr(array.dtype), "shape": list(array.shape)}
+
+
+def _decode_action(body: object) -> np.ndarray:
+    if isinstance(body, str):  # OpenVLA's "encoded" answers are JSON in a string
+        body = json.loads(body)
+    if isinstance(body, dict) and "__numpy__" in body:
+        raw = base64.b64decode(body["__numpy__"])
+        return np.frombuffer(raw, dtype=np.lib.format.descr_to_dtype(body["dtype"])).reshape(body["shape"])
+    return np.asarray(body, dtype=np.float64)
+
+
+def _http(url: str, payload: dict | None = None, timeout: float = 120) -> tuple[int, object]:
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.status, json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A user's folder outside the clone, a bucket-like local source, the tiny model, the environment."""
+    from llava_vla_plugin.testing.rlds_fixture import write_rlds_dataset
+    from llava_vla_plugin.testing.tiny_model import build_tiny_model
+
+    base = tmp_path_factory.mktemp("readme_flow")
+    work, bucket = base / "work", base / "bucket"
+    work.mkdir()
+    assert ROOT not in work.resolve().parents, "the flow must run outside the clone"
+    # the datasets of the README's mixture, few frames: ~25 train frames, so that the default BATCH_SIZE 8
+    # (drop_last) gives both steps in one epoch (a second epoch would start the 4 workers again)
+    write_rlds_dataset(bucket, "bridge_orig", splits={"train": 3, "val": 1}, steps=(4, 5), shards={"train": 2},
+                       image_size=(48, 64), seed=3)
+    write_rlds_dataset(bucket, "fractal20220817_data", splits={"train": 3}, steps=(4, 5), shards=2,
+                       image_size=(48, 60), seed=4)
+    tiny = build_tiny_model(base / "tiny")
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update({
+        # the README's "Work from any folder" block: LLAVA_VLA = the clone, the environment activated
+        "LLAVA_VLA": str(ROOT),
+        "VIRTUAL_ENV": str(Path(sys.executable).parent.parent),
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+        # the code under test is this tree (in CI the venv's editable install is this same clone;
+        # in a developer's worktree the shared venv may point at another checkout)
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "VLA_SOURCE_ROOT": str(bucket),  # no network in CI: a local copy laid out like the bucket
+        "MODEL": str(tiny.llava_dir),  # the 7B default cannot be fetched or trained on a CPU
+        "VISION_TOWER": tiny.vision_tower,
+        **tiny.env(),  # HF_HOME with the tiny tower, offline
+        "MAX_STEPS": "2",  # enough to step the optimizer and save a checkpoint
+        "NUM_GPUS": "0",  # no GPU in CI: the launcher's one-CPU-process mode
+    })
+    return {"work": work, "bucket": bucket, "env": env, "tiny": tiny}
+
+
+def _run_step(command: str, work: Path, env: dict, log: Path) -> None:
+    started = time.monotonic()
+    with log.open("a") as out:
+        out.write(f"\n$ {command}\n")
+        out.flush()
+        proc = subprocess.run(["bash", "-c", "set -euo pipefail\n" + command], cwd=work, env=env,
+                              stdout=out, stderr=subprocess.STDOUT, timeout=900)
+    tail = "".join(log.read_text().splitlines(keepends=True)[-60:])
+    assert proc.returncode == 0, f"README command failed (exit {proc.returncode}) in {work}:\n$ {command}\n{tail}"
+    print(f"[{time.monotonic() - started:5.1f} s] {command}")
+
+
+def _serve(command: str, work: Path, env: dict, log: Path) -> None:
+    """Start the README's serve command, call /health and /act once, stop it with SIGTERM."""
+    port = _free_port()
+    # port 8000 may be busy on a shared machine: append --port (argparse keeps the last value)
+    args = without_comment(command) + ["--port", str(port)]
+    with log.open("a") as out:
+        out.write(f"\n$ {shlex.join(args)}\n")
+        out.flush()
+        proc = subprocess.Popen(["bash", "-c", "exec " + shlex.join(args)], cwd=work, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        base, deadline, health = f"http://127.0.0.1:{port}", time.monotonic() + 300, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                status, health = _http(base + "/health", timeout=5)
+                if status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert proc.poll() is None and health, f"server did not come up:\n{log.read_text()[-4000:]}"
+        assert health["status"] == "ok" and "bridge_orig" in health["datasets"], health
+
+        sample = json.loads((work / "converted/bridge_orig/val.jsonl").read_text().splitlines()[0])
+        from PIL import Image
+
+        image = np.asarray(Image.open(work / "converted" / sample["image"]).convert("RGB"))
+        status, body = _http(base + "/act", {"image": _json_numpy(image), "instruction": "put the cup in the sink",
+                                             "unnorm_key": "bridge_orig"})
+        action = _decode_action(body)
+        assert status == 200 and action.shape == (7,) and np.isfinite(action).all(), body
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"server ignored SIGTERM:\n{log.read_text()[-4000:]}")
+    assert code == 0, f"server exit code {code} after SIGTERM:\n{log.read_text()[-4000:]}"
+
+
+def test_readme_flow_runs_verbatim(workspace: dict) -> None:
+    work, env = workspace["work"], workspace["env"]
+    repo_run = ROOT / "runs" / "ov-vla"
+    repo_run_before = repo_run.exists()
+    log = work.parent / "flow.log"
+    commands = flow_commands(README.read_text())
+    for command in commands:
+        if "llava_vla_plugin.serve" in command:
+            _serve(command, work, env, log)
+        else:
+            _run_step(command, work, env, log)
+
+    # what the flow promised, in the user's folder (relative paths resolved against it)
+    manifest = json.loads((work / "data/bridge_orig/1.0.0/download_manifest.json").read_text())
+    assert manifest["complete"] and manifest["source"].startswith(str(workspace["bucket"]))
+    assert (work / "converted/mixture.yaml").is_file()
+    run = work / "runs/ov-vla"
+    assert (run / "vla_action_tokenizer.json").is_file() and (run / "dataset_statistics.json").is_file()
+    state = json.loads((run / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    report = json.loads((work / "reports/bridge/report.json").read_text())
+    assert report["overall"]["n"] > 0
+    # and nothing landed in the clone
+    assert repo_run.exists() == repo_run_before, "the launcher wrote runs/ov-vla into the clone"
