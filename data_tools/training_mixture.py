@@ -14,7 +14,7 @@ when it trains, `balance_weights=True`) it is w_d * n_d / sum(w * n), n_d = the 
 `num_transitions` from its dataset_statistics.json (manifest.json or its train frame count as fallbacks).
 
 The written mixture gives every dataset a sampling `weight` relative to its own train frame count
-(the trainer keeps floor(weight) copies plus a seeded fraction, see llava_vla_plugin/data_files.py),
+(the trainer keeps floor(weight) copies plus a seeded fraction, see llava_vla_plugin/training_data.py),
 chosen so that the effective frames follow the shares and add up to `fraction` x the train frames of
 the datasets in the mixture. The file is upstream's `--data_path` format with absolute json_paths;
 a `vla_mixture:` section (ignored by readers) records how it was made. The seed is recorded there;
@@ -40,7 +40,7 @@ from data_tools.converted_format import MANIFEST_FILE, STATISTICS_FILE, TRAIN_FI
 from data_tools.atomic import write_text_if_changed
 from data_tools.weights import WeightError, at_line, entry_lines, parse_weight
 
-log = logging.getLogger("data_tools.mixture")
+log = logging.getLogger("data_tools.training_mixture")
 
 __all__ = [
     "MixtureToolError",
@@ -235,7 +235,7 @@ def read_weights(weights: str | Path | Mapping | None = None, preset: str | None
     if (weights is None) == (preset is None):
         raise MixtureToolError("give exactly one of --weights FILE and --preset NAME")
     if preset is not None:
-        from data_tools.mixture_file import named_mixtures
+        from data_tools.download_spec import named_mixtures
 
         shipped = named_mixtures()
         if preset not in shipped:
@@ -261,7 +261,7 @@ def read_weights(weights: str | Path | Mapping | None = None, preset: str | None
 
 
 def effective_frames(frames: int, weight: float) -> int:
-    """What llava_vla_plugin.data_files.apply_weight yields: floor(w) copies + round(frac * n) frames."""
+    """What llava_vla_plugin.training_data.apply_weight yields: floor(w) copies + round(frac * n) frames."""
     whole = math.floor(weight)
     return int(whole * frames + round((weight - whole) * frames))
 
