@@ -3,6 +3,23 @@
     python -m data_tools.mixture --converted OUT (--weights FILE | --preset NAME)
         [--fraction F] [--balance] [--seed S] -o mixture.yaml
 
+The project has two mixture concepts, named apart: the download spec (data_tools/download_spec.py, presets
+in data_tools/mixtures/: what to fetch and convert) and the training mixture (this module plans it,
+llava_vla_plugin/training_data.py reads it: upstream's --data_path YAML of {json_path, weight}).
+
+What `weight` means (docs/DESIGN.md 2.8 cites this; tests/test_mixture_weight.py checks it):
+  - In a download spec, a preset or a --weights file it is OpenVLA's sampling weight w_d. OpenVLA trains
+    with `balance_weights=True` (openvla/openvla prismatic/vla/datasets/rlds/dataset.py,
+    make_interleaved_dataset): dataset d is sampled with probability w_d * n_d / sum(w * n), n_d = its
+    num_transitions (dataset_statistics.json).
+  - In a training mixture it is a per-file copy multiplier: the loader keeps floor(w) copies of the file's
+    f_d train frames plus a seeded fraction w - floor(w) of them, so dataset d's share of the samples is
+    w_d * f_d / sum(w * f).
+  - So convert's OUT/mixture.yaml, which copies the spec's weights, gives OpenVLA's share with the train
+    frames in place of num_transitions: the same while every frame is kept (train frames ~ a fixed share of
+    the transitions), not with --frames-per-episode. This tool with --balance writes multipliers that give
+    OpenVLA's share with num_transitions, to one frame, at any --fraction.
+
 Weights (relative, OpenVLA's convention):
   --weights FILE   a YAML mapping {dataset: weight}; or a data_tools mixture file (`datasets:` list of
                    {name, weight}); or a training mixture (`datasets:` list of {json_path, weight}, e.g.
