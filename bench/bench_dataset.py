@@ -76,7 +76,7 @@ def main() -> int:
     import json
     import tracemalloc
 
-    from llava_vla_plugin.data_files import load_data, read_samples
+    from llava_vla_plugin.training_data import load_data, read_samples
 
     n_mem = 100_000
     with tempfile.TemporaryDirectory() as d:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
-__all__ = ["add_common_flags", "add_input", "add_output", "resolve_input", "setup_logging"]
+__all__ = ["add_common_flags", "add_input", "add_output", "parse_converted_input", "resolve_input", "setup_logging"]
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -44,6 +45,21 @@ def resolve_input(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error("the input folder is required (positional DATA_DIR or --data-dir)")
     args.input = value
     return value
+
+
+def parse_converted_input(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, Path | None]:
+    """Parse a tool whose input is a converted directory (validate, stats): logging set up, the input resolved
+    and checked to hold finished datasets (*/manifest.json). (args, None) after printing why when it holds
+    none; the tool then exits 2."""
+    from data_tools.converted_format import MANIFEST_FILE, converted_dataset_dirs
+
+    args = parser.parse_args(argv)
+    converted = resolve_input(parser, args)
+    setup_logging(args)
+    if converted is None or not converted.is_dir() or not converted_dataset_dirs(converted):
+        print(f"error: {converted} holds no converted dataset (*/{MANIFEST_FILE})", file=sys.stderr)
+        return args, None
+    return args, converted
 
 
 def add_output(parser: argparse.ArgumentParser, *aliases: str, help: str, required: bool = True,

@@ -95,12 +95,12 @@ def _truthy(entry: Mapping[str, Any], key: str) -> bool:
 def requests_from_mixture(path: str | Path) -> list[DatasetRequest]:
     """Datasets of a mixture file (a path or a shipped mixture name such as `rtx`).
 
-    data_tools.mixture_file (the download mixture format) validates it; a file it rejects, e.g. one naming a
+    data_tools.download_spec (the download mixture format) validates it; a file it rejects, e.g. one naming a
     custom dataset registered with --registry and no download source, is read leniently here: `datasets:`
     as a list of {name, version, weight, filter_success, flip_*} (options may also sit under `options:`).
     """
     try:
-        from data_tools.mixture_file import MixtureError, load_mixture
+        from data_tools.download_spec import MixtureError, load_mixture
     except ImportError:  # pragma: no cover - the download tool is optional for conversion
         load_mixture, MixtureError = None, ValueError
     if load_mixture is not None:

@@ -50,7 +50,7 @@ from urllib.parse import urlsplit
 
 from data_tools.cli import add_common_flags, add_output, setup_logging
 from data_tools import atomic
-from data_tools.mixture_file import DatasetEntry, MixtureError, load_mixture
+from data_tools.download_spec import DatasetEntry, MixtureError, load_mixture
 
 __all__ = ["choose_shards", "plan_dataset", "download_dataset", "rewrite_dataset_info", "main"]
 

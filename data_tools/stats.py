@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from data_tools.cli import add_common_flags, add_input, add_output, resolve_input, setup_logging
+from data_tools.cli import add_common_flags, add_input, add_output, parse_converted_input
 from data_tools.converted_format import SPLITS, TRAIN_FILE, converted_dataset_dirs, sample_action, split_file
 
 DIMS = ["x", "y", "z", "roll", "pitch", "yaw", "grip"]
@@ -91,12 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = build_parser()
-    args = p.parse_args(argv)
-    converted = resolve_input(p, args)
-    setup_logging(args)
-    if not converted_dataset_dirs(converted):
-        print(f"error: {converted} holds no converted dataset", file=sys.stderr)
+    args, converted = parse_converted_input(build_parser(), argv)
+    if converted is None:
         return 2
     text = format_table(table(converted))
     print(text)

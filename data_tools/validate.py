@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data_tools.cli import add_common_flags, add_input, resolve_input, setup_logging
+from data_tools.cli import add_common_flags, add_input, parse_converted_input
 from data_tools.converted_format import (
     MANIFEST_FILE,
     MIXTURE_FILE,
@@ -191,12 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = build_parser()
-    args = p.parse_args(argv)
-    converted = resolve_input(p, args)
-    setup_logging(args)
-    if not converted.is_dir() or not converted_dataset_dirs(converted):
-        print(f"error: {converted} holds no converted dataset (*/{MANIFEST_FILE})", file=sys.stderr)
+    args, converted = parse_converted_input(build_parser(), argv)
+    if converted is None:
         return 2
     rep, summary = validate(converted, decode=not args.no_decode)
     for name, splits in summary.items():

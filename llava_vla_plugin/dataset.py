@@ -24,7 +24,7 @@ from data_tools.converted_format import SampleFormatError, is_action_sample, sam
 from llava_vla_plugin.action_repr import PROMPT_FRAMING_TOKENS, ActionReprConfig, make_representation
 from llava_vla_plugin.action_tokenizer import ActionTokenizer
 from llava_vla_plugin.chunk_data import WindowSource
-from llava_vla_plugin.data_files import find_statistics, load_data
+from llava_vla_plugin.training_data import find_statistics, load_data
 from llava_vla_plugin.register import PROMPT_TEXT_TOKENS_MIN, check_max_length
 from llava_vla_plugin.prompt import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX, VLAPromptBuilder
 from llava_vla_plugin.visual_tokens import VisualGeometry, sample_budget

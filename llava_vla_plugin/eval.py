@@ -39,7 +39,7 @@ import numpy as np
 from data_tools.cli import add_common_flags, add_output, setup_logging
 from data_tools.converted_format import SampleFormatError, is_action_sample, sample_action
 from data_tools.converted_format import sample_instruction as _sample_instruction
-from llava_vla_plugin.data_files import read_samples
+from llava_vla_plugin.training_data import read_samples
 
 GRIPPER_THRESHOLD = 0.5
 

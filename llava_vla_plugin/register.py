@@ -13,13 +13,12 @@ from __future__ import annotations
 import logging
 
 from llava_vla_plugin.env import apply_env_defaults
-from llava_vla_plugin.visual_tokens import VisualGeometry
+from llava_vla_plugin.visual_tokens import PAD_VISUAL_TOKENS, VisualGeometry
 
 log = logging.getLogger(__name__)
 _registered = False
 
-# Visual tokens per image with siglip-so400m-384 (27x27 patches, +1 newline with spatial_unpad).
-PAD_VISUAL_TOKENS = VisualGeometry("pad", "spatial_unpad").tokens(384, 384)  # 730
+# PAD_VISUAL_TOKENS (730, one frame under `pad`) is visual_tokens.py's; imported here for the guards below.
 # system + user framing + the answer, without the instruction; the answer's length is the action
 # representation's (action_repr.py): 7 action tokens + <|im_end|> for `bins`
 PROMPT_TEXT_TOKENS_MIN = 48

@@ -56,7 +56,7 @@ import yaml
 
 from data_tools.cli import add_common_flags, add_output, setup_logging
 from data_tools.atomic import write_text_if_changed
-from data_tools.mixture import MixturePlan, MixtureToolError, plan_mixture, read_weights, write_training_mixture
+from data_tools.training_mixture import MixturePlan, MixtureToolError, plan_mixture, read_weights, write_training_mixture
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FINETUNE_SCRIPT = ROOT / "scripts" / "finetune_ov_vla.sh"

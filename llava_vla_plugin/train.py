@@ -16,12 +16,31 @@ def main() -> None:
 
     _init_cpu_deepspeed()
     register()
+    if not any(a in ("-h", "--help") for a in sys.argv[1:]):
+        _check_fit()
     import llava.train.train as upstream_train
 
     upstream_train.train()
     from llava_vla_plugin import lora
 
     lora.merge_pending()  # LoRA runs: OUTPUT_DIR/merged (unless --vla_lora_merge False)
+
+
+def _check_fit() -> None:
+    """A configuration that cannot fit one frame fails here, before upstream's train() loads any weight
+    (fit_check.py); exit code 2 with the numbers."""
+    import logging
+
+    from llava_vla_plugin.fit_check import check_config_fits
+    from llava_vla_plugin.register import ConfigurationError
+
+    try:
+        summary = check_config_fits(sys.argv[1:])
+    except ConfigurationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if summary:
+        logging.getLogger("llava_vla_plugin.train").warning(summary)
 
 
 def _init_cpu_deepspeed() -> None:

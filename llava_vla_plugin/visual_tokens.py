@@ -30,6 +30,12 @@ SIGLIP_IMAGE_SIZE = 384
 SIGLIP_PATCH_SIZE = 14
 OV_GRID_PINPOINTS = "(1x1),...,(6x6)"
 
+# The documented counts per frame (docs/DESIGN.md section 3; siglip-so400m-384, spatial_unpad), kept here as
+# literal data beside the formula that must reproduce them: tests/test_fit_check.py checks the formula against
+# this table and tests/test_real_arch.py the real model's features. (mode, (height, width) or None) -> tokens.
+DOCUMENTED_VISUAL_TOKENS = {("pad", None): 730, ("anyres_max_9", (256, 320)): 1317,
+                            ("anyres_max_9", (480, 640)): 2929, ("anyres_max_9", (256, 256)): 1485}
+
 
 def _pinpoints(spec: Any, tile: int) -> list[tuple[int, int]]:
     """upstream train.py / mm_utils: "(1x1),...,(6x6)" -> every (i*tile, j*tile); or a literal list."""
@@ -158,3 +164,7 @@ def sample_budget(text_tokens_with_placeholders: int, image_sizes: Sequence[tupl
     """The budget of a sample whose input ids hold one image placeholder per image in `image_sizes`."""
     sizes = tuple((int(w), int(h)) for w, h in image_sizes)
     return TokenBudget(text_tokens_with_placeholders - len(sizes), sum(geometry.tokens(w, h) for w, h in sizes), sizes)
+
+
+# One frame under `pad` with OneVision's tower (any frame size: pad makes it one square tile): 730.
+PAD_VISUAL_TOKENS = VisualGeometry("pad", "spatial_unpad").tokens(SIGLIP_IMAGE_SIZE, SIGLIP_IMAGE_SIZE)

@@ -121,7 +121,7 @@ def test_normalize_and_unnormalize_share_bounds_and_document_the_epsilon():
 
 # ---- the dataset catalog: one owner (data_tools/registry/oxe.yaml) --------------------------------------
 def test_every_preset_dataset_resolves_through_the_registry():
-    from data_tools.mixture_file import load_mixture, named_mixtures
+    from data_tools.download_spec import load_mixture, named_mixtures
     from data_tools.registry import Registry
 
     catalog = Registry.load().catalog()

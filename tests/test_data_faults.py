@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from data_tools.mixture import MixtureToolError, converted_datasets, read_weights
-from data_tools.mixture_file import MixtureError, load_mixture
-from llava_vla_plugin.data_files import parse_sources
+from data_tools.training_mixture import MixtureToolError, converted_datasets, read_weights
+from data_tools.download_spec import MixtureError, load_mixture
+from llava_vla_plugin.training_data import parse_sources
 
 BAD_WEIGHTS = [".nan", ".inf", "-.inf", "abc", "-1", "true"]
 

@@ -21,7 +21,7 @@ import pytest
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from data_tools import download as dl  # noqa: E402
-from data_tools.mixture_file import (  # noqa: E402
+from data_tools.download_spec import (  # noqa: E402
     KNOWN_DATASETS,
     MixtureError,
     load_mixture,

@@ -18,7 +18,7 @@ HF_REPO = "hf://datasets/openvla/modified_libero_rlds"
 
 def test_presets_point_at_the_hugging_face_dataset():
     from data_tools.download import _endpoint, open_source
-    from data_tools.mixture_file import load_mixture
+    from data_tools.download_spec import load_mixture
 
     for suite in SUITES:
         (entry,) = load_mixture(suite).datasets

@@ -1,4 +1,4 @@
-"""data_tools.mixture: relative weights (+ OpenVLA's balancing) and a data fraction -> a training mixture."""
+"""data_tools.training_mixture (`python -m data_tools.mixture`): relative weights (+ OpenVLA's balancing) and a data fraction -> a training mixture."""
 from __future__ import annotations
 
 import json
@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, subprocess_env
-from data_tools.mixture import MixtureToolError, effective_frames, plan_mixture, read_weights, write_training_mixture
-from llava_vla_plugin.data_files import load_data
+from data_tools.training_mixture import MixtureToolError, effective_frames, plan_mixture, read_weights, write_training_mixture
+from llava_vla_plugin.training_data import load_data
 
 # name -> (train frames, num_transitions in dataset_statistics.json)
 DATASETS = {"bridge_orig": (40, 400), "fractal20220817_data": (20, 100), "tiny_set": (10, 10)}

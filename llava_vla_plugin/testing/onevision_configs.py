@@ -30,6 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+# visual tokens per frame: visual_tokens.py owns the formula and the documented table (re-exported here)
+from llava_vla_plugin.visual_tokens import DOCUMENTED_VISUAL_TOKENS  # noqa: F401
+
 RANDOM_TOWER_ID = "vla-random/siglip-so400m-patch14-384"  # "siglip" in the id routes upstream to its SigLIP tower
 
 QWEN2_COMMON = {
@@ -69,11 +72,6 @@ ONEVISION_FIELDS = {
     "image_crop_resolution": None, "image_split_resolution": None, "tokenizer_padding_side": "right",
     "tokenizer_model_max_length": 32768,
 }
-
-# Visual tokens per frame (siglip-so400m-384, spatial_unpad): DESIGN.md section 3, checked against the
-# features the real model produces in tests/test_real_arch.py. (height, width) -> tokens.
-DOCUMENTED_VISUAL_TOKENS = {("pad", None): 730, ("anyres_max_9", (256, 320)): 1317,
-                            ("anyres_max_9", (480, 640)): 2929}
 
 
 @dataclass

@@ -1,6 +1,12 @@
-"""The download mixture file: which OXE datasets to fetch, from where, how much of each.
+"""The download spec (a "mixture file"): which OXE datasets to fetch, from where, how much of each.
 
-A mixture is a YAML file a user edits::
+One of the project's two mixture concepts, named apart: this one says what to download (and convert:
+`data_tools.convert --mixture` reads the same file, and data_tools/mixtures/*.yaml are presets of it);
+the training mixture (upstream's --data_path YAML of {json_path, weight}) is planned by
+data_tools/training_mixture.py and read by llava_vla_plugin/training_data.py. `weight` here is OpenVLA's
+sampling weight; what it means for training is documented once, in data_tools/training_mixture.py.
+
+A spec is a YAML file a user edits::
 
     name: my_mix                      # optional, defaults to the file name
     source_root: gs://gresearch/robotics   # optional; where <name>/<version> live by default

@@ -184,6 +184,8 @@ def apply_sampling_strategy(samples: list, strategy: str, source: Path) -> list:
 def apply_weight(samples: list, weight: float, rng: np.random.Generator) -> list:
     """Seeded up/down-sampling: weight w keeps floor(w) full copies plus a random fraction w - floor(w).
 
+    How this copy multiplier relates to OpenVLA's sampling weight: data_tools/training_mixture.py's docstring.
+
     The fraction is a prefix of one seeded permutation, so with the same seed a larger weight keeps
     every frame a smaller one kept: data-scaling runs differ only by the added data.
     """

@@ -1,0 +1,411 @@
+"""Make a training mixture from converted datasets: relative weights + a data fraction -> mixture.yaml.
+
+    python -m data_tools.mixture --converted OUT (--weights FILE | --preset NAME)
+        [--fraction F] [--balance] [--seed S] -o mixture.yaml
+
+The project has two mixture concepts, named apart: the download spec (data_tools/download_spec.py, presets
+in data_tools/mixtures/: what to fetch and convert) and the training mixture (this module plans it,
+llava_vla_plugin/training_data.py reads it: upstream's --data_path YAML of {json_path, weight}).
+
+What `weight` means (docs/DESIGN.md 2.8 cites this; tests/test_mixture_weight.py checks it):
+  - In a download spec, a preset or a --weights file it is OpenVLA's sampling weight w_d. OpenVLA trains
+    with `balance_weights=True` (openvla/openvla prismatic/vla/datasets/rlds/dataset.py,
+    make_interleaved_dataset): dataset d is sampled with probability w_d * n_d / sum(w * n), n_d = its
+    num_transitions (dataset_statistics.json).
+  - In a training mixture it is a per-file copy multiplier: the loader keeps floor(w) copies of the file's
+    f_d train frames plus a seeded fraction w - floor(w) of them, so dataset d's share of the samples is
+    w_d * f_d / sum(w * f).
+  - So convert's OUT/mixture.yaml, which copies the spec's weights, gives OpenVLA's share with the train
+    frames in place of num_transitions: the same while every frame is kept (train frames ~ a fixed share of
+    the transitions), not with --frames-per-episode. This tool with --balance writes multipliers that give
+    OpenVLA's share with num_transitions, to one frame, at any --fraction.
+
+Weights (relative, OpenVLA's convention):
+  --weights FILE   a YAML mapping {dataset: weight}; or a data_tools mixture file (`datasets:` list of
+                   {name, weight}); or a training mixture (`datasets:` list of {json_path, weight}, e.g.
+                   the converter's OUT/mixture.yaml); or a YAML list of dataset names (equal weights)
+  --preset NAME    a shipped mixture, data_tools/mixtures/NAME.yaml (OpenVLA's named mixtures, `default`)
+
+Shares: without --balance the share of dataset d is w_d / sum(w); with --balance (what OpenVLA does
+when it trains, `balance_weights=True`) it is w_d * n_d / sum(w * n), n_d = the dataset's
+`num_transitions` from its dataset_statistics.json (manifest.json or its train frame count as fallbacks).
+
+The written mixture gives every dataset a sampling `weight` relative to its own train frame count
+(the trainer keeps floor(weight) copies plus a seeded fraction, see llava_vla_plugin/training_data.py),
+chosen so that the effective frames follow the shares and add up to `fraction` x the train frames of
+the datasets in the mixture. The file is upstream's `--data_path` format with absolute json_paths;
+a `vla_mixture:` section (ignored by readers) records how it was made. The seed is recorded there;
+the trainer's `--vla_data_seed` chooses which frames a fractional weight keeps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import logging
+
+import yaml
+
+from data_tools.cli import add_common_flags, add_output, setup_logging
+from data_tools.converted_format import MANIFEST_FILE, STATISTICS_FILE, TRAIN_FILE
+from data_tools.atomic import write_text_if_changed
+from data_tools.weights import WeightError, at_line, entry_lines, parse_weight
+
+log = logging.getLogger("data_tools.training_mixture")
+
+__all__ = [
+    "MixtureToolError",
+    "ConvertedDataset",
+    "MixtureRow",
+    "MixturePlan",
+    "converted_datasets",
+    "read_weights",
+    "plan_mixture",
+    "format_table",
+    "write_training_mixture",
+    "effective_frames",
+    "main",
+]
+
+
+class MixtureToolError(ValueError):
+    """A user error (bad weights, missing datasets, bad fraction); the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class ConvertedDataset:
+    name: str
+    train_path: Path
+    frames: int  # non-empty lines of train.jsonl: what the trainer reads
+    num_transitions: int  # OpenVLA's dataset size (dataset_statistics.json), used by --balance
+    transitions_source: str
+
+
+@dataclass(frozen=True)
+class MixtureRow:
+    name: str
+    relative_weight: float  # as given
+    frames: int
+    num_transitions: int
+    share: float  # intended share of the effective frames
+    weight: float  # sampling multiplier written to the mixture
+    effective_frames: int  # frames the trainer will actually draw with `weight`
+
+
+@dataclass(frozen=True)
+class MixturePlan:
+    converted: Path
+    weights_source: str
+    fraction: float
+    balance: bool
+    seed: int
+    rows: tuple[MixtureRow, ...]
+    excluded: dict[str, str] = field(default_factory=dict)  # dataset -> why it is not in the mixture
+
+    @property
+    def total_frames(self) -> int:
+        return sum(r.frames for r in self.rows)
+
+    @property
+    def target_frames(self) -> float:
+        return self.fraction * self.total_frames
+
+    @property
+    def effective_total(self) -> int:
+        return sum(r.effective_frames for r in self.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "converted": str(self.converted),
+            "weights": self.weights_source,
+            "fraction": self.fraction,
+            "balance": self.balance,
+            "seed": self.seed,
+            "total_frames": self.total_frames,
+            "effective_frames": self.effective_total,
+            "datasets": [asdict(r) for r in self.rows],
+            "excluded": dict(self.excluded),
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the converted directory
+
+
+def _count_lines(path: Path) -> int:
+    n = 0
+    with path.open("rb") as f:
+        for line in f:
+            if line.strip():
+                n += 1
+    return n
+
+
+def _num_transitions(folder: Path, name: str, frames: int) -> tuple[int, str]:
+    """OpenVLA's balancing count n_d, from the statistics; each fallback is logged as a warning, because
+    balancing by another count changes every dataset's share of the mixture."""
+    stats_path = folder / STATISTICS_FILE
+    try:
+        stats = json.loads(stats_path.read_text())
+        entry = stats.get(name) if name in stats else (next(iter(stats.values())) if len(stats) == 1 else None)
+        if entry and "num_transitions" in entry:
+            return int(entry["num_transitions"]), STATISTICS_FILE
+        why = f"it has no num_transitions for {name!r}"
+    except (OSError, ValueError, AttributeError) as e:
+        why = f"cannot read it ({type(e).__name__}: {e})"
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        n = int(manifest["counts"]["num_transitions"])
+        log.warning("%s: %s; balancing %s by num_transitions from manifest.json instead", stats_path, why, name)
+        return n, MANIFEST_FILE
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    log.warning("%s: %s, and manifest.json has no counts: balancing %s by its %d train frames instead of its "
+                "transitions (OpenVLA counts every transition); reconvert it to restore the statistics",
+                stats_path, why, name, frames)
+    return frames, "train frames"
+
+
+def converted_names(converted: Path) -> list[str]:
+    """Datasets of a converted directory: the folders that hold a train.jsonl."""
+    return sorted(p.parent.name for p in converted.glob(f"*/{TRAIN_FILE}"))
+
+
+def converted_datasets(converted: str | Path, names: list[str] | None = None) -> dict[str, ConvertedDataset]:
+    """The converted datasets (all, or the given names); frames are counted from train.jsonl."""
+    converted = Path(converted).resolve()
+    if not converted.is_dir():
+        raise MixtureToolError(f"--converted {converted}: not a directory (the output folder of `data_tools convert`)")
+    available = converted_names(converted)
+    wanted = available if names is None else names
+    missing = [n for n in wanted if n not in available]
+    if missing:
+        have = ", ".join(available) if available else "none (no <dataset>/train.jsonl found)"
+        raise MixtureToolError(
+            f"not converted in {converted}: {', '.join(missing)}. Converted datasets there: {have}. "
+            "Convert them first (python -m data_tools.convert ...) or drop them from the weights."
+        )
+    out = {}
+    for name in wanted:
+        folder = converted / name
+        frames = _count_lines(folder / TRAIN_FILE)
+        n, source = _num_transitions(folder, name, frames)
+        out[name] = ConvertedDataset(name, folder / TRAIN_FILE, frames, n, source)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights
+
+
+def _weights_from_data(data: Any, where: str, lines: Mapping[Any, int] | None = None) -> dict[str, float]:
+    weights: dict[str, float] = {}
+    lines = dict(lines or {})
+
+    def add(name: Any, w: Any, item: Any = None) -> None:
+        here = at_line(where, lines, name if item is None else item)
+        if not isinstance(name, str) or not name:
+            raise MixtureToolError(f"{here}: dataset names must be non-empty strings, got {name!r}")
+        if name in weights:
+            raise MixtureToolError(f"{here}: {name!r} is listed twice")
+        try:
+            weights[name] = parse_weight(w, here, name)
+        except WeightError as e:
+            raise MixtureToolError(str(e)) from None
+
+    if isinstance(data, Mapping) and "datasets" in data:
+        entries = data["datasets"]
+        if not isinstance(entries, list) or not entries:
+            raise MixtureToolError(f"{where}: `datasets` must be a non-empty list")
+        for i, e in enumerate(entries):
+            if isinstance(e, str):
+                add(e, 1.0)
+            elif isinstance(e, Mapping) and "name" in e:
+                add(e["name"], e.get("weight", 1.0), i)
+            elif isinstance(e, Mapping) and "json_path" in e:  # a training mixture: <dataset>/train.jsonl
+                add(Path(str(e["json_path"])).parent.name, e.get("weight", 1.0), i)
+            else:
+                raise MixtureToolError(f"{where}: datasets[{i}] needs `name` (or `json_path`), got {e!r}")
+    elif isinstance(data, Mapping):
+        for name, w in data.items():
+            add(name, w)
+    elif isinstance(data, list):
+        for name in data:
+            add(name, 1.0)
+    else:
+        raise MixtureToolError(f"{where}: expected a mapping {{dataset: weight}}, a `datasets:` list or a list of names")
+    if not weights:
+        raise MixtureToolError(f"{where}: no datasets")
+    if not any(w > 0 for w in weights.values()):
+        raise MixtureToolError(f"{where}: every weight is 0")
+    return weights
+
+
+def read_weights(weights: str | Path | Mapping | None = None, preset: str | None = None) -> tuple[str, dict[str, float]]:
+    """(label, {dataset: relative weight}) from a weights file, an inline mapping or a shipped preset."""
+    if (weights is None) == (preset is None):
+        raise MixtureToolError("give exactly one of --weights FILE and --preset NAME")
+    if preset is not None:
+        from data_tools.download_spec import named_mixtures
+
+        shipped = named_mixtures()
+        if preset not in shipped:
+            raise MixtureToolError(f"unknown preset {preset!r}; shipped mixtures: {', '.join(shipped)}")
+        path = shipped[preset]
+        text = path.read_text()
+        return preset, _weights_from_data(yaml.safe_load(text), str(path), entry_lines(text))
+    if isinstance(weights, Mapping):
+        return "inline", _weights_from_data(dict(weights), "inline weights")
+    path = Path(weights)
+    if not path.is_file():
+        raise MixtureToolError(f"weights file {path} not found")
+    try:
+        text = path.read_text()
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise MixtureToolError(f"{path}: not valid YAML: {e}") from None
+    return str(path), _weights_from_data(data, str(path), entry_lines(text))
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan
+
+
+def effective_frames(frames: int, weight: float) -> int:
+    """What llava_vla_plugin.training_data.apply_weight yields: floor(w) copies + round(frac * n) frames."""
+    whole = math.floor(weight)
+    return int(whole * frames + round((weight - whole) * frames))
+
+
+def _apportion(quotas: Mapping[str, float], total: int) -> dict[str, int]:
+    """Integer frame counts close to the quotas that add up to `total` (largest remainders)."""
+    counts = {n: math.floor(q) for n, q in quotas.items()}
+    left = total - sum(counts.values())
+    for n in sorted(quotas, key=lambda n: (-(quotas[n] - math.floor(quotas[n])), n))[: max(left, 0)]:
+        counts[n] += 1
+    return counts
+
+
+def plan_mixture(
+    converted: str | Path,
+    weights: Mapping[str, float],
+    fraction: float = 1.0,
+    balance: bool = False,
+    seed: int = 0,
+    weights_source: str = "inline",
+) -> MixturePlan:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (math.isfinite(fraction) and fraction > 0):
+        raise MixtureToolError(f"--fraction must be a number > 0 (1 = every train frame once), got {fraction!r}")
+    weights = _weights_from_data(dict(weights), weights_source)
+    data = converted_datasets(converted, list(weights))
+    excluded: dict[str, str] = {}
+    used: dict[str, ConvertedDataset] = {}
+    for name, w in weights.items():
+        if w == 0:
+            excluded[name] = "weight 0"
+        elif data[name].frames == 0:
+            excluded[name] = "no train frames"
+        else:
+            used[name] = data[name]
+    if not used:
+        raise MixtureToolError(f"no dataset left to train on ({', '.join(f'{k}: {v}' for k, v in excluded.items())})")
+    mass = {n: weights[n] * (d.num_transitions if balance else 1.0) for n, d in used.items()}
+    if balance and not sum(mass.values()) > 0:
+        raise MixtureToolError("--balance: every dataset has num_transitions 0")
+    total_mass = sum(mass.values())
+    total_frames = sum(d.frames for d in used.values())
+    target = fraction * total_frames
+    shares = {n: mass[n] / total_mass for n in used}
+    counts = _apportion({n: shares[n] * target for n in used}, round(target))
+    rows = []
+    for name, d in used.items():
+        mult = counts[name] / d.frames
+        eff = effective_frames(d.frames, mult)  # == counts[name]: the reader's rounding recovers it
+        rows.append(MixtureRow(name, weights[name], d.frames, d.num_transitions, shares[name], mult, eff))
+    return MixturePlan(Path(converted).resolve(), weights_source, float(fraction), bool(balance), int(seed), tuple(rows), excluded)
+
+
+def format_table(plan: MixturePlan) -> str:
+    head = ["dataset", "frames", "transitions", "rel.weight", "share", "weight", "eff.frames", "eff.share"]
+    total_eff = plan.effective_total or 1
+    body = [[r.name, f"{r.frames:,}", f"{r.num_transitions:,}", f"{r.relative_weight:g}", f"{r.share:.4f}",
+             f"{r.weight:.6g}", f"{r.effective_frames:,}", f"{r.effective_frames / total_eff:.4f}"] for r in plan.rows]
+    body.append(["TOTAL", f"{plan.total_frames:,}", "", "", "1.0000", "", f"{plan.effective_total:,}", "1.0000"])
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+    fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+    lines = [fmt(head), "  ".join("-" * w for w in widths), *map(fmt, body)]
+    lines.append(
+        f"fraction {plan.fraction:g} of {plan.total_frames:,} train frames -> {plan.effective_total:,} effective frames; "
+        f"shares {'balanced by num_transitions' if plan.balance else 'from the weights alone'}; seed {plan.seed}"
+    )
+    for name, why in plan.excluded.items():
+        lines.append(f"excluded: {name} ({why})")
+    return "\n".join(lines)
+
+
+def mixture_yaml_text(plan: MixturePlan) -> str:
+    spec = {
+        "datasets": [
+            {"json_path": str(plan.converted / r.name / TRAIN_FILE), "sampling_strategy": "all", "weight": r.weight}
+            for r in plan.rows
+        ],
+        "vla_mixture": plan.to_dict(),
+    }
+    header = (
+        "# Training mixture made by `python -m data_tools.mixture`; usable as --data_path.\n"
+        f"# Images are relative to --image_folder {plan.converted}\n"
+        + "".join(f"# {line}\n" for line in format_table(plan).splitlines())
+    )
+    return header + yaml.safe_dump(spec, sort_keys=False)
+
+
+def write_training_mixture(plan: MixturePlan, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = mixture_yaml_text(plan)
+    write_text_if_changed(path, text)  # keeps mtimes of unchanged files
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_tools.mixture", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", "--converted", dest="data_dir", required=True,
+                   help="output folder of data_tools convert (OUT/<dataset>/train.jsonl) (also: --converted)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", help="YAML {dataset: weight}, a data_tools mixture file, or a training mixture")
+    src.add_argument("--preset", help="a shipped mixture name (data_tools/mixtures/NAME.yaml), e.g. bridge_rt_1")
+    p.add_argument("--fraction", type=float, default=1.0, help="effective frames / train frames of the mixture's datasets (default 1)")
+    p.add_argument("--balance", action="store_true", help="multiply weights by each dataset's num_transitions (OpenVLA)")
+    p.add_argument("--seed", type=int, default=0, help="recorded in the mixture; pass the same to the trainer's --vla_data_seed")
+    add_output(p, "-o", "--output", type=str, metavar="YAML", help="the training mixture YAML to write")
+    add_common_flags(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args)
+    try:
+        label, weights = read_weights(args.weights, args.preset)
+        plan = plan_mixture(args.data_dir, weights, args.fraction, args.balance, args.seed, weights_source=label)
+    except MixtureToolError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(plan))
+    out = write_training_mixture(plan, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
