@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["bench_convert.py", "bench_dataset.py", "bench_train_step.py", "bench_predict.py"]
+# Every bench that runs with one command and no pre-built checkpoint (each builds its tiny model itself).
+# Not here: bench_closed_loop.py (needs `make eval-demo`'s checkpoint) and gpu_check.py (a GPU host).
+BENCHES = ["bench_convert.py", "bench_dataset.py", "bench_train_step.py", "bench_predict.py", "bench_serve.py",
+           "bench_action_heads.py"]
 
 
 def main() -> int:
