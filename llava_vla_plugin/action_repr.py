@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from data_tools.action_windows import WINDOW_MODES
+from data_tools.atomic import write_bytes, write_text
 from data_tools.converted_format import IGNORE_INDEX
 from llava_vla_plugin.action_tokenizer import ActionTokenizer
 
@@ -88,9 +89,7 @@ class ActionReprConfig:
     def save(self, directory) -> Path:
         path = Path(directory) / REPR_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        tmp.replace(path)
+        write_text(path, json.dumps(asdict(self), indent=2))
         return path
 
     @classmethod
@@ -362,7 +361,7 @@ class ParallelL1Representation(ActionRepresentation):
 
     def save(self, directory, model=None, state_dict: Optional[dict] = None) -> None:
         """The config and the head's weights (from the gathered state dict under ZeRO-3, else the model)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         super().save(directory)
         prefix = "vla_action_head."
@@ -372,10 +371,8 @@ class ParallelL1Representation(ActionRepresentation):
             weights = model.vla_action_head.state_dict()
         else:
             raise ActionReprError("parallel_l1 checkpoint without an action head: nothing to save")
-        tmp = Path(directory) / (HEAD_FILE + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp),
-                  metadata={"slot_token": SLOT_TOKEN, **{k: str(v) for k, v in asdict(self.config).items()}})
-        tmp.replace(Path(directory) / HEAD_FILE)
+        write_bytes(Path(directory) / HEAD_FILE, save({k: v.detach().contiguous().cpu() for k, v in weights.items()},
+                    metadata={"slot_token": SLOT_TOKEN, **{k: str(v) for k, v in asdict(self.config).items()}}))
 
     def load_into(self, model, tokenizer, directory) -> None:
         from safetensors.torch import load_file

@@ -49,6 +49,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from llava_vla_plugin.action_repr import REPR_FILE
 from llava_vla_plugin.action_tokenizer import CONFIG_NAME as ACTION_CONFIG
 from llava_vla_plugin.normalization import STATS_NAME
 
@@ -278,6 +279,8 @@ def export(ckpt: str | Path, out: str | Path, image_aspect_ratio: str | None = N
             f.write_text(json.dumps(spec, indent=2))
     for name in (ACTION_CONFIG, STATS_NAME):
         shutil.copyfile(ckpt / name, out / name)
+    if (ckpt / REPR_FILE).exists():  # the action representation travels too (HFVLAPolicy checks it)
+        shutil.copyfile(ckpt / REPR_FILE, out / REPR_FILE)
     if extra:
         from safetensors.torch import save_file
 

@@ -46,7 +46,15 @@ class HFVLAPolicy:
     def from_pretrained(cls, path, device: str | None = None, dtype=None) -> "HFVLAPolicy":
         from transformers import LlavaOnevisionForConditionalGeneration
 
+        from llava_vla_plugin.action_repr import ActionReprConfig
+
         path = Path(path)
+        repr_config = ActionReprConfig.load(path)
+        if repr_config.name != "bins" or repr_config.horizon != 1:
+            # chunked tokens and the regression head decode differently; only single-step bins are done here
+            raise ValueError(f"{path}: HFVLAPolicy decodes single-step `bins` checkpoints only; this one is "
+                             f"{repr_config.name!r} with horizon {repr_config.horizon} (use VLAPolicy on the "
+                             "original checkpoint, or apply vla_extra_heads.safetensors yourself)")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, torch_dtype=resolve_dtype(dtype, device))
         model.to(device).eval()

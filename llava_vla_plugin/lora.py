@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from data_tools.atomic import atomic_open
+
 log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -156,9 +158,8 @@ def save_lora_extras(model, output_dir: str, state_dict: dict | None = None) -> 
     else:
         params = dict(model.named_parameters())
         extras = {n: params[n].detach().cpu() for n in names}
-    tmp = os.path.join(output_dir, NON_LORA_NAME + ".tmp")
-    torch.save(extras, tmp)
-    os.replace(tmp, os.path.join(output_dir, NON_LORA_NAME))
+    with atomic_open(os.path.join(output_dir, NON_LORA_NAME), "wb") as f:
+        torch.save(extras, f)
     model.get_base_model().config.save_pretrained(output_dir)
 
 

@@ -21,6 +21,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+from data_tools.atomic import write_text
+
 log = logging.getLogger(__name__)
 
 RUN_CONFIG_NAME = "vla_run_config.json"
@@ -86,10 +88,7 @@ def run_config(args: Any, data_args: Any, model_config: Any) -> dict:
 
 def write_run_config(folder: str | os.PathLike, config: dict) -> None:
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, RUN_CONFIG_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(folder, RUN_CONFIG_NAME))
+    write_text(os.path.join(folder, RUN_CONFIG_NAME), json.dumps(config, indent=2, sort_keys=True))
 
 
 def check_resumable(ckpt: str, config: dict) -> None:

@@ -24,6 +24,7 @@ import transformers
 from transformers import TrainerCallback
 from llava.train.llava_trainer import LLaVATrainer, should_only_save_mm_adapter
 
+from data_tools.atomic import write_json
 from llava_vla_plugin import lora, run_config
 from llava_vla_plugin.action_tokenizer import ActionTokenizer
 from llava_vla_plugin.normalization import STATS_NAME
@@ -39,10 +40,7 @@ def write_vla_files(output_dir: str, action_tokenizer: ActionTokenizer, statisti
     action_tokenizer.save(output_dir)
     if action_repr is not None:
         action_repr.save(output_dir, model=model, state_dict=state_dict)
-    tmp = os.path.join(output_dir, STATS_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(statistics, f, indent=2)
-    os.replace(tmp, os.path.join(output_dir, STATS_NAME))
+    write_json(os.path.join(output_dir, STATS_NAME), statistics)
 
 
 METRIC_DOC = """\
@@ -345,10 +343,7 @@ class VLATrainer(LLaVATrainer):
         final = {"step": self.state.global_step, **val_metrics, "train_frames": len(self.train_dataset),
                  "train_samples_seen": samples_seen, "train_tokens_seen": tokens_seen, "model_params": params,
                  "compute_flops": 6.0 * params * tokens_seen if tokens_seen else None}
-        tmp = os.path.join(self.args.output_dir, "final_metrics.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(final, f, indent=2)
-        os.replace(tmp, os.path.join(self.args.output_dir, "final_metrics.json"))
+        write_json(os.path.join(self.args.output_dir, "final_metrics.json"), final)
 
     # ---- upstream fixes ------------------------------------------------------------------------
     def create_accelerator_and_postprocess(self):

@@ -43,12 +43,13 @@ pytestmark = [requires_upstream, pytest.mark.slow]
 README = ROOT / "README.md"
 BEGIN, END = "<!-- readme-flow: begin", "<!-- readme-flow: end"
 # Every variable scripts/finetune_ov_vla.sh reads: none may leak in from the developer's shell.
-LAUNCHER_VARS = [
-    "MODEL", "VISION_TOWER", "DATA", "IMAGE_FOLDER", "OUTPUT_DIR", "NUM_GPUS", "NNODES", "NODE_RANK", "MASTER_ADDR",
-    "MASTER_PORT", "DEEPSPEED", "BATCH_SIZE", "GRAD_ACCUM", "LR", "EPOCHS", "MAX_STEPS", "SAVE_STEPS",
-    "IMAGE_ASPECT_RATIO", "MODEL_MAX_LENGTH", "NUM_WORKERS", "REPORT_TO", "VAL_DATA", "EVAL_STEPS", "VLA_PYTHON",
-    "PRECISION",
-]
+def launcher_vars() -> set[str]:
+    """Every variable scripts/finetune_ov_vla.sh reads (`${NAME:-default}`), so a developer's shell settings
+    (RESUME=never, CONFIG=..., ...) cannot leak into the flow: the README's commands run with the defaults."""
+    return set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*):-", (ROOT / "scripts" / "finetune_ov_vla.sh").read_text()))
+
+
+LAUNCHER_VARS = launcher_vars()
 
 
 def bash_blocks(text: str) -> list[str]:
