@@ -105,10 +105,13 @@ def trajectory(c: int) -> np.ndarray:
     return acts
 
 
-def _image(c: int, rng) -> np.ndarray:
-    colour = np.zeros(3)
-    colour[c] = 220
-    return np.clip(colour[None, None, :] + rng.integers(0, 40, (48, 64, 3)), 0, 255).astype(np.uint8)
+def _image(c: int, t: int, rng) -> np.ndarray:
+    """Colour c (one dominant channel) picks the trajectory; the other channels' level says the step t, so that
+    `bins` (H = 1: one step per frame) can tell the steps of an episode apart. Global differences: the tiny
+    tower's features are pooled by the LM, and noise-only differences vanish in the pooling."""
+    colour = np.full(3, 30.0 + 45.0 * t)
+    colour[c] = 235
+    return np.clip(colour[None, None, :] + rng.integers(-15, 16, (48, 64, 3)), 0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +122,7 @@ def chunk_data(tmp_path_factory):
     for split, n, seed in (("train", 12, 1), ("val", 6, 2)):
         colours = [i % 3 for i in range(n)]
         write_episodes(d, "chunks", [trajectory(c) for c in colours], split=split, seed=seed,
-                       image_fn=lambda e, t, r, colours=colours: _image(colours[e], r))
+                       image_fn=lambda e, t, r, colours=colours: _image(colours[e], t, r))
     return d
 
 
