@@ -62,11 +62,15 @@ def install(model_cls) -> None:
         if inputs_embeds is None:
             (input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, labels) = self.prepare_inputs_labels_for_multimodal(
                 input_ids, position_ids, attention_mask, past_key_values, labels, images, modalities, image_sizes)
+        head = getattr(self, "vla_action_head", None)
+        if head is not None:  # the placeholders' learned slot embeddings (action_repr.py)
+            from llava_vla_plugin.action_repr import regression_inputs
+
+            inputs_embeds = regression_inputs(head, inputs_embeds, labels)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=False,
                              output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True)
         action_pred = None
-        head = getattr(self, "vla_action_head", None)
         if head is not None:  # placeholder positions go to the regression head, not the LM head (action_repr.py)
             from llava_vla_plugin.action_repr import regression_forward
 

@@ -1,4 +1,5 @@
-"""A sweep is a file: a grid over data fraction, mixture, base model and steps -> one run directory each.
+"""A sweep is a file: a grid over data fraction, mixture, base model, steps and action representation -> one run
+directory each.
 
     python -m llava_vla_plugin.sweep SPEC.yaml -o RUNS [--launch | --print] [--dry-run]
 
@@ -21,10 +22,14 @@ SPEC (see configs/sweeps/example.yaml; relative paths resolve against the curren
       mixture: [bridge, my_weights.yaml, {name: bridge_heavy, weights: {bridge_orig: 3, fractal20220817_data: 1}}]
       model: [lmms-lab/llava-onevision-qwen2-0.5b-ov, {name: tiny, path: /models/tiny-qwen, vision_tower: tiny-vla/siglip-tiny}]
       steps: [2000]                      # MAX_STEPS (-1: EPOCHS epochs)
+      action_repr: [bins, {repr: bins_chunk, horizon: 8}, {repr: parallel_l1, horizon: 8, window_mode: oft}]
+                                         # optional: ACTION_REPR / HORIZON / WINDOW_MODE (llava_vla_plugin/action_repr.py)
 
 A mixture is a preset name (data_tools/mixtures/NAME.yaml), a weights file, or a mapping
 {name, weights: FILE or {dataset: weight}, balance}. A model is a hub id or path, or a mapping
-{name, path, vision_tower, env, args}.
+{name, path, vision_tower, env, args}. An action representation is a name (H = 1) or a mapping
+{name, repr, horizon, window_mode}; without the axis, runs use the env's (default: bins, H = 1) and their
+names and configs are as before.
 
 RUNS gets, per grid point, RUNS/<run>/ with mixture.yaml (data_tools.mixture), config.json (the grid
 point and everything the run is made of) and launch.sh (environment + scripts/finetune_ov_vla.sh, output
@@ -48,7 +53,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +66,12 @@ from data_tools.training_mixture import MixturePlan, MixtureToolError, plan_mixt
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FINETUNE_SCRIPT = ROOT / "scripts" / "finetune_ov_vla.sh"
 FINAL_METRICS = "final_metrics.json"
-GRID_AXES = ("fraction", "mixture", "model", "steps")
+GRID_AXES = ("fraction", "mixture", "model", "steps", "action_repr")
 SPEC_KEYS = {"name", "converted", "image_folder", "val_data", "val_per_dataset", "balance", "seed", "finetune_script",
              "env", "args", "grid", "description"}
 # Set by the sweep itself; the spec sets them through `grid`, `converted`, `image_folder` and `val_data`.
 RESERVED_ENV = {"MODEL", "DATA", "OUTPUT_DIR", "MAX_STEPS", "IMAGE_FOLDER", "VAL_DATA"}
+ACTION_ENV = ("ACTION_REPR", "HORIZON", "WINDOW_MODE")  # set by the `action_repr` axis where the spec has one
 
 __all__ = ["SweepError", "Run", "load_spec", "plan_sweep", "write_sweep", "run_status", "main"]
 
@@ -237,14 +243,45 @@ def _steps(raw: Any) -> list[int]:
     return out
 
 
+def _action_entries(raw: Any) -> list[dict[str, Any]]:
+    """grid.action_repr: each entry -> {label, env} with the launcher's ACTION_REPR / HORIZON / WINDOW_MODE,
+    checked by the representation's own config (a bad name or `bins` with H > 1 fails here, not on the cluster)."""
+    from llava_vla_plugin.action_repr import ActionReprConfig, ActionReprError
+
+    entries = []
+    for item in _as_list(raw):
+        if isinstance(item, str):
+            item = {"repr": item}
+        if not isinstance(item, Mapping) or "repr" not in item:
+            raise SweepError(f"grid.action_repr: expected a representation name or a mapping with `repr`, got {item!r}")
+        unknown = set(item) - {"name", "repr", "horizon", "window_mode"}
+        if unknown:
+            raise SweepError(f"grid.action_repr entry {dict(item)}: unknown key(s) {sorted(unknown)} (name, repr, horizon, window_mode)")
+        horizon = item.get("horizon", 1)
+        if isinstance(horizon, bool) or not isinstance(horizon, int):
+            raise SweepError(f"grid.action_repr entry {dict(item)}: `horizon` must be an integer")
+        try:
+            cfg = ActionReprConfig(name=str(item["repr"]), horizon=horizon, window_mode=str(item.get("window_mode", "oft")))
+        except ActionReprError as e:
+            raise SweepError(f"grid.action_repr entry {dict(item)}: {e}") from None
+        env = {"ACTION_REPR": cfg.name, "HORIZON": str(cfg.horizon)}
+        default_label = cfg.name if cfg.horizon == 1 else f"{cfg.name}-H{cfg.horizon}"
+        if "window_mode" in item:
+            env["WINDOW_MODE"] = cfg.window_mode
+            default_label += f"-{cfg.window_mode}"
+        entries.append({"label": _label(str(item.get("name") or default_label)), "env": env, "config": cfg})
+    return entries
+
+
 def _unique(labels: list[str], axis: str) -> None:
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
         raise SweepError(f"grid.{axis}: duplicate label(s) {dup}; give the entries distinct `name:`s")
 
 
-def run_name(fraction: float, mixture: str, steps: int, model: str) -> str:
-    return f"frac{fraction:g}-mix_{mixture}-steps{'all' if steps == -1 else steps}-model_{model}"
+def run_name(fraction: float, mixture: str, steps: int, model: str, action: str | None = None) -> str:
+    name = f"frac{fraction:g}-mix_{mixture}-steps{'all' if steps == -1 else steps}-model_{model}"
+    return name if action is None else f"{name}-action_{action}"
 
 
 def plan_sweep(spec: Mapping[str, Any], runs_dir: str | Path) -> tuple[list[Run], dict[str, Any]]:
@@ -273,10 +310,13 @@ def plan_sweep(spec: Mapping[str, Any], runs_dir: str | Path) -> tuple[list[Run]
         raise SweepError(f"{where}: {e}") from None
     models = _model_entries(grid["model"])
     steps = _steps(grid.get("steps", [-1]))
+    actions = _action_entries(grid["action_repr"]) if "action_repr" in grid else [None]
     _unique([f"{f:g}" for f in fractions], "fraction")
     _unique([m["label"] for m in mixtures], "mixture")
     _unique([m["label"] for m in models], "model")
     _unique([str(s) for s in steps], "steps")
+    if actions != [None]:
+        _unique([a["label"] for a in actions], "action_repr")
 
     balance_default = spec.get("balance", True)
     if not isinstance(balance_default, bool):
@@ -289,6 +329,10 @@ def plan_sweep(spec: Mapping[str, Any], runs_dir: str | Path) -> tuple[list[Run]
     if bad:
         raise SweepError(f"{where}: env may not set {sorted(bad)}: the sweep sets them (use grid, converted, "
                          "image_folder, val_data)")
+    if actions != [None]:
+        clash = sorted(set(ACTION_ENV) & (set(fixed_env) | {k for m in models for k in m["env"]}))
+        if clash:
+            raise SweepError(f"{where}: env sets {clash} and grid.action_repr sweeps them: set them in one place")
     extra_args = [str(a) for a in spec.get("args") or []]
     script = spec.get("finetune_script")
     finetune_script = str(_abs(script)) if script else str(DEFAULT_FINETUNE_SCRIPT)
@@ -324,11 +368,11 @@ def plan_sweep(spec: Mapping[str, Any], runs_dir: str | Path) -> tuple[list[Run]
         val_info = {"mode": "path", "path": str(p)}
 
     runs = []
-    for f, m, model, s in itertools.product(fractions, mixtures, models, steps):
-        name = run_name(f, m["label"], s, model["label"])
+    for f, m, model, s, action in itertools.product(fractions, mixtures, models, steps, actions):
+        name = run_name(f, m["label"], s, model["label"], action and action["label"])
         plan = plans[m["label"], f]
-        env = {**fixed_env, **model["env"], "MODEL": model["path"], "IMAGE_FOLDER": str(image_folder),
-               "MAX_STEPS": str(s)}
+        env = {**fixed_env, **model["env"], **(action["env"] if action else {}), "MODEL": model["path"],
+               "IMAGE_FOLDER": str(image_folder), "MAX_STEPS": str(s)}
         if val_info["path"]:
             env["VAL_DATA"] = val_info["path"]
         args = ["--vla_data_seed", str(seed), *extra_args, *model["args"]]
@@ -341,6 +385,8 @@ def plan_sweep(spec: Mapping[str, Any], runs_dir: str | Path) -> tuple[list[Run]
             "mixture_shares": {r.name: r.share for r in plan.rows},
             "env": dict(sorted(env.items())), "args": args, "finetune_script": finetune_script,
         }
+        if action:  # only with the axis: configs of sweeps written before it stay byte-identical
+            config.update(action_repr=action["label"], action_repr_config=asdict(action["config"]))
         runs.append(Run(name, runs_dir / name, config, plan, env, args))
     info = {"name": spec.get("name"), "spec": spec.get("_path"), "runs_dir": str(runs_dir), "val": val_info,
             "finetune_script": finetune_script, "runs": [r.name for r in runs]}
@@ -361,9 +407,10 @@ def launch_sh(run: Run) -> str:
     q = shlex.quote
     exports = "".join(f"export {k}={q(v)}\n" for k, v in sorted(run.env.items()))
     args = " ".join(q(a) for a in run.args)
+    action = f", action_repr {_comment(run.config['action_repr'])}" if "action_repr" in run.config else ""
     return f"""#!/usr/bin/env bash
 # Run {run.name} of sweep {_comment(run.config['sweep'])} (generated by llava_vla_plugin.sweep; edit the spec, not this file).
-# fraction {run.config['fraction']:g}, mixture {_comment(run.config['mixture'])}, model {_comment(run.config['model'])}, steps {run.config['steps']};
+# fraction {run.config['fraction']:g}, mixture {_comment(run.config['mixture'])}, model {_comment(run.config['model'])}, steps {run.config['steps']}{action};
 # {run.config['planned_train_frames']} train frames. Extra arguments go to the trainer. FINETUNE_SCRIPT overrides the script.
 set -euo pipefail
 RUN_DIR="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"

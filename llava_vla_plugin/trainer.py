@@ -185,9 +185,15 @@ class VLATrainer(LLaVATrainer):
         if tokenizer is not None and kwargs.get("processing_class") is None:
             kwargs["processing_class"] = tokenizer
         action_repr = getattr(kwargs.get("train_dataset"), "action_repr", None)
+        is_lora = lora.is_peft_model(kwargs.get("model"))
+        if is_lora and action_repr is not None and not action_repr.supports_lora:
+            from llava_vla_plugin.action_repr import ActionReprError
+
+            raise ActionReprError(f"--vla_action_repr {action_repr.name} does not support --lora_enable True yet (its head "
+                                  "is not part of the LoRA adapter and would not be saved or merged): train it without "
+                                  "LoRA, or use --vla_action_repr bins_chunk (token chunks train with LoRA)")
         if action_repr is not None and kwargs.get("model") is not None:  # a head / rows before the optimizer exists
             action_repr.prepare_model(kwargs["model"], kwargs.get("processing_class"))
-        is_lora = lora.is_peft_model(kwargs.get("model"))
         if is_lora:  # before the optimizer exists: the action rows must be among its parameters
             lora.enable_action_token_training(kwargs["model"], kwargs["train_dataset"].action_tokenizer.token_ids)
         super().__init__(*args, **kwargs)

@@ -199,7 +199,8 @@ class LlavaVLAModelServer(PredictModelServer):
         self.latencies_s.append(time.perf_counter() - t0)
         if self.trace_dir is not None:
             extra = {}
-            if hasattr(self.policy, "predict_action_ids"):  # debugging only: the tokens, by a second greedy pass
+            # debugging only: the tokens, by a second greedy pass (token representations; parallel_l1 has none)
+            if hasattr(self.policy, "predict_action_ids") and getattr(self.policy, "n_action_tokens", 1):
                 extra["action_ids"] = self.policy.predict_action_ids([inp], [text])[0]
             self._trace(obs_image=image, model_image=inp, instruction=text, model_output=raw, sent=actions, **extra)
         return {"actions": actions.astype(np.float32)}

@@ -153,6 +153,38 @@ def test_started_run_with_changed_config_is_refused(sweep):
     assert p.returncode == 2 and "different configuration" in p.stderr and "env" in p.stderr
 
 
+def test_action_representation_and_horizon_are_a_grid_axis(sweep):
+    """grid.action_repr sets ACTION_REPR / HORIZON / WINDOW_MODE in each launch.sh; the launcher sees them."""
+    spec_path, runs, env, calls = sweep
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["grid"].update(fraction=[0.5], mixture=[{"name": "b", "weights": {"bridge_orig": 1}}],
+                        action_repr=["bins", {"repr": "bins_chunk", "horizon": 4},
+                                     {"repr": "parallel_l1", "horizon": 8, "window_mode": "openvla"}])
+    spec_path.write_text(yaml.safe_dump(spec))
+    p = _sweep(spec_path, "-o", runs, "--dry-run", env=env)
+    names = [f"frac0.5-mix_b-steps3-model_tiny-action_{a}" for a in ("bins", "bins_chunk-H4", "parallel_l1-H8-openvla")]
+    assert p.returncode == 0 and all(n in p.stderr for n in names) and not runs.exists(), p.stderr
+    assert _sweep(spec_path, "-o", runs, env=env).returncode == 0  # write the launchers, run nothing
+    want = {names[0]: ("bins", "1", None), names[1]: ("bins_chunk", "4", None), names[2]: ("parallel_l1", "8", "openvla")}
+    for name, (rep, h, mode) in want.items():
+        launch = (runs / name / "launch.sh").read_text()
+        assert f"export ACTION_REPR={rep}\n" in launch and f"export HORIZON={h}\n" in launch
+        assert ("export WINDOW_MODE=openvla\n" in launch) == (mode is not None)
+        cfg = json.loads((runs / name / "config.json").read_text())
+        assert cfg["action_repr_config"]["name"] == rep and cfg["action_repr_config"]["horizon"] == int(h)
+    # the finetune script gets them (stub records its environment)
+    stub = Path(env["FINETUNE_SCRIPT"])
+    stub.write_text(STUB.replace("ARGS=$*", "ACTION_REPR=$ACTION_REPR HORIZON=$HORIZON ARGS=$*"))
+    subprocess.run(["bash", str(runs / names[2] / "launch.sh")], env=env, check=True, capture_output=True, timeout=60)
+    assert "ACTION_REPR=parallel_l1 HORIZON=8" in _calls(calls)[-1]
+    # `bins` with H > 1, unknown names and env clashes fail when the sweep is planned (in-process: no torch start-up)
+    for bad, match in (({"repr": "bins", "horizon": 4}, "bins_chunk or parallel_l1"), ("diffusion", "unknown action")):
+        with pytest.raises(SweepError, match=match):
+            plan_sweep({**spec, "grid": {**spec["grid"], "action_repr": [bad]}}, runs.parent / "bad")
+    with pytest.raises(SweepError, match="set them in one place"):
+        plan_sweep({**spec, "env": {**spec["env"], "HORIZON": 8}}, runs.parent / "bad")
+
+
 def test_spec_errors(tmp_path):
     converted = _write_converted(tmp_path / "converted")
 
