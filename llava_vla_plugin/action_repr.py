@@ -193,6 +193,16 @@ def regression_forward(head: L1RegressionHead, hidden: torch.Tensor, labels: tor
 
 
 # ---- metrics ------------------------------------------------------------------------------------
+def metric_summary(m) -> dict[str, float]:
+    """The training-log metric names every representation's metrics share (trainer.METRIC_DOC says what each
+    measures): one definition for trainer.ActionMetrics and RegressionMetrics."""
+    if not m.total:
+        return {}
+    return {"action_accuracy_teacher_forced": m.correct / m.total,
+            "action_accuracy_teacher_forced_constrained": m.constrained_correct / m.total,
+            "action_l1": m.l1_sum / m.total}
+
+
 class RegressionMetrics:
     """parallel_l1's counterpart of trainer.ActionMetrics (same summary keys): accuracy = the prediction
     falls in the target's bin (the bins representation's unit), L1 in normalized units; `ce_sum` holds the
@@ -219,11 +229,7 @@ class RegressionMetrics:
         self.ce_sum += float(err.sum())
 
     def summary(self) -> dict[str, float]:
-        if not self.total:
-            return {}
-        return {"action_accuracy_teacher_forced": self.correct / self.total,
-                "action_accuracy_teacher_forced_constrained": self.constrained_correct / self.total,
-                "action_l1": self.l1_sum / self.total}
+        return metric_summary(self)
 
 
 # ---- the interface --------------------------------------------------------------------------------

@@ -106,11 +106,9 @@ class ActionMetrics:
 
     def summary(self) -> dict[str, float]:
         """Training-log names (validation prefixes `val_`); see METRIC_DOC for what each measures."""
-        if not self.total:
-            return {}
-        return {"action_accuracy_teacher_forced": self.correct / self.total,
-                "action_accuracy_teacher_forced_constrained": self.constrained_correct / self.total,
-                "action_l1": self.l1_sum / self.total}
+        from llava_vla_plugin.action_repr import metric_summary
+
+        return metric_summary(self)
 
 
 class ValidationCallback(TrainerCallback):
