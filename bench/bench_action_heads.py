@@ -1,6 +1,6 @@
 """Actions/s and per-call latency of the three action representations (issue 14), in one run.
 
-    .venv/bin/python bench/bench_action_heads.py [--horizon 8] [--iters 10] [--threads 1]
+    .venv/bin/python bench/bench_action_heads.py [--horizon 8] [--iters 10] [--threads 1] [--vision-layers 2]
 
 One tiny llava_qwen model (built here, offline, seconds), one image, batch 1; the same backbone and
 weights decode as:
@@ -32,6 +32,9 @@ def main() -> int:
     parser.add_argument("--horizon", type=int, default=8, help="chunk length H of bins_chunk and parallel_l1 (default 8)")
     parser.add_argument("--iters", type=int, default=10, help="timed calls per representation (default 10)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0 keeps torch's default)")
+    parser.add_argument("--vision-layers", type=int, default=2,
+                        help="tiny SigLIP layers as built (upstream drops the last: 2 = one layer runs, the suite's tiny "
+                             "model; 1 = patch embedding only). The shared prefill, and so the chunk ratios, depend on it")
     parser.add_argument("--device", default=None)
     parser.add_argument("--work", help="folder for the tiny model (default: a temp dir)")
     args = parser.parse_args()
@@ -54,7 +57,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     register()
-    tiny = build_tiny_model(work / "tiny")
+    tiny = build_tiny_model(work / "tiny", vision_layers=args.vision_layers)
     from llava.model.builder import load_pretrained_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -91,7 +94,7 @@ def main() -> int:
                 torch.cuda.synchronize()
             times[name].append(clock() - t0)
             assert out.shape == ((7,) if p.horizon == 1 else (p.horizon, 7)), out.shape
-    print(f"tiny llava_qwen on {device}, {args.threads or torch.get_num_threads()} thread(s), "
+    print(f"tiny llava_qwen ({args.vision_layers - 1} tower layer(s) run) on {device}, {args.threads or torch.get_num_threads()} thread(s), "
           f"{'wall' if cuda else 'CPU process'} time, median of {args.iters} calls, H={args.horizon}")
     rate = {}
     for name, p in policies.items():
