@@ -155,6 +155,20 @@ print("RESULT " + json.dumps(res))
 '''
 
 
+def assert_matches_upstream(r: dict) -> None:
+    """COMPARE's result for one 480x640 frame under anyres_max_9 (the tiny model's and the real 0.5B's tests)."""
+    assert r["mode"] == "anyres_max_9"
+    assert r["crops"] == [5, 5] and r["pixel_max_diff"] == 0.0, r
+    assert r["ids_equal"], r
+    assert r["image_tokens_hf"] == r["image_tokens_upstream"] == 2929
+    assert r["positions"][0] == r["positions"][1]
+    assert r["logits_max_diff"] < 1e-4, r
+    assert r["hidden_max_diff"] < 1e-4, r
+    assert r["argmax_up"] == r["argmax_hf"] and r["argmax_distinct"] > 1, r
+    assert r["action_ids_up"] == r["action_ids_hf"], r
+    assert r["actions_up"] == r["actions_hf"]
+
+
 def _result(proc):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
@@ -188,16 +202,7 @@ def test_export_matches_upstream_anyres(exported):
 
     r = _result(run_py(["-c", COMPARE, str(exported["ckpt"]), str(out)], env=exported["env"], timeout=1800))
     print({k: v for k, v in r.items() if "max_diff" in k or k in ("positions", "vocab", "argmax_up", "argmax_hf")})
-    assert r["mode"] == "anyres_max_9"
-    assert r["crops"] == [5, 5] and r["pixel_max_diff"] == 0.0, r
-    assert r["ids_equal"], r
-    assert r["image_tokens_hf"] == r["image_tokens_upstream"] == 2929
-    assert r["positions"][0] == r["positions"][1]
-    assert r["logits_max_diff"] < 1e-4, r
-    assert r["hidden_max_diff"] < 1e-4, r
-    assert r["argmax_up"] == r["argmax_hf"] and r["argmax_distinct"] > 1, r
-    assert r["action_ids_up"] == r["action_ids_hf"], r
-    assert r["actions_up"] == r["actions_hf"]
+    assert_matches_upstream(r)
 
 
 @requires_upstream

@@ -20,7 +20,7 @@ import time
 import pytest
 
 from conftest import requires_upstream, run_py, subprocess_env
-from test_export_hf import COMPARE, _result
+from test_export_hf import COMPARE, _result, assert_matches_upstream
 
 pytestmark = [requires_upstream, pytest.mark.slow]
 
@@ -60,12 +60,4 @@ def test_real_05b_export_matches_upstream_anyres(tmp_path):
     r = _result(run_py(["-c", COMPARE, str(ckpt), str(out)], env=env, timeout=2400))
     times["compare"] = round(time.time() - t)
     print("times_s", times, {k: v for k, v in r.items() if "max_diff" in k or k in ("positions", "vocab", "logits_scale")})
-    assert r["mode"] == "anyres_max_9"
-    assert r["crops"] == [5, 5] and r["pixel_max_diff"] == 0.0, r
-    assert r["ids_equal"], r
-    assert r["image_tokens_hf"] == r["image_tokens_upstream"] == 2929
-    assert r["positions"][0] == r["positions"][1]
-    assert r["logits_max_diff"] < 1e-4, r
-    assert r["argmax_up"] == r["argmax_hf"] and r["argmax_distinct"] > 1, r
-    assert r["action_ids_up"] == r["action_ids_hf"], r
-    assert r["actions_up"] == r["actions_hf"]
+    assert_matches_upstream(r)
