@@ -29,6 +29,7 @@ their vocabulary-mean rows for the whole run: the model cannot learn to emit the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -124,6 +125,43 @@ def non_lora_state_maybe_zero_3(named_params, require_grad_only=True):
                    and (v.requires_grad or not require_grad_only))
 
 
+# Module-name parts that belong to the vision side: upstream's find_all_linear_names skips them too.
+_VISION_KEYWORDS = ("mm_projector", "vision_tower", "vision_resampler")
+
+
+def language_model_lora_targets(model) -> str:
+    """LoRA's `target_modules` for the language model's linear layers only, as one anchored regex.
+
+    Why not upstream's `find_all_linear_names` (llava/train/train.py:245-258): it skips the vision
+    modules while collecting, but returns bare suffixes (`q_proj`, `k_proj`, `v_proj`, ...), and PEFT
+    matches a list by suffix (peft/tuners/tuners_utils.py, check_target_module_exists), so SigLIP's
+    `self_attn.{q,k,v}_proj` got adapters too. With the launcher's default `mm_tunable_parts`
+    (vision tower tuned in full), upstream then unfreezes every `vision_tower` parameter, the LoRA
+    base weights included, and `non_lora_trainables.bin` held `...k_proj.base_layer.weight` names that
+    no plain model has: the run trained, saved, and could not be loaded (issue 26).
+
+    The decision: adapters on the language model's linear layers (attention and MLP of every
+    decoder layer; never `lm_head`, whose action rows PEFT's token adapter trains). The projector
+    and the vision tower train in full or stay frozen, as `--mm_tunable_parts` says, and are saved
+    as plain weights. A string target is matched with `re.fullmatch` against each module's full name
+    by PEFT, so the regex names each layer kind once, with a digits pattern for the layer index.
+    """
+    import re
+
+    import torch
+
+    patterns = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or any(k in name for k in _VISION_KEYWORDS):
+            continue
+        if name.split(".")[-1] == "lm_head":
+            continue
+        patterns.add(r"\.\d+\.".join(re.escape(p) for p in re.split(r"\.\d+\.", name)))
+    if not patterns:
+        raise RuntimeError("LoRA: the model has no language-model linear layers to adapt")
+    return "(?:" + "|".join(sorted(patterns)) + ")"
+
+
 _originals: dict = {}
 
 
@@ -134,11 +172,13 @@ def upstream_train_original(name: str):
 
 
 def install_upstream_save_hooks() -> None:
-    """Make upstream's post-training LoRA save (train.py, end of train()) keep the action rows."""
+    """Make upstream's LoRA setup adapt the language model only (`language_model_lora_targets`) and
+    its post-training LoRA save (train.py, end of train()) keep the action rows."""
     import llava.train.train as upstream_train
 
     for name, fn in (("get_peft_state_maybe_zero_3", peft_state_maybe_zero_3),
-                     ("get_peft_state_non_lora_maybe_zero_3", non_lora_state_maybe_zero_3)):
+                     ("get_peft_state_non_lora_maybe_zero_3", non_lora_state_maybe_zero_3),
+                     ("find_all_linear_names", language_model_lora_targets)):
         _originals.setdefault(name, getattr(upstream_train, name))
         setattr(upstream_train, name, fn)
 
@@ -230,36 +270,70 @@ def load_lora_checkpoint(path: str | os.PathLike, base: str | None = None, devic
     trained_config = json.loads((path / "config.json").read_text())
     overwrite = {k: v for k, v in trained_config.items() if k not in _WEIGHT_CONFIG_KEYS}
     try:
-        _, model, image_processor, _ = load_pretrained_model(
-            base, None, "llava_qwen", device_map=str(device), torch_dtype=torch_dtype,
-            attn_implementation=attn_implementation, overwrite_config=overwrite)
+        with _no_vocabulary_shrink():
+            _, model, image_processor, _ = load_pretrained_model(
+                base, None, "llava_qwen", device_map=str(device), torch_dtype=torch_dtype,
+                attn_implementation=attn_implementation, overwrite_config=overwrite)
     except OSError as e:
         raise OSError(f"loading the LoRA base model {base!r} of {path} failed: {e}\n(pass base=/--base to name where "
                       "the model the run was trained from lies)") from e
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model.resize_token_embeddings(len(tokenizer))  # the builder shrank it to the base tokenizer
-    extras = torch.load(path / NON_LORA_NAME, map_location="cpu")
-    extras = {_base_key(k): v for k, v in extras.items()}
-    result = model.load_state_dict(extras, strict=False)
-    if result.unexpected_keys:
-        raise LoRACheckpointError(f"{path / NON_LORA_NAME} has weights the base model {base!r} lacks: "
-                                  f"{result.unexpected_keys[:3]} (was the run trained from another model?)")
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:  # a base model without the action tokens: make room (they come from the adapter)
+        model.resize_token_embeddings(len(tokenizer))
+    # The adapter first, then the weights trained beside it under the names they were saved with (the PEFT
+    # model's): a checkpoint whose adapters also wrapped modules that train in full (the vision tower's
+    # q/k/v_proj, written before language_model_lora_targets) saved those as `...base_layer.weight`, which
+    # only the wrapped model has. Loading into the unwrapped base model refused such runs (issue 26).
     model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+    extras = torch.load(path / NON_LORA_NAME, map_location="cpu")
+    names = {n for n, _ in model.named_parameters()}
+    extras = {_peft_key(k, names): v for k, v in extras.items()}
+    unexpected = sorted(k for k in extras if k not in names)
+    if unexpected:
+        raise LoRACheckpointError(f"{path / NON_LORA_NAME} has weights the base model {base!r} lacks: "
+                                  f"{unexpected[:3]} (was the run trained from another model?)")
+    model.load_state_dict(extras, strict=False)
     model = model.merge_and_unload() if merge else model
     model.to(device)
     model.eval()
     return tokenizer, model, image_processor
 
 
-def _base_key(key: str) -> str:
-    """PEFT model parameter name -> the base model's (as upstream's builder strips them)."""
-    return key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+@contextlib.contextmanager
+def _no_vocabulary_shrink():
+    """Keep every embedding row of the base model while upstream's builder loads it.
+
+    The builder resizes the embeddings to its tokenizer's length (llava/model/builder.py:294 at
+    df17966), which drops the rows Qwen2 reserves past it (151,936 rows on disk, 151,646 tokens).
+    A merged LoRA checkpoint then had fewer rows than a full fine-tune's, and the transformers export,
+    which appends <image>/<video> rows within the reserve, refused it (issue 26); the rows it dropped
+    would also have come back re-initialised at random. Growing is still allowed.
+    """
+    from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
+
+    original = LlavaQwenForCausalLM.resize_token_embeddings
+
+    def resize(self, new_num_tokens=None, *args, **kwargs):
+        if new_num_tokens is not None and new_num_tokens < self.get_input_embeddings().weight.shape[0]:
+            return self.get_input_embeddings()
+        return original(self, new_num_tokens, *args, **kwargs)
+
+    LlavaQwenForCausalLM.resize_token_embeddings = resize
+    try:
+        yield
+    finally:
+        LlavaQwenForCausalLM.resize_token_embeddings = original
+
+
+def _peft_key(key: str, names: set[str]) -> str:
+    """A saved parameter name -> the PEFT model's (names saved without PEFT's prefix get it)."""
+    return key if key in names or f"base_model.model.{key}" not in names else f"base_model.model.{key}"
 
 
 def merge_checkpoint(path: str | os.PathLike, out: str | os.PathLike, base: str | None = None) -> Path:
     """Write a full checkpoint (model, tokenizer, VLA files) with the LoRA checkpoint at `path` merged in."""
     from llava_vla_plugin.action_tokenizer import ActionTokenizer
-    from llava_vla_plugin.normalization import STATS_NAME
 
     path, out = Path(path), Path(out)
     dtype = json.loads((path / "config.json").read_text()).get("torch_dtype") or "float32"
@@ -271,12 +345,31 @@ def merge_checkpoint(path: str | os.PathLike, out: str | os.PathLike, base: str 
     model.config.use_cache = True
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    ActionTokenizer.load(path).save(tmp)
-    shutil.copyfile(path / STATS_NAME, tmp / STATS_NAME)
+    ActionTokenizer.load(path)  # refuses a checkpoint whose action tokenizer is missing or unreadable
+    for name in vla_files(path):
+        shutil.copyfile(path / name, tmp / name)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def vla_files(path: str | os.PathLike) -> list[str]:
+    """The files beside the model that make a checkpoint a policy, as a merge must carry them: every
+    `vla_*` file (action tokenizer, action representation and its head, run config) and the statistics.
+
+    The merge used to copy only the action tokenizer and the statistics, so a `bins_chunk` run's merged
+    model lost `vla_action_repr.json` and loaded as `bins` with H = 1: one step where eight were
+    trained, silently (issue 21). Copying the whole family keeps a file added later from being lost
+    the same way. The run's metric log is not part of the policy.
+    """
+    from llava_vla_plugin.normalization import STATS_NAME
+
+    path = Path(path)
+    names = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.startswith("vla_") and p.name != "vla_metrics.jsonl")
+    if not (path / STATS_NAME).is_file():
+        raise LoRACheckpointError(f"{path} lacks {STATS_NAME}: the actions cannot be un-normalized; copy it from the run's OUTPUT_DIR")
+    return names + [STATS_NAME]
 
 
 # ---- CLI -------------------------------------------------------------------------------------------

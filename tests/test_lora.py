@@ -47,8 +47,10 @@ def lora_run(tmp_path_factory):
     from llava_vla_plugin.testing.tiny_model import build_tiny_model
 
     d = tmp_path_factory.mktemp("lora")
-    # vision_layers=1: same code path as the 2-layer tower, cheaper images
-    tiny = build_tiny_model(d / "model", vision_layers=1)
+    # vision_layers=3: upstream drops the last layer (mm_vision_select_layer -2), so two SigLIP layers
+    # run, each with q/k/v/out_proj and fc1/fc2. With one layer (none left after the cut) the tower had
+    # no linear layer for LoRA to wrap, and this test missed that the defaults' run could not be loaded.
+    tiny = build_tiny_model(d / "model", vision_layers=3)
     # one value per sample in all 7 dimensions: 4 distinct targets that 8 steps can start to fit
     data = write_vla_dataset(d, "ds", 4, image_fn=_image, action_fn=lambda i, r: [(-0.75, -0.25, 0.25, 0.75)[i]] * 7,
                              instruction_fn=lambda i: f"pick up the {OBJECTS[i]}")
@@ -136,8 +138,31 @@ def test_checkpoints_are_complete(lora_run):
         assert adapter["trainable_token_indices"] == list(range(151646, 151902))
         assert not adapter["modules_to_save"]  # no whole-matrix copy of the embedding
     merged = out / "merged"
-    assert (merged / "vla_action_tokenizer.json").is_file() and (merged / "dataset_statistics.json").is_file()
+    for name in ("vla_action_tokenizer.json", "dataset_statistics.json", "vla_action_repr.json", "vla_run_config.json"):
+        assert (merged / name).is_file(), f"the merge lost {name}"
     assert not (merged / "adapter_config.json").exists()  # else transformers would load it as an adapter
+
+
+def test_lora_adapts_the_language_model_only(lora_run):
+    """The decision stated in the README: adapters on the LM's linear layers; the tower and projector
+    train in full (the launcher's mm_tunable_parts) and are saved as plain weights that load back."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = lora_run["out"]
+    tower_linear = [k for k in load_file(str(lora_run["tiny"].llava_dir / "model.safetensors"))
+                    if "vision_tower" in k and re.search(r"encoder\.layers\.\d+\.(self_attn|mlp)\.\w+\.weight$", k)]
+    assert len(tower_linear) >= 12, "the test tower must keep linear layers after upstream's cut (2 layers x 6)"
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    lora_keys = [k for k in adapter if ".lora_A." in k]
+    assert lora_keys and not [k for k in lora_keys if "vision_tower" in k or "mm_projector" in k], lora_keys[:3]
+    assert {re.search(r"\.(\w+_proj)\.lora_A", k).group(1) for k in lora_keys} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert len(lora_keys) == 2 * 7  # 2 decoder layers x 7 linear layers
+    extras = torch.load(out / "non_lora_trainables.bin", map_location="cpu")
+    assert not [k for k in extras if "base_layer" in k], "a LoRA base weight was saved as a trained weight"
+    tower_saved = [k for k in extras if "vision_tower" in k and "encoder.layers" in k]
+    assert len(tower_saved) >= 2 * 6 * 2, tower_saved  # both kept layers, weights and biases: trained in full
 
 
 def test_only_intended_parameters_trained(lora_run):
@@ -263,3 +288,140 @@ def test_merge_cli_refuses_a_full_checkpoint(lora_run, tmp_path):
     assert proc.returncode == 2 and "not a LoRA checkpoint" in proc.stderr
     assert not (tmp_path / "x").exists()
 
+
+
+EXPORT_SCRIPT = r"""
+import json, sys
+import numpy as np
+from PIL import Image
+from llava_vla_plugin.hf_policy import HFVLAPolicy
+exported, samples_path = sys.argv[1:3]
+samples = json.loads(open(samples_path).read())
+hf = HFVLAPolicy.from_pretrained(exported, device="cpu", dtype="float32")
+print("RESULT " + json.dumps([hf.predict_action_ids(Image.fromarray(np.asarray(s["image"], dtype=np.uint8)),
+                                                     s["instruction"]).tolist() for s in samples]))
+"""
+
+
+def _result(proc) -> object:
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+
+
+def test_merged_lora_exports_to_transformers(lora_run, policy_results, tmp_path):
+    """The README's export command on OUTPUT_DIR/merged (it used to exit 2: the merge had shrunk the
+    embeddings to the tokenizer's 151,902 rows, where the export adds <image>/<video> within the
+    base's 151,936), and the exported model predicts what the LoRA run predicts."""
+    from safetensors import safe_open
+
+    run = lora_run
+    with safe_open(str(run["out"] / "merged" / "model.safetensors"), "pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_shape()[0] == 151936  # as a full fine-tune keeps it
+    proc = subprocess.run([sys.executable, "-m", "llava_vla_plugin.export_hf", str(run["out"] / "merged"),
+                           str(tmp_path / "exported")], env=run["env"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ids = _result(subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, str(tmp_path / "exported"), str(run["dir"] / "samples.json")],
+                                 env=run["env"], capture_output=True, text=True, timeout=900, cwd=tmp_path))
+    assert ids == policy_results["ids"]["unmerged"]
+
+
+CHUNK_SCRIPT = r"""
+import json, sys
+import numpy as np
+from llava_vla_plugin.policy import VLAPolicy
+lora_dir, merged_dir, samples_path = sys.argv[1:4]
+s = json.loads(open(samples_path).read())[0]
+image = np.asarray(s["image"], dtype=np.uint8)
+res = {}
+for name, path in (("lora", lora_dir), ("merged", merged_dir)):
+    p = VLAPolicy.from_pretrained(path, device="cpu")
+    res[name] = {"repr": p.action_repr.config.name, "horizon": p.action_repr.config.horizon,
+                 "action": p.predict_action(image, s["instruction"], unnorm_key="ds").tolist()}
+print("RESULT " + json.dumps(res))
+"""
+
+
+def test_merge_keeps_the_action_representation(lora_run, policy_results, tmp_path):
+    """A `bins_chunk` H=8 LoRA checkpoint merged with the CLI still answers [8, 7] (the merge used to copy
+    only the action tokenizer and the statistics, so the merged model played one step). The run's
+    checkpoint is relabelled as bins_chunk (what the merge copies is the subject, not the training)."""
+    ckpt = tmp_path / "chunk-lora"
+    ckpt.mkdir()
+    for f in lora_run["out"].iterdir():
+        if f.is_file():
+            (ckpt / f.name).symlink_to(f)
+    repr_cfg = json.loads((lora_run["out"] / "vla_action_repr.json").read_text())
+    (ckpt / "vla_action_repr.json").unlink()
+    (ckpt / "vla_action_repr.json").write_text(json.dumps({**repr_cfg, "name": "bins_chunk", "horizon": 8}))
+    proc = subprocess.run([sys.executable, "-m", "llava_vla_plugin.lora", "merge", str(ckpt), "--out", str(tmp_path / "merged")],
+                          env=lora_run["env"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = _result(subprocess.run([sys.executable, "-c", CHUNK_SCRIPT, str(ckpt), str(tmp_path / "merged"),
+                                str(lora_run["dir"] / "samples.json")],
+                               env=lora_run["env"], capture_output=True, text=True, timeout=900, cwd=tmp_path))
+    for name in ("lora", "merged"):
+        assert (r[name]["repr"], r[name]["horizon"]) == ("bins_chunk", 8), r
+        assert np.array(r[name]["action"]).shape == (8, 7), r
+    np.testing.assert_allclose(r["merged"]["action"], r["lora"]["action"], atol=1e-5)
+
+
+LEGACY_SCRIPT = r"""
+# A LoRA checkpoint as the plugin wrote it before language_model_lora_targets: upstream's bare target
+# names (find_all_linear_names) wrapped SigLIP's q/k/v_proj too, and with the vision tower tuned in full
+# their `base_layer` weights landed in non_lora_trainables.bin. Users have such runs on disk.
+import json, shutil, sys
+import numpy as np, torch
+from peft import LoraConfig, get_peft_model
+from llava.model.builder import load_pretrained_model
+from transformers import AutoTokenizer
+from llava_vla_plugin import lora
+from llava_vla_plugin.action_tokenizer import ActionTokenizer
+from llava_vla_plugin.policy import VLAPolicy
+base, run_dir, out, samples_path = sys.argv[1:5]
+tokenizer = AutoTokenizer.from_pretrained(run_dir)
+with lora._no_vocabulary_shrink():  # as in training: all 151,936 rows (else PEFT saves the whole embedding)
+    _, model, _, _ = load_pretrained_model(base, None, "llava_qwen", device_map="cpu", torch_dtype="float32")
+names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # upstream's list for Qwen2
+model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=names, task_type="CAUSAL_LM"))
+model.peft_config["default"].base_model_name_or_path = base
+lora.enable_action_token_training(model, ActionTokenizer.load(run_dir).token_ids)
+torch.manual_seed(0)
+with torch.no_grad():
+    for name, p in model.named_parameters():
+        if "vision_tower" in name or "mm_projector" in name:  # upstream's mm_tunable_parts loop: base_layer too
+            p.requires_grad_(True)
+            p.add_(0.01 * torch.randn_like(p))  # "trained"
+        if "lora_B" in name:
+            p.add_(0.01 * torch.randn_like(p))
+model.save_pretrained(out)
+lora.save_lora_extras(model, out)
+tokenizer.save_pretrained(out)
+for name in lora.vla_files(run_dir):
+    shutil.copyfile(f"{run_dir}/{name}", f"{out}/{name}")
+extras = torch.load(out + "/non_lora_trainables.bin")
+res = {"legacy_base_layer_keys": sum("base_layer" in k for k in extras)}
+wrapped = model.get_base_model().get_model().get_vision_tower().vision_tower.vision_model.encoder.layers[0].self_attn.q_proj
+want = (wrapped.base_layer.weight + wrapped.get_delta_weight("default")).detach().clone()
+samples = json.loads(open(samples_path).read())
+images = [np.asarray(s["image"], dtype=np.uint8) for s in samples]
+texts = [s["instruction"] for s in samples]
+res["ids"] = {}
+for merge in (False, True):
+    p = VLAPolicy.from_pretrained(out, device="cpu", merge_lora=merge)
+    res["ids"][str(merge)] = p.predict_action_ids(images, texts).tolist()
+    if merge:
+        got = p.model.get_model().get_vision_tower().vision_tower.vision_model.encoder.layers[0].self_attn.q_proj.weight
+        res["tower_q_max_diff"] = float((got - want).abs().max())
+print("RESULT " + json.dumps(res))
+"""
+
+
+def test_checkpoint_with_tower_adapters_from_before_the_fix_loads(lora_run, policy_results, tmp_path):
+    """A run saved by the old plugin (adapters on the tower too, base weights in non_lora_trainables.bin)
+    loads unmerged and merged with its trained tower weights: nobody's finished run is lost."""
+    r = _result(subprocess.run([sys.executable, "-c", LEGACY_SCRIPT, str(lora_run["tiny"].llava_dir), str(lora_run["out"]),
+                                str(tmp_path / "legacy"), str(lora_run["dir"] / "samples.json")],
+                               env=lora_run["env"], capture_output=True, text=True, timeout=900, cwd=tmp_path))
+    assert r["legacy_base_layer_keys"] >= 2 * 3  # the defect's signature: 2 kept layers x q/k/v
+    assert r["tower_q_max_diff"] < 1e-6, r
+    assert r["ids"]["False"] == r["ids"]["True"]
