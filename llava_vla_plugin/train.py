@@ -18,6 +18,9 @@ def main() -> None:
     register()
     if not any(a in ("-h", "--help") for a in sys.argv[1:]):
         _check_fit()
+        from llava_vla_plugin.build_lock import main_check
+
+        main_check(sys.argv[1:])  # DeepSpeed's optimizer op: built now, or exit 2 on a stale build lock
     import llava.train.train as upstream_train
 
     upstream_train.train()
