@@ -87,3 +87,87 @@ def test_policy_on_cuda_without_cuda_says_what_to_do(ckpt):
         pytest.skip("this host has CUDA")
     with pytest.raises(ValueError, match=r"device='cuda', but .*Pass device='cpu'"):
         VLAPolicy.from_pretrained(ckpt, device="cuda")
+
+
+# ---- the launcher, run as a user runs it: from a folder outside the clone, relative paths ------------------
+def _launch(cwd, *extra: str, **env_vars: str) -> tuple[subprocess.CompletedProcess, float]:
+    env = subprocess_env({"NUM_GPUS": "0", "MODEL": "lmms-lab/never-loaded", "DATA": "data/train.jsonl",
+                          "IMAGE_FOLDER": "data", "OUTPUT_DIR": "runs/x", **env_vars})
+    env.pop("PYTHONPATH")  # the launcher finds its own checkout's plugin
+    for k in [k for k, v in env.items() if v is None]:
+        env.pop(k)
+    t0 = time.perf_counter()
+    proc = subprocess.run(["bash", str(ROOT / "scripts/finetune_ov_vla.sh"), *extra], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+    return proc, time.perf_counter() - t0
+
+
+@pytest.fixture
+def user_dir(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("{}\n")
+    return tmp_path
+
+
+def test_launcher_refuses_bad_data_and_options_before_anything(user_dir):
+    """DATA=converted/nope.jsonl and ACTION_REPR=bogus (and the other paths and options) were found only after
+    the model loaded, as tracebacks with rc 1, leaving OUTPUT_DIR/launch_config.pending.yaml behind."""
+    proc, seconds = _launch(user_dir, DATA="converted/nope.jsonl", ACTION_REPR="bogus", IMAGE_FOLDER="imgs",
+                            VAL_DATA="data", HORIZON="x")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr
+    assert f"DATA (--data_path) {user_dir}/converted/nope.jsonl: no such file; convert data first" in err
+    assert "ACTION_REPR (--vla_action_repr): unknown action representation 'bogus': use one of bins, bins_chunk" in err
+    assert f"IMAGE_FOLDER (--image_folder) {user_dir}/imgs: no such folder" in err
+    assert f"VAL_DATA (--vla_val_data) {user_dir}/data is a folder, not a data file: use {user_dir}/data/train.jsonl" in err
+    assert "HORIZON (--vla_horizon) 'x' is not an integer" in err and "Traceback" not in err
+    assert not (user_dir / "runs").exists()  # nothing written, not even an empty OUTPUT_DIR
+    assert seconds < 60, seconds  # measured ~5 s on a loaded 2-core machine (importing torch for the registry)
+
+    # an extra trainer argument wins over the launcher's variable, so the check reads the final arguments
+    proc, _ = _launch(user_dir, "--vla_window_mode", "sideways", ACTION_REPR="bins_chunk", HORIZON="4")
+    assert proc.returncode == 2 and "WINDOW_MODE (--vla_window_mode): unknown window mode 'sideways'" in proc.stderr
+
+
+def test_launch_stopped_in_the_trainer_removes_what_it_wrote(user_dir):
+    """Input that passes the launcher's check but stops the trainer before the run starts (here: an argument
+    upstream does not know) leaves no pending settings and no empty OUTPUT_DIR, and says so."""
+    proc, _ = _launch(user_dir, "--no_such_trainer_flag", "1")
+    assert proc.returncode != 0
+    assert "no_such_trainer_flag" in proc.stderr
+    out = user_dir / "runs" / "x"
+    assert f"removed {out}/launch_config.pending.yaml" in proc.stderr and f"the empty {out}" in proc.stderr
+    assert not out.exists()
+
+
+def test_launcher_default_process_count_without_cuda(user_dir):
+    """NUM_GPUS defaults to 8, one process per GPU: without CUDA the launcher refuses it (rc 2, the fix named);
+    an explicit NUM_GPUS=N is honoured, with a warning."""
+    import shutil
+
+    if shutil.which("nvidia-smi") and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0:
+        pytest.skip("this host has a GPU")
+    proc, seconds = _launch(user_dir, NUM_GPUS=None)
+    assert proc.returncode == 2 and "no CUDA GPU found" in proc.stderr and "Set NUM_GPUS=0" in proc.stderr
+    assert not (user_dir / "runs").exists() and seconds < 10
+    proc, _ = _launch(user_dir, NUM_GPUS="2", ACTION_REPR="bogus")  # stops at the (later) input check
+    assert proc.returncode == 2 and "WARNING: no CUDA GPU found: starting 2 CPU training process(es)" in proc.stderr
+
+
+def test_train_help_lists_the_representations():
+    from llava_vla_plugin.action_repr import REPRESENTATIONS
+    from llava_vla_plugin.train import _representations_help
+
+    text = _representations_help()
+    assert all(f"  {name} " in text for name in REPRESENTATIONS) and "None" not in text
+
+
+def test_upstream_mezo_line_dropped_and_nothing_else(capsys):
+    from llava_vla_plugin.env import UPSTREAM_TRAINER_PRINTS, prints_dropped
+
+    with prints_dropped(UPSTREAM_TRAINER_PRINTS):
+        print("MeZOLLaVATrainer initialized with mode: regular")
+        print("Trainable parameters amount: 3")
+        print("MeZOLLaVATrainer initialized with mode: zo")
+    out = capsys.readouterr().out
+    assert out == "Trainable parameters amount: 3\nMeZOLLaVATrainer initialized with mode: zo\n"
