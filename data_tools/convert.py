@@ -202,6 +202,10 @@ class DatasetPlan:
     shards: list[dict[str, Any]] = field(default_factory=list)
     source_digest: str = ""
     options_digest: str = ""
+    # the same version requested explicitly or left to the newest on disk (a mixture names it, --datasets
+    # does not): other spellings of this plan's options digest, one conversion either way
+    equivalent_options_digests: tuple[str, ...] = ()
+    inputs: dict[str, Any] = field(default_factory=dict)  # what the options digest covers, compared field by field
 
     def fingerprint_parts(self) -> dict[str, str]:
         return {"source": self.source_digest, "options": self.options_digest}
@@ -265,19 +269,33 @@ def plan_dataset(data_dir: Path, req: DatasetRequest, registry: Registry, opts: 
         shards=shards,
     )
     plan.source_digest = source_digest(ds_dir, [u.path for u in units])
-    plan.options_digest = _json_digest(
-        {
-            "tool": TOOL_VERSION,
-            "request": {k: v for k, v in asdict(req).items() if k != "weight"},  # weight: mixture only
-            "spec": plan.spec_raw,
-            "shards": shards,
-            "frames_per_episode": opts.frames_per_episode,
-            "seed": opts.seed,
-            "stats_from": _file_digest(opts.stats_from),
-            # verify_images is not here: it only decides whether more damaged frames are found
-        }
-    )
+
+    def options_digest(version: str | None) -> str:
+        return _json_digest(
+            {
+                "tool": TOOL_VERSION,
+                "request": {k: v for k, v in asdict(req).items() if k != "weight"} | {"version": version},  # weight: mixture only
+                "spec": plan.spec_raw,
+                "shards": shards,
+                "frames_per_episode": opts.frames_per_episode,
+                "seed": opts.seed,
+                "stats_from": _file_digest(opts.stats_from),
+                # verify_images is not here: it only decides whether more damaged frames are found
+            }
+        )
+
+    plan.options_digest = options_digest(req.version)
+    plan.equivalent_options_digests = tuple(dict.fromkeys(options_digest(v) for v in (None, plan.tfds_version)))
     plan.fingerprint = _json_digest({"source": plan.source_digest, "options": plan.options_digest})
+    plan.inputs = {
+        "tool_version": TOOL_VERSION,
+        "tfds_version": plan.tfds_version,
+        "options": {**{k: v for k, v in asdict(req).items() if k not in ("name", "version", "weight")},
+                    "frames_per_episode": opts.frames_per_episode, "seed": opts.seed},
+        "registry_entry": plan.spec_raw,
+        "shards": shards,
+        "stats_from": opts.stats_from,
+    }
     return plan
 
 
@@ -719,17 +737,65 @@ def _recorded(path: Path) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
+def _recorded_inputs(recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """The inputs a plan.json (`inputs`) or a manifest.json (its own fields) recorded, in plan.inputs' terms."""
+    if isinstance(recorded.get("inputs"), dict):
+        return recorded["inputs"]
+    if "tool_version" not in recorded:
+        return {}
+    statistics = str(recorded.get("statistics") or "")
+    return {
+        "tool_version": recorded.get("tool_version"),
+        "tfds_version": (recorded.get("source") or {}).get("tfds_version"),
+        "options": {k: v for k, v in (recorded.get("options") or {}).items() if k != "weight"},
+        "registry_entry": recorded.get("registry_entry"),
+        "shards": recorded.get("shards"),
+        "stats_from": statistics[len("--stats-from "):] if statistics.startswith("--stats-from ") else None,
+    }
+
+
+def _changed_inputs(recorded: Mapping[str, Any], plan: DatasetPlan) -> list[str]:
+    """The recorded inputs that differ from this plan's, each as `what: recorded -> now`."""
+    old = _recorded_inputs(recorded)
+    if not old:
+        return []
+    new, changed = plan.inputs, []
+    if old.get("tool_version") != new["tool_version"]:
+        changed.append(f"converter version: {old.get('tool_version')} -> {new['tool_version']}")
+    if old.get("tfds_version") != new["tfds_version"]:
+        changed.append(f"dataset version: {old.get('tfds_version')} -> {new['tfds_version']}")
+    old_opts = old.get("options") or {}
+    for key, value in new["options"].items():
+        if old_opts.get(key) != value:
+            flag = {"frames_per_episode": "--frames-per-episode", "seed": "--seed"}.get(key, f"mixture option {key}")
+            changed.append(f"{flag}: {old_opts.get(key)} -> {value}")
+    if old.get("registry_entry") != new["registry_entry"]:
+        old_entry, new_entry = old.get("registry_entry") or {}, new["registry_entry"] or {}
+        keys = sorted(k for k in set(old_entry) | set(new_entry) if old_entry.get(k) != new_entry.get(k))
+        changed.append(f"the registry entry of {plan.request.name} (keys: {', '.join(keys)})")
+    if old.get("shards") != new["shards"]:
+        changed.append(f"the shard files in {plan.dataset_dir}")
+    if old.get("stats_from") != new["stats_from"]:
+        changed.append(f"--stats-from: {old.get('stats_from')} -> {new['stats_from']}")
+    return changed
+
+
 def _what_changed(recorded: Mapping[str, Any], plan: DatasetPlan) -> str | None:
-    """None if `recorded` is this plan's fingerprint, else what differs, in words."""
+    """None if `recorded` is this plan's conversion, else what differs, in words (a phrase that follows "from")."""
     if recorded.get("fingerprint") == plan.fingerprint:
         return None
     parts = recorded.get("fingerprint_parts") or {}
-    changed = [what for key, what in (("source", f"the source data in {plan.dataset_dir}"),
-                                      ("options", "the conversion options or registry entry"))
-               if parts.get(key) != plan.fingerprint_parts()[key]]
-    if not parts or len(changed) == 2:
-        return "other inputs or options"
-    return changed[0]
+    source_same = parts.get("source") == plan.source_digest
+    if source_same and parts.get("options") in plan.equivalent_options_digests:
+        return None  # the same version, named explicitly once and left implicit the other time
+    what = []
+    if parts and not source_same:
+        what.append(f"other source data in {plan.dataset_dir} (its files' content differs)")
+    if not parts or parts.get("options") not in plan.equivalent_options_digests:
+        changed = _changed_inputs(recorded, plan)
+        what.append("other options (" + "; ".join(changed) + ")" if changed else
+                    "other conversion options or another registry entry (not recorded in detail by the earlier run)")
+    return " and ".join(what)
 
 
 def _write_top_level(out_dir: Path, requests: Sequence[DatasetRequest]) -> None:
@@ -780,22 +846,24 @@ def convert(
                 log.info("%s: already converted in %s (same source content and options), skipping", req.name, target)
                 shutil.rmtree(work, ignore_errors=True)  # left over if a run died right after finishing it
                 continue
-            failures[req.name] = (f"{target} was converted from {changed} than this run's; pass --overwrite to "
-                                  "convert it again")
+            failures[req.name] = (f"{target} was converted from {changed} than this run's. Run with the options "
+                                  f"it was converted with to reuse it, --out elsewhere to keep both, or --overwrite "
+                                  f"to convert it again")
             log.error("%s: %s", req.name, failures[req.name])
             continue
         plan_file = work / "plan.json"
         changed = _what_changed(_recorded(plan_file), plan) if plan_file.is_file() else None
         if changed is not None:
             failures[req.name] = (f"{work} holds a partial run made from {changed} than this run's (resuming would "
-                                  "mix the two); pass --overwrite to start again")
+                                  "mix the two). Rerun with its options to resume it, or pass --overwrite to start again")
             log.error("%s: %s", req.name, failures[req.name])
             continue
         (work / "final" / "images").mkdir(parents=True, exist_ok=True)
         (work / "units").mkdir(parents=True, exist_ok=True)
         for stale in (work / "units").glob("*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)  # a killed run's unfinished unit is redone from scratch
-        _write_json_atomic(plan_file, {"fingerprint": plan.fingerprint, "fingerprint_parts": plan.fingerprint_parts()})
+        _write_json_atomic(plan_file, {"fingerprint": plan.fingerprint, "fingerprint_parts": plan.fingerprint_parts(),
+                                       "inputs": plan.inputs})
         log.info("%s: %s (%s %s), %d shard files", req.name, plan.dataset_dir, plan.tfds_name, plan.tfds_version,
                  len(plan.units))
         plans.append(plan)
@@ -930,9 +998,26 @@ def _unwritable(out: Path) -> str | None:
     return None
 
 
+def _data_dir_problem(data_dir: Path) -> str | None:
+    """Why --data-dir cannot hold any dataset (None if it may): checked before anything loads."""
+    if not data_dir.exists():
+        return "no such folder"
+    if not data_dir.is_dir():
+        return "not a folder"
+    if not any(p.is_dir() and not p.name.startswith(".") for p in data_dir.iterdir()):
+        return "the folder holds no dataset folders (<dataset>/<version>/dataset_info.json)"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    problem = _data_dir_problem(args.data_dir)
+    if problem:
+        source = f"--mixture {args.mixture}" if args.mixture else "--mixture <name or file listing them>"
+        print(f"error: --data-dir {args.data_dir}: {problem}. Download the datasets first: python -m data_tools.download "
+              f"{source} --out {args.data_dir} (or pass the folder that holds them)", file=sys.stderr)
+        return 2
     try:
         registry = Registry.load(args.registry)
         if args.mixture:

@@ -93,16 +93,18 @@ def validate_dataset(out: Path, ds_dir: Path, combined: dict[str, Any] | None, r
         if not path.is_file():
             rep.add("files", f"{name}: no {split_file(split)}")
             continue
-        n = 0
+        n = 0  # samples: lines that parse (an unreadable line is a problem, not a sample)
         with open(path) as f:
             for lineno, line in enumerate(f, 1):
-                n += 1
                 where = f"{path.relative_to(out)}:{lineno}"
                 try:
                     s = json.loads(line)
                 except ValueError as e:
-                    rep.add("json", f"{where}: {e}")
+                    detail = f"{e.msg} at character {e.pos}" if isinstance(e, json.JSONDecodeError) else str(e)
+                    rep.add("json", f"{where}: not a sample: the line is not valid JSON ({detail}; a truncated or "
+                                    f"damaged line). Not counted; convert {name} again with --overwrite, or remove the line")
                     continue
+                n += 1
                 _check_sample(out, name, split, s, where, stats, seen, rep, decode)
         lines_per_split[split] = n
         expected = manifest.get("counts", {}).get("splits", {}).get(split, {}).get("frames")

@@ -323,10 +323,14 @@ class BinsRepresentation(ActionRepresentation):
 
 
 class BinsChunkRepresentation(BinsRepresentation):
+    """H x D action tokens (step-major), autoregressive, decoding constrained to action tokens; HORIZON > 1."""
+
     name = "bins_chunk"
 
 
 class ParallelL1Representation(ActionRepresentation):
+    """OpenVLA-OFT's parallel decoding: H x D placeholders, an L1-regression head, one forward; no LoRA yet."""
+
     name = "parallel_l1"
     extra_tokens = (SLOT_TOKEN,)
     # Not yet: the head would sit on the PEFT wrapper (the forward looks for it on the base model), the slot

@@ -6,6 +6,7 @@ from typing import Optional
 
 import llava.train.train as upstream_train
 
+from llava_vla_plugin.action_repr import REPRESENTATIONS
 from llava_vla_plugin.env import default_attn_implementation
 
 
@@ -25,9 +26,9 @@ class DataArguments(upstream_train.DataArguments):
     vla_eval_steps: int = field(default=0, metadata={"help": "evaluate --vla_val_data every N steps (0: only at the end)"})
     vla_blind: bool = field(default=False, metadata={"help": "ablation: drop the <image> token from VLA prompts, so the model "
                                                                "trains without seeing its images (a blind baseline)"})
-    vla_action_repr: str = field(default="bins", metadata={"help": "action representation (llava_vla_plugin/action_repr.py): "
-                                                                    "bins (one step of 256-bin tokens), bins_chunk (H x D tokens), "
-                                                                    "parallel_l1 (H x D placeholders, L1-regression head, one forward)"})
+    vla_action_repr: str = field(default="bins", metadata={"help": "action representation: " + ", ".join(REPRESENTATIONS)
+                                                                    + " (llava_vla_plugin/action_repr.py; described at the top of "
+                                                                    "this help)"})
     vla_horizon: int = field(default=1, metadata={"help": "chunk length H (future actions per prediction; bins needs 1)"})
     vla_window_mode: str = field(default="oft", metadata={"help": "how H-step windows are cut (data_tools/action_windows.py): "
                                                                    "oft (drop each episode's last H-1 frames) or openvla "

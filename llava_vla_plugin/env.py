@@ -72,6 +72,10 @@ UPSTREAM_IMPORT_PRINTS = {
     "llava.utils": ("Please install pyav to use video processing functions.",),
     "llava.model.multimodal_encoder.open_clip_encoder": ("OpenCLIP not installed",),
 }
+# upstream's LLaVATrainer.__init__ prints this for every run: it is upstream's zeroth-order (MeZO) fork of the
+# trainer announcing its default mode, i.e. ordinary backprop training; the VLA trainer uses HF's loop unless
+# --trainer_mode zo (trainer.py). A `zo` run's line is not in this list and still shows.
+UPSTREAM_TRAINER_PRINTS = ("MeZOLLaVATrainer initialized with mode: regular",)
 # TensorFlow's C++ start-up lines, written to fd 2 before absl logging is initialised (so
 # TF_CPP_MIN_LOG_LEVEL cannot hide them)
 TF_STARTUP_LINES = (
@@ -147,6 +151,19 @@ def install_noise_filters() -> None:
         tok_log.addFilter(_MistralRegexFilter())
     if not any(isinstance(f, _QuietUpstreamImports) for f in sys.meta_path):
         sys.meta_path.insert(0, _QuietUpstreamImports())
+
+
+@contextlib.contextmanager
+def prints_dropped(lines: tuple[str, ...]):
+    """Run a block with these exact stdout lines dropped; everything else it prints is replayed after it."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        for line in buf.getvalue().splitlines(keepends=True):
+            if line.rstrip("\n") not in lines:
+                sys.stdout.write(line)
 
 
 @contextlib.contextmanager

@@ -31,7 +31,11 @@ def load_statistics(checkpoint: str | Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: a VLA checkpoint carries the dataset statistics its actions "
                                 "were normalized with; copy dataset_statistics.json from the run's output dir")
-    stats = json.loads(path.read_text())
+    try:
+        stats = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); copy dataset_statistics.json again from the run's output "
+                         "dir") from None
     if not isinstance(stats, dict) or not stats:
         raise ValueError(f"{path}: expected {{dataset_name: statistics}}, found {type(stats).__name__} with no datasets")
     for name, entry in stats.items():
@@ -40,16 +44,43 @@ def load_statistics(checkpoint: str | Path) -> dict:
     return stats
 
 
-def resolve_unnorm_key(norm_stats: Mapping[str, dict], unnorm_key: str | None) -> str:
-    """OpenVLA's rule: the key may be omitted when there is exactly one dataset."""
+def resolve_unnorm_key(norm_stats: Mapping[str, dict], unnorm_key: str | None, name: str = "unnorm_key") -> str:
+    """OpenVLA's rule: the key may be omitted when there is exactly one dataset. `name`: what the caller
+    calls the key in messages (a request field `unnorm_key`, a command-line flag `--unnorm-key`)."""
     keys = sorted(norm_stats)
     if unnorm_key is None:
         if len(keys) != 1:
-            raise UnnormKeyError(f"this model was trained on {len(keys)} datasets; pass unnorm_key, one of: {keys}")
+            raise UnnormKeyError(f"this model was trained on {len(keys)} datasets; pass {name}, one of: {keys}")
         return keys[0]
     if unnorm_key not in norm_stats:
-        raise UnnormKeyError(f"unknown unnorm_key {unnorm_key!r}; this model's statistics hold: {keys}")
+        raise UnnormKeyError(f"unknown {name} {unnorm_key!r}; this model's statistics hold: {keys}")
     return unnorm_key
+
+
+def resolve_unnorm_key_no_noops(norm_stats: Mapping[str, dict], unnorm_key: str | None, name: str = "unnorm_key") -> str:
+    """OpenVLA's run_libero_eval rule on top of resolve_unnorm_key: `<key>_no_noops` stands in for an absent
+    `<key>` (its LIBERO checkpoints). The one place this rule lives; the servers import it."""
+    if unnorm_key is not None and unnorm_key not in norm_stats and f"{unnorm_key}_no_noops" in norm_stats:
+        return f"{unnorm_key}_no_noops"
+    return resolve_unnorm_key(norm_stats, unnorm_key, name)
+
+
+def check_serving_statistics(checkpoint: str | Path, unnorm_key: str | None, *, flag: str = "--unnorm-key",
+                             key_required: bool = True, no_noops: bool = False) -> tuple[dict, str | None]:
+    """What a server checks before it loads any weight: `checkpoint` is a checkpoint directory, its
+    dataset_statistics.json reads, and `unnorm_key` (the command line's `flag`) names one of its datasets.
+    Returns (statistics, resolved key); the key is None when it may be left to each request
+    (`key_required=False`, serve's /act) and none was given. Raises FileNotFoundError, ValueError or
+    UnnormKeyError with a message that names the file or the flag and the available keys."""
+    path = Path(checkpoint)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--checkpoint {path}: not a checkpoint directory (no config.json); pass a training "
+                                "OUTPUT_DIR or one of its checkpoint-N folders")
+    stats = load_statistics(path)
+    if unnorm_key is None and not key_required:
+        return stats, None
+    resolve = resolve_unnorm_key_no_noops if no_noops else resolve_unnorm_key
+    return stats, resolve(stats, unnorm_key, flag)
 
 
 def action_stats(norm_stats: Mapping[str, dict], unnorm_key: str | None) -> dict:

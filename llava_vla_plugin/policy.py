@@ -149,6 +149,25 @@ class PreparedInputs:
                 "image_sizes": self.image_sizes, "modalities": self.modalities}
 
 
+def check_device(device) -> None:
+    """A CUDA device this process cannot use fails here, before any weight loads, with what to do
+    (torch's own answer, deep in the load, is a bare `AssertionError: Torch not compiled with CUDA enabled`)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device={str(device)!r} is not a torch device ({e}); use 'cuda', 'cuda:N' or 'cpu'") from None
+    if dev.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        why = ("this torch build has no CUDA" if torch.version.cuda is None
+               else f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU: check nvidia-smi and CUDA_VISIBLE_DEVICES")
+        raise ValueError(f"device={str(device)!r}, but {why}. Pass device='cpu' (slow, float32), or leave device unset "
+                         "to use CUDA when present and the CPU otherwise")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={str(device)!r}, but this process sees {torch.cuda.device_count()} GPU(s) "
+                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1}; CUDA_VISIBLE_DEVICES renumbers them)")
+
+
 class VLAPolicy:
     def __init__(self, model, tokenizer, image_processor, action_tokenizer: ActionTokenizer, norm_stats: dict,
                  checkpoint: str | None = None, last_logits_only: bool = True,
@@ -207,10 +226,11 @@ class VLAPolicy:
         path = Path(checkpoint)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        check_device(device)
         action_tokenizer = ActionTokenizer.load(path)
         action_repr = make_representation(ActionReprConfig.load(path), action_tokenizer)
         norm_stats = load_statistics(path)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = resolve_dtype(dtype, device)
         name = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[torch_dtype]
         attn = attn_implementation or default_attn_implementation()

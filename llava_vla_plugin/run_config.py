@@ -123,6 +123,32 @@ def commit_launch_config(output_dir: str) -> None:
         os.replace(pending, os.path.join(output_dir, LAUNCH_CONFIG))
 
 
+NEW_OUTPUT_DIR_ENV = "VLA_LAUNCH_NEW_OUTPUT_DIR"  # set by the launcher to OUTPUT_DIR when it created that folder
+
+
+def discard_launch_config(output_dir: str) -> str | None:
+    """A launch that stops before its run starts (bad input, a refused resume, Ctrl-C while loading) leaves
+    no record of a run that never was: the launcher's pending settings file goes, and so does OUTPUT_DIR when
+    the launcher created it for this launch and it is still empty. Returns what was done, in words (None:
+    nothing to do, e.g. the run had started)."""
+    pending = Path(output_dir) / LAUNCH_PENDING
+    if not pending.exists():
+        return None
+    pending.unlink(missing_ok=True)
+    done = f"removed {pending} (the settings of a run that did not start)"
+    if os.environ.get(NEW_OUTPUT_DIR_ENV) == str(output_dir):
+        try:  # several ranks may get here at once
+            left = sorted(p.name for p in Path(output_dir).iterdir())
+            if not left:
+                Path(output_dir).rmdir()
+                done += f" and the empty {output_dir} this launch had created"
+            else:
+                done += f"; kept {output_dir}, created by this launch: it holds {', '.join(left[:5])}"
+        except OSError:
+            pass
+    return done
+
+
 def prune_optimizer_state(output_dir: str, keep: str) -> list[str]:
     """Drop the optimizer state of every checkpoint but the newest (keep="latest"); "all" keeps it all.
 

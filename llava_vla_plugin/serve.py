@@ -35,8 +35,12 @@ Added here because uvicorn lacks them, each where it takes effect:
                      body, at most --max-body-mb each), so the decoded arrays and image tensors, several
                      times the body's size, stay bounded under a burst of large images.
   --backlog          listen backlog: a burst of concurrent clients is queued, not refused.
-Exit codes: 0 stopped by Ctrl-C / SIGTERM, 1 the checkpoint could not be loaded or the address
-could not be bound, 2 usage error.
+--unnorm-key KEY is the key of requests that send none (a request's own `unnorm_key` wins). The
+checkpoint's dataset_statistics.json and --unnorm-key are checked before the model loads, also with
+--dry-run (which then prints the settings and stops).
+Exit codes: 0 stopped by Ctrl-C / SIGTERM (or a --dry-run that passed), 1 the checkpoint could not be
+loaded or the address could not be bound, 2 usage error (including a missing or unreadable
+dataset_statistics.json and an unknown --unnorm-key).
 """
 from __future__ import annotations
 
@@ -360,7 +364,8 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=int(status))
 
 
-def create_app(policy, limits: ServerLimits = ServerLimits()) -> FastAPI:
+def create_app(policy, limits: ServerLimits = ServerLimits(), unnorm_key: str | None = None) -> FastAPI:
+    """`unnorm_key`: the key of requests that send none (serve's --unnorm-key)."""
     from llava_vla_plugin.normalization import UnnormKeyError
     from llava_vla_plugin.policy import ImageInputError
 
@@ -383,10 +388,10 @@ def create_app(policy, limits: ServerLimits = ServerLimits()) -> FastAPI:
                 "limits": asdict(limits)}
 
     def decode_and_predict(body: bytes) -> str:
-        image, instruction, unnorm_key, double = parse_act_payload(body)
+        image, instruction, key, double = parse_act_payload(body)
         del body
         t0 = time.perf_counter()
-        action = response_action(policy.predict_action(image, instruction, unnorm_key=unnorm_key))
+        action = response_action(policy.predict_action(image, instruction, unnorm_key=key or unnorm_key))
         log.debug("action in %.3f s", time.perf_counter() - t0)
         out = json_numpy.dumps(action)
         return json.dumps(out) if double else out
@@ -454,11 +459,12 @@ class _Server(uvicorn.Server):
             print(self.banner, flush=True)
 
 
-def serve(policy, sock: socket.socket, limits: ServerLimits, banner: str, log_level: str = "info") -> None:
+def serve(policy, sock: socket.socket, limits: ServerLimits, banner: str, log_level: str = "info",
+          unnorm_key: str | None = None) -> None:
     """Serve `policy` on the bound `sock` until SIGINT / SIGTERM (uvicorn's graceful stop)."""
     # uvicorn logs a bare "Invalid HTTP request received." before send_400_response, which logs the reason.
     logging.getLogger("uvicorn.error").addFilter(lambda r: r.getMessage() != "Invalid HTTP request received.")
-    config = uvicorn.Config(create_app(policy, limits), http=make_protocol_class(limits), log_config=None,
+    config = uvicorn.Config(create_app(policy, limits, unnorm_key), http=make_protocol_class(limits), log_config=None,
                             log_level=log_level.lower(), backlog=limits.backlog, timeout_graceful_shutdown=5,
                             lifespan="off", ws="none")
     # uvicorn stops gracefully on SIGINT / SIGTERM, restores the previous handlers and re-raises the
@@ -489,6 +495,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backlog", type=int, default=d.backlog,
                         help=f"listen backlog (default {d.backlog}; Linux caps it at net.core.somaxconn)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--unnorm-key", default=None, help="dataset whose statistics un-normalize the actions of requests "
+                        "that send no unnorm_key (default: none; a one-dataset checkpoint needs none)")
+    parser.add_argument("--dry-run", action="store_true", help="check the arguments, the checkpoint's statistics and "
+                        "--unnorm-key, print the settings; bind and load nothing")
     args = parser.parse_args(argv)
     for name in ("max_body_mb", "request_timeout", "max_decodes", "backlog"):
         if getattr(args, name) <= 0:
@@ -496,6 +506,17 @@ def main(argv: list[str] | None = None) -> int:
     limits = ServerLimits(max_body_bytes=int(args.max_body_mb * 2**20), request_timeout_s=args.request_timeout,
                           max_decodes=args.max_decodes, backlog=args.backlog)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from llava_vla_plugin.normalization import UnnormKeyError, check_serving_statistics
+
+    try:  # before the port is bound and any weight loads (and in --dry-run): the statistics file and the key
+        stats, unnorm_key = check_serving_statistics(args.checkpoint, args.unnorm_key, key_required=False)
+    except (OSError, ValueError, UnnormKeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        settings = {k: v for k, v in vars(args).items() if k != "dry_run"}
+        print(json.dumps({"would_serve": settings, "datasets": sorted(stats), "unnorm_key_resolved": unnorm_key}))
+        return 0
     raise_open_file_limit()
     try:
         sock = bind(args.host, args.port, args.backlog)
@@ -514,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     host, port = sock.getsockname()[:2]
     banner = (f"llava_vla_plugin.serve: serving {args.checkpoint} on http://{host}:{port} "
               f"(POST /act, GET /health; datasets: {policy.dataset_names})")
-    serve(policy, sock, limits, banner, args.log_level)
+    serve(policy, sock, limits, banner, args.log_level, unnorm_key)
     return 0
 
 

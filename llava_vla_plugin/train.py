@@ -3,6 +3,7 @@
     python -m llava_vla_plugin.train [every upstream argument] [--vla_* options below]
 
 Use it exactly like `llava/train/train_mem.py` (torchrun / deepspeed launchers included).
+Bad data paths and VLA options stop it before the model loads (llava_vla_plugin/preflight.py, exit 2).
 """
 from __future__ import annotations
 
@@ -10,23 +11,61 @@ import sys
 
 
 def main() -> None:
-    if any(a in ("-h", "--help") for a in sys.argv[1:]):
-        print(__doc__)
-    from llava_vla_plugin.register import register
+    argv = sys.argv[1:]
+    asks_help = any(a in ("-h", "--help") for a in argv)
+    if asks_help:
+        print(__doc__ + _representations_help())
+    else:
+        _preflight(argv)
+    try:
+        from llava_vla_plugin.register import register
 
-    _init_cpu_deepspeed()
-    register()
-    if not any(a in ("-h", "--help") for a in sys.argv[1:]):
-        _check_fit()
-        from llava_vla_plugin.build_lock import main_check
+        _init_cpu_deepspeed()
+        register()
+        if not asks_help:
+            _check_fit()
+            from llava_vla_plugin.build_lock import main_check
 
-        main_check(sys.argv[1:])  # DeepSpeed's optimizer op: built now, or exit 2 on a stale build lock
-    import llava.train.train as upstream_train
+            main_check(argv)  # DeepSpeed's optimizer op: built now, or exit 2 on a stale build lock
+        import llava.train.train as upstream_train
 
-    upstream_train.train()
+        upstream_train.train()
+    except BaseException:
+        _discard_launch_config(argv)  # only while the run has not started (the launcher's pending file is still there)
+        raise
     from llava_vla_plugin import lora
 
     lora.merge_pending()  # LoRA runs: OUTPUT_DIR/merged (unless --vla_lora_merge False)
+
+
+def _representations_help() -> str:
+    """The action representations, from the registry (action_repr.REPRESENTATIONS)."""
+    from llava_vla_plugin.action_repr import REPRESENTATIONS
+
+    lines = [f"  {name:12s} {(cls.__doc__ or '').strip().splitlines()[0]}" for name, cls in REPRESENTATIONS.items()]
+    return ("\nAction representations (--vla_action_repr; the launcher's ACTION_REPR), llava_vla_plugin/action_repr.py:\n"
+            + "\n".join(lines) + "\n")
+
+
+def _preflight(argv) -> None:
+    from llava_vla_plugin.preflight import problems
+
+    found = problems(argv)
+    if found:
+        for line in found:
+            print(f"error: {line}", file=sys.stderr)
+        _discard_launch_config(argv)
+        sys.exit(2)
+
+
+def _discard_launch_config(argv) -> None:
+    from llava_vla_plugin.preflight import parse
+    from llava_vla_plugin.run_config import discard_launch_config
+
+    output_dir = parse(argv).output_dir
+    done = discard_launch_config(output_dir) if output_dir else None
+    if done:
+        print(f"[train] stopped before the run started: {done}", file=sys.stderr)
 
 
 def _check_fit() -> None:

@@ -194,7 +194,10 @@ class VLATrainer(LLaVATrainer):
             action_repr.prepare_model(kwargs["model"], kwargs.get("processing_class"))
         if is_lora:  # before the optimizer exists: the action rows must be among its parameters
             lora.enable_action_token_training(kwargs["model"], kwargs["train_dataset"].action_tokenizer.token_ids)
-        super().__init__(*args, **kwargs)
+        from llava_vla_plugin.env import UPSTREAM_TRAINER_PRINTS, prints_dropped
+
+        with prints_dropped(UPSTREAM_TRAINER_PRINTS):  # upstream's "MeZOLLaVATrainer initialized" (env.py says why)
+            super().__init__(*args, **kwargs)
         self.action_metrics = self.action_repr.metrics()
         self.tokens_pending = 0  # this rank's positions since the last step (sparse head's num_tokens); see sync_tokens_seen
         self.val_dataset = None

@@ -58,7 +58,7 @@ from vla_eval.specs import (GRIPPER_CLOSE_POS, IMAGE_RGB, LANGUAGE, POSITION_DEL
                             DimSpec)
 
 from data_tools.images import JPEG_QUALITY
-from llava_vla_plugin.normalization import UnnormKeyError, resolve_unnorm_key
+from llava_vla_plugin.normalization import UnnormKeyError, check_serving_statistics, resolve_unnorm_key_no_noops
 
 log = logging.getLogger("llava_vla_plugin.vla_eval_server")
 
@@ -72,11 +72,8 @@ class ObservationError(ValueError):
 
 
 # ---- the conventions, as pure functions (each tested against a hand computation) -------------------
-def unnorm_key_with_fallback(norm_stats: Mapping[str, Any], unnorm_key: str | None) -> str:
-    """OpenVLA's run_libero_eval rule: `<key>_no_noops` stands in for an absent `<key>`."""
-    if unnorm_key is not None and unnorm_key not in norm_stats and f"{unnorm_key}_no_noops" in norm_stats:
-        return f"{unnorm_key}_no_noops"
-    return resolve_unnorm_key(norm_stats, unnorm_key)
+# OpenVLA's run_libero_eval rule (`<key>_no_noops` stands in for an absent `<key>`): normalization.py's.
+unnorm_key_with_fallback = resolve_unnorm_key_no_noops
 
 
 def jpeg_roundtrip(image: np.ndarray, quality: int = JPEG_QUALITY) -> np.ndarray:
@@ -243,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="bfloat16 / float16 / float32 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--trace-dir", default=None, help="save every call's input image, model image, model output "
                    "and sent action as .npz (debugging conventions)")
-    p.add_argument("--dry-run", action="store_true", help="check the arguments and print the settings; load nothing")
+    p.add_argument("--dry-run", action="store_true", help="check the arguments, the checkpoint's statistics and "
+                   "--unnorm-key, print the settings; load no weights")
     return p
 
 
@@ -251,9 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = {k: v for k, v in vars(args).items() if k != "dry_run"}
+    try:  # before any weight loads (and in --dry-run): the statistics file and the key
+        _, unnorm_key = check_serving_statistics(args.checkpoint, args.unnorm_key, no_noops=True)
+    except (OSError, ValueError, UnnormKeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.dry_run:
-        ckpt = Path(args.checkpoint)
-        print(json.dumps({"would_serve": settings, "checkpoint_exists": (ckpt / "config.json").exists()}))
+        print(json.dumps({"would_serve": settings, "unnorm_key_resolved": unnorm_key, "checkpoint_exists": True}))
         return 0
     from llava_vla_plugin.policy import VLAPolicy
 

@@ -7,7 +7,7 @@
 #
 #   MODEL=lmms-lab/llava-onevision-qwen2-7b-ov  VISION_TOWER=google/siglip-so400m-patch14-384
 #   DATA=converted/mixture.yaml  IMAGE_FOLDER=converted  OUTPUT_DIR=runs/ov-vla
-#   NUM_GPUS=8 (0 = one CPU process, no DeepSpeed)  NNODES=1 (multi-node: set NODE_RANK,
+#   NUM_GPUS=8 (0 = one CPU process, no DeepSpeed; without CUDA the default is refused: set 0, or N on purpose)  NNODES=1 (multi-node: set NODE_RANK,
 #   MASTER_ADDR, MASTER_PORT as for any torchrun job; scripts/slurm_finetune.sbatch)  DEEPSPEED=configs/zero2.json (zero3.json too)
 #   BATCH_SIZE=8 GRAD_ACCUM=1 LR=2e-5 EPOCHS=1 MAX_STEPS=-1 SAVE_STEPS=1000 IMAGE_ASPECT_RATIO=anyres_max_9
 #   MODEL_MAX_LENGTH=4096 PRECISION=bf16 where CUDA is found, else fp32 NUM_WORKERS=4 REPORT_TO=none SEED=42
@@ -44,6 +44,7 @@ if [ -n "${CONFIG:-}" ]; then
   echo "[finetune] settings from $CONFIG (environment variables override it)"
 fi
 
+NUM_GPUS_GIVEN=${NUM_GPUS+yes}  # the default 8 is for a GPU node; see the CUDA check below
 MODEL=${MODEL:-lmms-lab/llava-onevision-qwen2-7b-ov}
 VISION_TOWER=${VISION_TOWER:-google/siglip-so400m-patch14-384}
 DATA=${DATA:-converted/mixture.yaml}
@@ -89,8 +90,20 @@ case "$DEEPSPEED" in
 esac
 
 # CUDA decides the process setup and the precision default (tf32 and bf16 autocast need a GPU).
+case "$NUM_GPUS" in ''|*[!0-9]*) echo "NUM_GPUS=$NUM_GPUS: expected a number of processes per node (0 = one CPU process)" >&2; exit 2 ;; esac
 HAS_CUDA=0
 if [ "$NUM_GPUS" != "0" ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then HAS_CUDA=1; fi
+if [ "$HAS_CUDA" = "0" ] && [ "$NUM_GPUS" != "0" ]; then
+  CORES=$(nproc 2>/dev/null || echo "?")
+  if [ -z "$NUM_GPUS_GIVEN" ]; then  # a user on a CPU host who did not ask for processes: refuse, say the fix
+    echo "[finetune] error: no CUDA GPU found (nvidia-smi), and NUM_GPUS defaults to $NUM_GPUS (one process per GPU):" \
+      "that would start $NUM_GPUS CPU training processes on $CORES cores. Set NUM_GPUS=0 to train in one CPU process" \
+      "without DeepSpeed (e.g. the tiny model), or NUM_GPUS=N to run N DeepSpeed CPU processes on purpose." >&2
+    exit 2
+  fi
+  echo "[finetune] WARNING: no CUDA GPU found: starting $NUM_GPUS CPU training process(es) per node (DeepSpeed on gloo)" \
+    "on $CORES cores, as NUM_GPUS=$NUM_GPUS asks; NUM_GPUS=0 runs one CPU process without DeepSpeed" >&2
+fi
 if [ "$HAS_CUDA" = "1" ]; then PRECISION=${PRECISION:-bf16}; else PRECISION=${PRECISION:-fp32}; fi
 case "$PRECISION" in
   bf16) PREC_ARGS=(--bf16 True); if [ "$HAS_CUDA" = "1" ]; then PREC_ARGS+=(--tf32 True); fi ;;
@@ -151,6 +164,11 @@ if [ -n "$VAL_DATA" ]; then ARGS+=(--vla_val_data "$VAL_DATA" --vla_eval_steps "
 
 ARGS+=("${CONFIG_ARGS[@]}")
 
+# Bad data paths and VLA options stop the launch here, before OUTPUT_DIR is created or written and before
+# anything heavy loads (llava_vla_plugin/preflight.py; exit 2). The trainer checks the same again.
+"$PYTHON" -m llava_vla_plugin.preflight "${ARGS[@]}" "$@" || exit $?
+# A launch that stops later, before its run starts, removes what it wrote (run_config.discard_launch_config).
+if [ ! -e "$OUTPUT_DIR" ]; then export VLA_LAUNCH_NEW_OUTPUT_DIR="$OUTPUT_DIR"; fi
 mkdir -p "$OUTPUT_DIR"
 if [ "$NODE_RANK" = "0" ]; then
   # launch_config.pending.yaml: the trainer renames it to launch_config.yaml once the run starts, so a
@@ -173,7 +191,6 @@ fi
 DIST_ARGS=()
 if [ "$HAS_CUDA" = "0" ]; then
   # No CUDA: DeepSpeed still runs (CPU accelerator, gloo), e.g. to check a config before a GPU run.
-  echo "[finetune] no CUDA found: $NUM_GPUS CPU process(es) per node with gloo, $PRECISION"
   DIST_ARGS=(--use_cpu True --ddp_backend gloo)
 fi
 echo "[finetune] torchrun: node $NODE_RANK of $NNODES x $NUM_GPUS process(es), DeepSpeed $DEEPSPEED -> $OUTPUT_DIR"

@@ -43,11 +43,21 @@ def test_config_validates_with_vla_eval(path):
 
 @pytest.mark.parametrize("path", [c for c in CONFIGS if "llava_vla_plugin.vla_eval_server" in c.read_text()],
                          ids=lambda p: p.stem)
-def test_server_command_in_header_dry_runs(path):
+def test_server_command_in_header_dry_runs(path, tmp_path):
     line = next(l for l in path.read_text().splitlines() if "llava_vla_plugin.vla_eval_server" in l)
     argv = shlex.split(line.lstrip("# "), comments=True)
     assert argv[:3] == ["python", "-m", "llava_vla_plugin.vla_eval_server"]
-    proc = subprocess.run([sys.executable, *argv[1:], "--dry-run"], cwd=ROOT, env=subprocess_env(),
+    # --dry-run checks the checkpoint's statistics and the key: a checkpoint as OpenVLA's data names them
+    # (LIBERO's datasets are the *_no_noops versions; the header's key finds them by OpenVLA's rule)
+    ckpt = tmp_path / argv[argv.index("--checkpoint") + 1]
+    key = argv[argv.index("--unnorm-key") + 1] if "--unnorm-key" in argv else None  # one-dataset checkpoint
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text("{}")
+    stats = {"action": {"q01": [0.0] * 7, "q99": [1.0] * 7}}
+    dataset = f"{key}_no_noops" if path.stem in LIBERO else key
+    datasets = {dataset: stats, "other_dataset": stats} if key else {"lift_scripted": stats}
+    (ckpt / "dataset_statistics.json").write_text(json.dumps(datasets))
+    proc = subprocess.run([sys.executable, *argv[1:], "--dry-run"], cwd=tmp_path, env=subprocess_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     settings = json.loads(proc.stdout)["would_serve"]
@@ -57,3 +67,4 @@ def test_server_command_in_header_dry_runs(path):
         assert settings["unnorm_key"] == ("bridge_orig" if "widowx" in path.stem else "fractal20220817_data")
     elif path.stem in LIBERO:
         assert settings["gripper"] == "libero" and settings["unnorm_key"] == path.stem  # -> _no_noops fallback
+        assert json.loads(proc.stdout)["unnorm_key_resolved"] == f"{path.stem}_no_noops"

@@ -277,3 +277,35 @@ def test_relative_data_dir_and_out(small_source, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "converted" / FRACTAL / "train.jsonl").is_file()
     assert (tmp_path / "converted" / "mixture.yaml").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 26: what differs, said in words; a missing --data-dir is a usage error
+
+
+def test_rerun_names_the_differing_option_and_reuses_an_equivalent_request(small_source, tmp_path):
+    """A mixture names each dataset's version, --datasets does not: the same conversion either way (it was
+    refused with a broken sentence). A real difference is named, with what to do."""
+    out = tmp_path / "out"
+    version = next(p.name for p in (small_source / FRACTAL).iterdir() if (p / "dataset_info.json").is_file())
+    reg = Registry.load()
+    assert convert(small_source, [DatasetRequest(FRACTAL, version=version)], out, reg, RunOptions(), progress=False) == {}
+    manifest = (out / FRACTAL / "manifest.json").read_bytes()
+    assert _convert(small_source, out) == {}  # --datasets fractal20220817_data after the mixture's run: reused
+    assert (out / FRACTAL / "manifest.json").read_bytes() == manifest
+    failures = convert(small_source, [DatasetRequest(FRACTAL, filter_success=True)], out, reg,
+                       RunOptions(frames_per_episode=1), progress=False)
+    msg = failures[FRACTAL]
+    assert "mixture option filter_success: False -> True" in msg and "--frames-per-episode: None -> 1" in msg, msg
+    assert "--overwrite" in msg and "registry entry" not in msg and "source data" not in msg
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty"])
+def test_missing_or_empty_data_dir_is_a_usage_error(tmp_path, kind):
+    data = tmp_path / "data"
+    if kind == "empty":
+        data.mkdir()
+    r = _run_cli("--data-dir", str(data), "--mixture", "bridge_rt_1", "--out", str(tmp_path / "out"))
+    assert r.returncode == 2, r.stderr
+    assert f"--data-dir {data}: " in r.stderr and "python -m data_tools.download --mixture bridge_rt_1" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()

@@ -76,5 +76,7 @@ def test_launcher_fails_before_loading_weights(tiny_model, tmp_path):
     # and our initialize_vision_tokenizer hook (after the tower is loaded) never ran
     assert "Prompt version" not in out and "VLADataset" not in out
     assert not any((tmp_path / "run").glob("*.safetensors"))
+    # the aborted launch removed what it wrote: the pending settings and the OUTPUT_DIR it created (issue 26)
+    assert not (tmp_path / "run").exists() and f"the empty {tmp_path / 'run'} this launch had created" in p.stderr
     print(f"failed in {elapsed:.1f}s")
     assert elapsed < 120, f"the fit check took {elapsed:.0f}s: it should come before any loading"

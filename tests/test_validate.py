@@ -104,3 +104,18 @@ def test_stats_table_and_plots(converted, tmp_path):
     assert "| kuka | train |" in r.stdout
     assert (tmp_path / "plots" / "kuka_actions.png").stat().st_size > 1000
     assert (tmp_path / "plots" / "table.md").is_file()
+
+
+def test_truncated_line_is_reported_and_not_counted(copy):
+    """Issue 26: a truncated line was reported and still counted among the samples."""
+    path = copy / "kuka" / "train.jsonl"
+    lines = path.read_text().splitlines()
+    n = len(lines)
+    lines[1] = lines[1][: len(lines[1]) // 2]  # a line cut short (a full disk, a killed copy)
+    path.write_text("\n".join(lines) + "\n")
+    r = run_tool("data_tools.validate", str(copy))
+    assert r.returncode == 1
+    assert "[json]" in r.stdout and "kuka/train.jsonl:2: not a sample: the line is not valid JSON" in r.stdout
+    assert "convert kuka again with --overwrite, or remove the line" in r.stdout
+    assert f"kuka: train {n - 1} samples" in r.stdout  # the broken line is not a sample
+    assert f"kuka/train: {n - 1} samples, manifest says {n}" in r.stdout

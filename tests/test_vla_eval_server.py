@@ -8,6 +8,7 @@ test_closed_loop.py.
 from __future__ import annotations
 
 import io
+import json
 import math
 
 import anyio
@@ -186,5 +187,7 @@ def test_cli_defaults_bind_loopback_and_dry_run(capsys, tmp_path):
     args = build_parser().parse_args(["--checkpoint", str(tmp_path)])
     assert args.host == "127.0.0.1" and args.port == 8000 and args.gripper == "libero" and args.rotation == "as_is"
     assert args.image_key == "agentview" and not args.center_crop and not args.no_jpeg
-    assert main(["--checkpoint", str(tmp_path), "--dry-run"]) == 0
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "dataset_statistics.json").write_text(json.dumps({"libero_spatial_no_noops": {"action": STATS}}))
+    assert main(["--checkpoint", str(tmp_path), "--dry-run"]) == 0  # one dataset: no --unnorm-key needed
     assert '"host": "127.0.0.1"' in capsys.readouterr().out
