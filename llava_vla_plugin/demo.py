@@ -8,13 +8,16 @@
 
     python -m llava_vla_plugin.demo [--workdir demo_out] [--steps 30]
 
-Every stage prints what it read and wrote; the run fails loudly at the first stage that fails.
+Every stage prints what it read and wrote; the run fails loudly at the first stage that fails. It ends
+with `next:` commands that run as printed from any folder (tests/test_demo.py runs each one): the ones
+that load the tiny model start with its HF_HOME, where its vision tower resolves offline.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -43,12 +46,31 @@ def run(cmd: list[str], env: dict[str, str], log: Path) -> None:
         raise SystemExit(f"demo: `{' '.join(cmd[:4])} ...` failed (exit {proc.returncode}); log {log}:\n{tail}")
 
 
+def tiny_env_prefix(hf_home: str | Path) -> str:
+    """What a command that loads the tiny model needs in a fresh shell: its vision tower is published under a
+    hub-like id (`tiny-vla/siglip-tiny`) in the tiny model's own offline cache, not in the user's HF_HOME."""
+    return f"HF_HOME={shlex.quote(str(hf_home))} HF_HUB_OFFLINE=1"
+
+
+def print_next(items: list[tuple[str, str | None]]) -> None:
+    """The demos' closing `next:` block: a description line (2 spaces) and its command (4 spaces, one line,
+    runnable verbatim by bash from any folder); an item without a command is a pointer."""
+    print("\nnext (each command runs as printed, from any folder):")
+    for what, command in items:
+        print(f"  {what}:\n    {command}" if command else f"  {what}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m llava_vla_plugin.demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="demo_out", help="folder for everything the demo writes (replaced)")
     ap.add_argument("--steps", type=int, default=30, help="training steps")
     ap.add_argument("--image-size", default="96x128", help="HxW of the synthetic camera frames")
+    ap.add_argument("--tiny-model", default=None, help="reuse a tiny model built by "
+                    "`python -m llava_vla_plugin.testing.tiny_model DIR` (default: build one in the workdir)")
     args = ap.parse_args(argv)
+    if args.steps < 1:
+        ap.error("--steps must be >= 1")
     from llava_vla_plugin.env import import_quietly
 
     import_quietly("tensorflow_datasets")  # TensorFlow's start-up chatter would hide the stage output
@@ -82,10 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     done(t0, f"converted -> {out} (logs {work / 'convert.log'}, {work / 'validate.log'})")
 
     t0 = stage(3, "building the tiny llava_qwen model (offline)")
-    from llava_vla_plugin.testing.tiny_model import build_tiny_model
+    from llava_vla_plugin.testing.tiny_model import build_tiny_model, open_tiny_model
 
-    tiny = build_tiny_model(work / "tiny_model")
-    done(t0, f"model {tiny.llava_dir}, vision tower {tiny.vision_tower}")
+    if args.tiny_model:
+        try:
+            tiny = open_tiny_model(args.tiny_model)
+        except FileNotFoundError as e:
+            raise SystemExit(f"demo: --tiny-model: {e}") from None
+    else:
+        tiny = build_tiny_model(work / "tiny_model")
+    if tiny.llava_dir is None:
+        raise SystemExit("demo: upstream LLaVA-NeXT is not installed; run `make setup`")
+    done(t0, f"model {tiny.llava_dir}, vision tower {tiny.vision_tower} (offline, from HF_HOME={tiny.hf_home})")
 
     t0 = stage(4, f"training {args.steps} steps on CPU (scripts/finetune_ov_vla.sh, NUM_GPUS=0)")
     val = out / "bridge_orig" / "val.jsonl"
@@ -95,26 +125,36 @@ def main(argv: list[str] | None = None) -> int:
     # checkpointing (fewer tokens, no recomputation: ~3x faster on CPU), NUM_WORKERS=0 (worker start-up
     # costs more than it saves for 30 tiny steps), a fresh run each time (the workdir is replaced).
     # The defaults themselves are tested in tests/test_launcher.py.
-    train_env = {**env, **tiny.env(), "MODEL": str(tiny.llava_dir), "VISION_TOWER": tiny.vision_tower,
-                 "DATA": str(out / "mixture.yaml"), "IMAGE_FOLDER": str(out), "OUTPUT_DIR": str(run_dir), "NUM_GPUS": "0",
-                 "BATCH_SIZE": "4", "MAX_STEPS": str(args.steps), "SAVE_STEPS": str(args.steps), "LR": "1e-2",
-                 "IMAGE_ASPECT_RATIO": "pad", "NUM_WORKERS": "0", "MODEL_MAX_LENGTH": "1024", "VAL_DATA": str(val),
-                 "EVAL_STEPS": "0", "VLA_PYTHON": sys.executable, "GRADIENT_CHECKPOINTING": "False", "RESUME": "never"}
-    run(["bash", str(ROOT / "scripts/finetune_ov_vla.sh"), "--warmup_ratio", "0",
-         "--mm_tunable_parts", "mm_mlp_adapter,mm_language_model"], train_env, work / "train.log")
+    launch = {"MODEL": str(tiny.llava_dir), "VISION_TOWER": tiny.vision_tower,
+              "DATA": str(out / "mixture.yaml"), "IMAGE_FOLDER": str(out), "OUTPUT_DIR": str(run_dir), "NUM_GPUS": "0",
+              "BATCH_SIZE": "4", "MAX_STEPS": str(args.steps), "SAVE_STEPS": str(args.steps), "LR": "1e-2",
+              "IMAGE_ASPECT_RATIO": "pad", "NUM_WORKERS": "0", "MODEL_MAX_LENGTH": "1024", "VAL_DATA": str(val),
+              "EVAL_STEPS": "0", "GRADIENT_CHECKPOINTING": "False", "RESUME": "never"}
+    if Path(sys.executable) != ROOT / ".venv" / "bin" / "python":  # the launcher's default interpreter
+        launch["VLA_PYTHON"] = sys.executable
+    launcher_args = ["bash", str(ROOT / "scripts/finetune_ov_vla.sh"), "--warmup_ratio", "0",
+                     "--mm_tunable_parts", "mm_mlp_adapter,mm_language_model"]
+    train_env = {**env, **tiny.env(), **launch}
+    run(launcher_args, train_env, work / "train.log")
     history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
     losses = [h for h in history if "loss" in h]
     final = json.loads((run_dir / "final_metrics.json").read_text()) if (run_dir / "final_metrics.json").exists() else {}
-    print(f"      loss {losses[0]['loss']:.2f} -> {losses[-1]['loss']:.2f}; train action accuracy (teacher-forced) "
-          f"{losses[-1].get('action_accuracy_teacher_forced', float('nan')):.2f}")
+    nan = float("nan")
+    print(f"      training loss {losses[0]['loss']:.2f} -> {losses[-1]['loss']:.2f} (last step's action-token accuracy, "
+          f"teacher-forced: {losses[-1].get('action_accuracy_teacher_forced', nan):.2f})")
     if final:
-        print(f"      held-out ({val.parent.name}): action loss {final.get('val_action_loss', float('nan')):.3f}, "
-              f"accuracy {final.get('val_action_accuracy_teacher_forced', float('nan')):.2f} (teacher-forced) / "
-              f"{final.get('val_action_accuracy_teacher_forced_constrained', float('nan')):.2f} (action tokens only), "
-              f"L1 {final.get('val_action_l1', float('nan')):.3f}")
-    print(f"      near-zero held-out accuracy is expected: a {args.steps}-step CPU run of a 10M-parameter random model "
+        print(f"      held-out {val.parent.name} frames, teacher-forced (each action token predicted from the true previous ones):\n"
+              f"        action-token loss {final.get('val_action_loss', nan):.3f}; accuracy "
+              f"{final.get('val_action_accuracy_teacher_forced', nan):.2f} (argmax over the whole vocabulary), "
+              f"{final.get('val_action_accuracy_teacher_forced_constrained', nan):.2f} (argmax over the 256 action tokens); "
+              f"L1 {final.get('val_action_l1', nan):.3f}")
+    print("      these are training diagnostics. The accuracy to read is the free-running policy accuracy (constrained\n"
+          "      greedy generation, each token from the model's own previous ones, as a robot runs it): the\n"
+          "      `generated token accuracy` that the first `next:` command below (llava_vla_plugin.eval) prints.")
+    print(f"      near-zero accuracy is expected: a {args.steps}-step CPU run of a 10M-parameter random model "
           "only shows that the pipeline works, not that it learns")
-    done(t0, f"checkpoint {run_dir} (+ vla_action_tokenizer.json, dataset_statistics.json); log {work / 'train.log'}")
+    done(t0, f"checkpoint {run_dir} (+ vla_action_tokenizer.json, dataset_statistics.json, training_curves.png); "
+             f"log {work / 'train.log'}")
 
     t0 = stage(5, "predicting an action for a held-out frame (VLAPolicy)")
     code = (
@@ -139,14 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"      recorded   {result['recorded']}")
     done(t0, "predicted with constrained decoding, un-normalized with the checkpoint's statistics")
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; everything is under {work}")
-    print(f"""
-next:
-  evaluate the checkpoint on the held-out frames:
-    {sys.executable} -m llava_vla_plugin.eval --checkpoint {run_dir} --data {val} --image-folder {out} --report {work / 'eval'}
-  serve it for a robot or simulator:
-    {sys.executable} -m llava_vla_plugin.serve --checkpoint {run_dir} --port 8000
-  train on real data (README: download, convert, then):
-    NUM_GPUS=8 DATA=converted/mixture.yaml OUTPUT_DIR=runs/ov-vla bash {ROOT / 'scripts/finetune_ov_vla.sh'}""")
+    q, py, hf = shlex.quote, shlex.quote(sys.executable), tiny_env_prefix(tiny.hf_home)
+    longer = max(10 * args.steps, 100)
+    longer_run = work / f"run-{longer}"
+    launch_longer = {**launch, "OUTPUT_DIR": str(longer_run), "MAX_STEPS": str(longer), "SAVE_STEPS": str(longer),
+                     "EVAL_STEPS": str(max(longer // 5, 1))}
+    print_next([
+        ("evaluate the checkpoint on the held-out frames (the free-running `generated token accuracy`)",
+         f"{hf} {py} -m llava_vla_plugin.eval --checkpoint {q(str(run_dir))} --data {q(str(val))} "
+         f"--image-folder {q(str(out))} --out {q(str(work / 'eval'))}"),
+        ("serve it for a robot or simulator (OpenVLA's POST /act, GET /health; Ctrl-C stops it)",
+         f"{hf} {py} -m llava_vla_plugin.serve --checkpoint {q(str(run_dir))} --port 8000"),
+        (f"train longer ({longer} steps, validation every {launch_longer['EVAL_STEPS']}); then look at "
+         f"{longer_run / 'training_curves.png'}",
+         f"{hf} " + " ".join(f"{k}={q(v)}" for k, v in launch_longer.items()) + " " + shlex.join(launcher_args)),
+        ("on real data and GPUs: README.md, \"The flow\" (its \"CPU quick-start\" runs it with this tiny model)", None),
+    ])
     return 0
 
 

@@ -25,6 +25,7 @@ import argparse
 import io
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -218,15 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     done(t0, f"{n_train} train / {n_val} val frames -> {converted}")
 
     t0 = stage(4, f"training the tiny model {args.train_steps} steps on CPU (scripts/finetune_ov_vla.sh, NUM_GPUS=0)")
-    from llava_vla_plugin.testing.tiny_model import TOWER_ID, TinyModel, build_tiny_model
+    from llava_vla_plugin.testing.tiny_model import build_tiny_model, open_tiny_model
 
     if args.tiny_model:
-        r = Path(args.tiny_model).resolve()
-        tiny = TinyModel(root=r, tokenizer_dir=r / "tokenizer", llm_dir=r / "tiny-qwen2-llm",
-                         llava_dir=r / "tiny-llava-qwen", vision_tower=TOWER_ID, hf_home=r / "hf_home")
-        if not (tiny.llava_dir / "config.json").is_file():
-            raise SystemExit(f"eval-demo: --tiny-model {r} holds no tiny-llava-qwen/config.json; build it with "
-                             f"`python -m llava_vla_plugin.testing.tiny_model {r}`")
+        try:
+            tiny = open_tiny_model(args.tiny_model)
+        except FileNotFoundError as e:
+            raise SystemExit(f"eval-demo: --tiny-model: {e}") from None
     else:
         tiny = build_tiny_model(work / "tiny_model")
         if tiny.llava_dir is None:
@@ -242,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
     losses = [h for h in history if "loss" in h]
     if losses:
-        print(f"      loss {losses[0]['loss']:.2f} -> {losses[-1]['loss']:.2f}; "
-              f"train action accuracy {losses[-1].get('action_accuracy_teacher_forced', float('nan')):.2f}")
+        print(f"      training loss {losses[0]['loss']:.2f} -> {losses[-1]['loss']:.2f} (last step's action-token accuracy, "
+              f"teacher-forced: {losses[-1].get('action_accuracy_teacher_forced', float('nan')):.2f}; a training "
+              "diagnostic: the number that counts here is stage 6's closed-loop success rate)")
     done(t0, f"checkpoint {run_dir}")
 
     t0 = stage(5, f"closed loop: {args.eval_episodes} Lift episodes of at most {args.eval_max_steps} steps through vla-eval")
@@ -280,12 +280,26 @@ def main(argv: list[str] | None = None) -> int:
                "checkpoint": str(run_dir)}
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\neval-demo finished in {time.perf_counter() - started:.0f} s; everything is under {work}")
-    print("next:\n"
-          f"  serve it yourself:   python -m llava_vla_plugin.vla_eval_server --checkpoint {run_dir} --unnorm-key {DATASET}\n"
-          f"  evaluate (2nd shell): vla-eval run -c {EVAL_CONFIG} --no-docker --output-dir {work / 'eval2'}\n"
-          f"  report:               python -m llava_vla_plugin.closed_loop_report {results} --out {work / 'report'}\n"
-          f"  more data/steps:      make eval-demo EVAL_DEMO_ARGS='--episodes 50 --train-steps 2000'  (a GPU helps)\n"
-          f"  the real thing:       the LIBERO recipe in README.md (configs/vla_eval/libero_*.yaml)")
+    from llava_vla_plugin.demo import print_next, tiny_env_prefix
+
+    q, py = shlex.quote, shlex.quote(sys.executable)
+    limits = (f"--benchmark-field episodes_per_task={args.eval_episodes} --benchmark-field max_steps={args.eval_max_steps} "
+              f"--param max_steps={args.eval_max_steps}")
+    print_next([
+        ("serve it yourself (vla-eval's protocol on ws://127.0.0.1:8000, the config's address; Ctrl-C stops it)",
+         f"{tiny_env_prefix(tiny.hf_home)} {py} -m llava_vla_plugin.vla_eval_server --checkpoint {q(str(run_dir))} "
+         f"--unnorm-key {DATASET}"),
+        ("then, in a second shell, the closed loop of stage 5 against it (vla-eval; drop the last three options for "
+         "the config's 2 x 60 steps)",
+         f"MUJOCO_GL=egl {py} -m vla_eval.cli.main run -c {q(str(EVAL_CONFIG))} --no-docker "
+         f"--output-dir {q(str(work / 'eval2'))} {limits}"),
+        ("a report of the results: success with confidence intervals, failure reasons",
+         f"{py} -m llava_vla_plugin.closed_loop_report {q(str(results))} --out {q(str(work / 'report'))}"),
+        ("more demonstrations and steps (hours on a CPU; a GPU helps), into a new folder",
+         f"MUJOCO_GL=egl {py} -m llava_vla_plugin.eval_demo --workdir {q(str(work.parent / (work.name + '_more')))} "
+         "--episodes 50 --train-steps 2000"),
+        ("the real thing: the LIBERO recipe in README.md (configs/vla_eval/libero_*.yaml)", None),
+    ])
     return 0
 
 

@@ -129,6 +129,24 @@ class ValidationCallback(TrainerCallback):
         self.trainer.write_final_metrics(metrics or {})
 
 
+class TrainingCurvesCallback(TrainerCallback):
+    """OUTPUT_DIR/training_curves.png at the end of training (training_curves.py), on the saving rank, after
+    the final validation (this callback is added after ValidationCallback). A plot that fails is a warning:
+    it never fails a finished run."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not args.should_save:
+            return
+        from llava_vla_plugin import training_curves
+
+        try:
+            path = training_curves.write_training_curves(args.output_dir, state.log_history,
+                                                         f"{args.output_dir} (step {state.global_step})")
+            log.info("training curves: %s", path)
+        except Exception as e:  # noqa: BLE001 - the checkpoint matters, the picture does not
+            log.warning("could not write %s/%s: %s", args.output_dir, training_curves.FILE_NAME, e)
+
+
 def seed_dataloader_worker(worker_id: int, seed: int, num_workers: int, rank: int) -> None:
     """worker_init_fn: worker `worker_id` of rank `rank` gets seed + rank * num_workers + worker_id, so
     every worker's RNGs are distinct and the same in every run with the same --seed. (Upstream passes
@@ -209,6 +227,7 @@ class VLATrainer(LLaVATrainer):
 
             self.val_dataset = VLADataset(val_path, self.processing_class, data_args, is_eval=True)
         self.add_callback(ValidationCallback(self, int(getattr(data_args, "vla_eval_steps", 0) or 0)))
+        self.add_callback(TrainingCurvesCallback())  # after ValidationCallback: the final validation is plotted
         if is_lora:
             self.add_callback(LoRAFinalSaveCallback(self))
 

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, skip_unless_ci, subprocess_env
+from printed_commands import Started, listening, next_commands, port_free, run_verbatim, user_env
 from test_policy import trained_checkpoint
 
 VLA_EVAL = [sys.executable, "-m", "vla_eval.cli.main"]  # the `vla-eval` console script, in this interpreter
@@ -142,13 +143,15 @@ def test_eval_demo_reduced(render_ok, tiny_model, tmp_path):
     """`make eval-demo` end to end (demos -> RLDS -> convert -> train -> vla-eval -> table, video), reduced:
     2 demonstrations of 4 steps, 2 training steps, 1 closed-loop episode of 2 steps, and the session's tiny
     model (--tiny-model) instead of a second build. The defaults (6 x 40 demo steps, 60 train steps, 2 x 60
-    eval steps) take about 10 minutes of CPU; `make eval-demo` runs them. Run from outside the repository."""
+    eval steps) take about 10 minutes of CPU; `make eval-demo` runs them. Run from outside the repository, in a
+    user's environment (MUJOCO_GL=egl as `make eval-demo` sets it, no HF_HOME), then its `next` commands verbatim
+    from that folder (printed_commands): the server and, against it, the printed vla-eval run (stage 5's 1 x 2
+    steps); the report; the larger eval-demo until it records its first demonstration (then stopped)."""
     work = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "llava_vla_plugin.eval_demo", "--workdir", str(work), "--episodes", "2",
                            "--demo-steps", "4", "--train-steps", "2", "--eval-episodes", "1", "--eval-max-steps", "2",
                            "--tiny-model", str(tiny_model.root)], cwd=tmp_path,
-                          env=subprocess_env({**tiny_model.env(), "MUJOCO_GL": "egl"}), capture_output=True, text=True,
-                          timeout=1500)
+                          env=user_env({"MUJOCO_GL": "egl"}), capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeds rarely or never" in proc.stdout
     assert "| **all** | 1 |" in proc.stdout  # the success table: one episode
@@ -166,3 +169,24 @@ def test_eval_demo_reduced(render_ok, tiny_model, tmp_path):
     starts = [r for r in rows if r["step"] == 0]
     assert len(starts) == 2 and all(r["action_raw"][-1] == 1.0 for r in starts)
     assert all("lift the red cube" in r["conversations"][0]["value"] for r in rows)
+
+    # the next: commands, verbatim, from the folder the demo ran in, in a shell without MUJOCO_GL or HF_HOME
+    env, log = user_env(), tmp_path / "next.log"
+    commands = next_commands(proc.stdout)
+    assert len(commands) == 4, commands
+    (_, serve), (_, evaluate), (_, report), (_, more) = commands
+    assert serve.startswith(f"HF_HOME={tiny_model.hf_home} HF_HUB_OFFLINE=1 ") and "vla_eval_server" in serve
+    run_verbatim(report, tmp_path, env, log)
+    assert (work / "report" / "report.md").is_file()
+    more_dir = tmp_path / "demo_more"
+    assert f"--workdir {more_dir} " in more
+    with Started(more, tmp_path, env, log) as larger:  # 50 demonstrations: stopped once it records
+        larger.wait_for(lambda: "demo 1/50" in log.read_text(), "its first demonstration", timeout=600)
+    if not port_free(8000):
+        skip_unless_ci("port 8000 is taken on this machine: the printed server + vla-eval commands were not run "
+                       "(the report and the larger eval-demo were)")
+    with Started(serve, tmp_path, env, log) as server:
+        server.wait_for(lambda: listening(8000), "server on port 8000", timeout=300)
+        run_verbatim(evaluate, tmp_path, env, log)
+    again = json.loads((work / "eval2" / "lift_aggregate.json").read_text())
+    assert [e["steps"] for e in again["tasks"][0]["episodes"]] == [2]

@@ -75,6 +75,15 @@ def test_defaults_from_outside_the_repo(work, default_run):
     d, _ = work
     out = d / "runs/a"  # relative OUTPUT_DIR lands in the caller's directory, not in the clone
     assert (out / "final_metrics.json").exists() and not (ROOT / "runs/a").exists()
+    # the loss and validation plot every finished run writes (no REPORT_TO needed): a real PNG with both panels
+    from PIL import Image
+
+    png = out / "training_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, png
+    with Image.open(png) as im:
+        im.verify()
+    with Image.open(png) as im:
+        assert im.size == (1100, 400), im.size  # two panels: training loss, validation (VAL_DATA was set)
     assert "gradient checkpointing on, 4 dataloader workers, image_aspect_ratio anyres_max_9" in default_run.stderr
     for noise in NOISE:
         assert noise not in default_run.stderr + default_run.stdout, noise

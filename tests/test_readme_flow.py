@@ -1,22 +1,21 @@
-"""The README's flow, run as the README writes it: download -> convert -> validate -> train -> eval -> serve.
+"""The README's CPU quick-start, then its flow, run as the README writes them: download -> convert ->
+validate -> train -> eval -> serve.
 
 The commands are not copied here: they are read from README.md, from the fenced ```bash blocks
-between the `readme-flow: begin` and `readme-flow: end` markers, so when the README changes this
-test runs the new commands. Each command runs verbatim through bash, from a temporary folder
-outside the clone, in the environment the README's "Work from any folder" block sets up
-(`LLAVA_VLA` = the clone, the set-up environment's `bin/` first on PATH).
+between the `readme-quickstart: begin/end` and `readme-flow: begin/end` markers, so when the README
+changes this test runs the new commands. Everything runs verbatim through bash, from a temporary
+folder outside the clone, in the environment the README's "Work from any folder" block sets up
+(`LLAVA_VLA` = the clone, the set-up environment's `bin/` first on PATH), without the developer's
+HF_HOME / HF_HUB_OFFLINE / launcher variables. The quick-start block runs first, as one script (as a
+user pastes it into one shell); the environment it leaves (its exports: VLA_SOURCE_ROOT, HF_HOME,
+HF_HUB_OFFLINE, MODEL, VISION_TOWER, NUM_GPUS) is the environment of every flow command after it.
+That is how CI does what it cannot do as a user does: no network (the download reads the
+quick-start's RLDS fixtures, real OXE schemas, laid out like gs://gresearch/robotics), no 7B model
+and no GPU (the tiny model, one CPU process). Everything else is the launcher's defaults (4 data-loader
+workers, anyres_max_9, gradient checkpointing, batch 8, one epoch: 2 steps of the 21 frames, ...).
 
-Overrides, each because CI cannot do what a user does (everything else is the launcher's defaults:
-4 data-loader workers, anyres_max_9, gradient checkpointing, batch 8, model_max_length 4096, ...):
-  VLA_SOURCE_ROOT  CI has no network: the download reads RLDS fixtures written with the real OXE
-                   schemas into a folder laid out like gs://gresearch/robotics (the documented way
-                   to point download at a local copy).
-  MODEL, VISION_TOWER (+ HF_HOME, HF_HUB_OFFLINE)  the 7B model cannot be fetched or trained on a CPU:
-                   the tiny llava_qwen model from llava_vla_plugin.testing.tiny_model, built offline.
-  MAX_STEPS=2      a whole epoch would take minutes; two steps reach the optimizer and the save.
-  NUM_GPUS=0       no GPU in CI: one CPU process (the launcher's documented CPU mode).
-  --port           appended to the serve command (argparse keeps the last value): port 8000 may be
-                   taken on a shared machine.
+One override: --port, appended to the serve command (argparse keeps the last value): port 8000 may be
+taken on a shared machine.
 """
 from __future__ import annotations
 
@@ -42,6 +41,9 @@ pytestmark = [requires_upstream, pytest.mark.slow]
 
 README = ROOT / "README.md"
 BEGIN, END = "<!-- readme-flow: begin", "<!-- readme-flow: end"
+QS_BEGIN, QS_END = "<!-- readme-quickstart: begin", "<!-- readme-quickstart: end"
+# what a test session or a developer's shell may set and a user's fresh shell has not
+SESSION_ONLY = ("HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "VLA_SOURCE_ROOT", "VLA_PYTHON")
 # Every variable scripts/finetune_ov_vla.sh reads: none may leak in from the developer's shell.
 def launcher_vars() -> set[str]:
     """Every variable scripts/finetune_ov_vla.sh reads (`${NAME:-default}`), so a developer's shell settings
@@ -70,6 +72,14 @@ def flow_commands(readme: str) -> list[str]:
     return commands
 
 
+def quickstart_script(readme: str) -> str:
+    """The quick-start block, whole (it runs as one script: its exports must reach the flow)."""
+    assert readme.count(QS_BEGIN) == 1 and readme.count(QS_END) == 1, f"README.md needs one {QS_BEGIN!r} ... {QS_END!r}"
+    blocks = bash_blocks(readme[readme.index(QS_BEGIN):readme.index(QS_END)])
+    assert len(blocks) == 1, blocks
+    return blocks[0]
+
+
 def without_comment(command: str) -> list[str]:
     return shlex.split(command, comments=True)
 
@@ -87,6 +97,12 @@ def test_flow_is_extracted_from_the_readme() -> None:
     assert "source .venv/bin/activate" in setup, "the README must say how to activate the environment"
     # relative paths only: the flow must not depend on where the clone or the user is
     assert not any(re.search(r"(?<![\w$])/(?:tmp|home|work|data)\b", c) for c in commands), commands
+    # the quick-start says what a CPU user needs: the tiny model, its HF_HOME, NUM_GPUS=0; paths under $PWD
+    quick = quickstart_script(readme)
+    for needed in ("llava_vla_plugin.testing.tiny_model", "export HF_HOME=$PWD/", "HF_HUB_OFFLINE=1", "NUM_GPUS=0",
+                   "MODEL=$PWD/", "VLA_SOURCE_ROOT=$PWD/"):
+        assert needed in quick, needed
+    assert not re.search(r"(?<![\w$])/(?:tmp|home|work|data)\b", quick), quick
 
 
 def _free_port() -> int:
@@ -120,23 +136,14 @@ def _http(url: str, payload: dict | None = None, timeout: float = 120) -> tuple[
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A user's folder outside the clone, a bucket-like local source, the tiny model, the environment."""
-    from llava_vla_plugin.testing.rlds_fixture import write_rlds_dataset
-    from llava_vla_plugin.testing.tiny_model import build_tiny_model
-
+    """A user's folder outside the clone, after the README's quick-start block ran in it; the environment
+    that block left (a user's shell after pasting it)."""
     base = tmp_path_factory.mktemp("readme_flow")
-    work, bucket = base / "work", base / "bucket"
+    work = base / "work"
     work.mkdir()
     assert ROOT not in work.resolve().parents, "the flow must run outside the clone"
-    # the datasets of the README's mixture, few frames: ~25 train frames, so that the default BATCH_SIZE 8
-    # (drop_last) gives both steps in one epoch (a second epoch would start the 4 workers again)
-    write_rlds_dataset(bucket, "bridge_orig", splits={"train": 3, "val": 1}, steps=(4, 5), shards={"train": 2},
-                       image_size=(48, 64), seed=3)
-    write_rlds_dataset(bucket, "fractal20220817_data", splits={"train": 3}, steps=(4, 5), shards=2,
-                       image_size=(48, 60), seed=4)
-    tiny = build_tiny_model(base / "tiny")
 
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and k not in SESSION_ONLY}
     env.update({
         # the README's "Work from any folder" block: LLAVA_VLA = the clone, the environment activated
         "LLAVA_VLA": str(ROOT),
@@ -145,14 +152,23 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict:
         # the code under test is this tree (in CI the venv's editable install is this same clone;
         # in a developer's worktree the shared venv may point at another checkout)
         "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "VLA_SOURCE_ROOT": str(bucket),  # no network in CI: a local copy laid out like the bucket
-        "MODEL": str(tiny.llava_dir),  # the 7B default cannot be fetched or trained on a CPU
-        "VISION_TOWER": tiny.vision_tower,
-        **tiny.env(),  # HF_HOME with the tiny tower, offline
-        "MAX_STEPS": "2",  # enough to step the optimizer and save a checkpoint
-        "NUM_GPUS": "0",  # no GPU in CI: the launcher's one-CPU-process mode
     })
-    return {"work": work, "bucket": bucket, "env": env, "tiny": tiny}
+    log, dump = base / "flow.log", base / "quickstart.env"
+    script = quickstart_script(README.read_text())
+    started = time.monotonic()
+    with log.open("w") as out:
+        out.write(f"$ (README quick-start)\n{script}\n")
+        out.flush()
+        proc = subprocess.run(["bash", "-c", f"set -euo pipefail\n{script}\nenv -0 > {shlex.quote(str(dump))}"], cwd=work,
+                              env=env, stdout=out, stderr=subprocess.STDOUT, timeout=900)
+    assert proc.returncode == 0, f"README quick-start failed (exit {proc.returncode}):\n{log.read_text()[-4000:]}"
+    print(f"[{time.monotonic() - started:5.1f} s] README quick-start")
+    env = dict(item.split("=", 1) for item in dump.read_text().split("\0") if "=" in item)
+    for key in ("_", "SHLVL", "OLDPWD", "PWD"):  # bash's own bookkeeping
+        env.pop(key, None)
+    bucket = Path(env["VLA_SOURCE_ROOT"])
+    assert bucket == work / "bucket" and env["NUM_GPUS"] == "0" and Path(env["HF_HOME"]).is_dir(), env
+    return {"work": work, "bucket": bucket, "env": env}
 
 
 def _run_step(command: str, work: Path, env: dict, log: Path) -> None:
@@ -212,7 +228,7 @@ def test_readme_flow_runs_verbatim(workspace: dict) -> None:
     work, env = workspace["work"], workspace["env"]
     repo_run = ROOT / "runs" / "ov-vla"
     repo_run_before = repo_run.exists()
-    log = work.parent / "flow.log"
+    log = work.parent / "flow.log"  # the quick-start's output is at its top
     commands = flow_commands(README.read_text())
     for command in commands:
         if "llava_vla_plugin.serve" in command:
@@ -227,7 +243,8 @@ def test_readme_flow_runs_verbatim(workspace: dict) -> None:
     run = work / "runs/ov-vla"
     assert (run / "vla_action_tokenizer.json").is_file() and (run / "dataset_statistics.json").is_file()
     state = json.loads((run / "trainer_state.json").read_text())
-    assert state["global_step"] == 2
+    assert state["global_step"] == 2  # one epoch of the quick-start's 21 frames, batch 8
+    assert (run / "training_curves.png").stat().st_size > 10_000  # the quick-start says to look at it
     report = json.loads((work / "reports/bridge/report.json").read_text())
     assert report["overall"]["n"] > 0
     # and nothing landed in the clone

@@ -510,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the available schemas and exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from llava_vla_plugin.env import import_quietly
+
+    import_quietly("tensorflow_datasets")  # the README's CPU quick-start runs this: no TensorFlow start-up lines
 
     if args.list:
         for name, path in available_schemas().items():

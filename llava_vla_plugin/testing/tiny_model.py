@@ -223,6 +223,16 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, with_llava: bool | None
     return TinyModel(root=root, tokenizer_dir=tok_dir, llm_dir=llm_dir, llava_dir=llava_dir, vision_tower=TOWER_ID, hf_home=hf_home)
 
 
+def open_tiny_model(out_dir: str | Path) -> TinyModel:
+    """A tiny model that build_tiny_model (or `python -m llava_vla_plugin.testing.tiny_model OUT_DIR`) wrote."""
+    r = Path(out_dir).resolve()
+    if not (r / "tiny-llava-qwen" / "config.json").is_file():
+        raise FileNotFoundError(f"{r} holds no tiny-llava-qwen/config.json; build it with "
+                                f"`python -m llava_vla_plugin.testing.tiny_model {r}`")
+    return TinyModel(root=r, tokenizer_dir=r / "tokenizer", llm_dir=r / "tiny-qwen2-llm", llava_dir=r / "tiny-llava-qwen",
+                     vision_tower=TOWER_ID, hf_home=r / "hf_home")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", nargs="?", help="folder to write the tiny model into")
