@@ -189,12 +189,16 @@ if [ "$NUM_GPUS" = "0" ]; then
   exec "$PYTHON" -m llava_vla_plugin.train "${ARGS[@]}" --use_cpu True "$@"
 fi
 DIST_ARGS=()
+DEEPSPEED_ARG=$DEEPSPEED
 if [ "$HAS_CUDA" = "0" ]; then
   # No CUDA: DeepSpeed still runs (CPU accelerator, gloo), e.g. to check a config before a GPU run.
   DIST_ARGS=(--use_cpu True --ddp_backend gloo)
+  # torch's AdamW instead of compiling DeepSpeed's CPU Adam (minutes, for nothing): scripts/launch_config.py
+  DEEPSPEED_ARG=$("$PYTHON" "$ROOT/scripts/launch_config.py" cpu-deepspeed "$DEEPSPEED")
+  echo "[finetune] no CUDA: DeepSpeed's optimizer is torch's AdamW (torch_adam), nothing is compiled"
 fi
 echo "[finetune] torchrun: node $NODE_RANK of $NNODES x $NUM_GPUS process(es), DeepSpeed $DEEPSPEED -> $OUTPUT_DIR"
 exec "$PYTHON" -m torch.distributed.run \
   --nproc_per_node "$NUM_GPUS" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-  -m llava_vla_plugin.train --deepspeed "$DEEPSPEED" "${ARGS[@]}" "${DIST_ARGS[@]}" "$@"
+  -m llava_vla_plugin.train --deepspeed "$DEEPSPEED_ARG" "${ARGS[@]}" "${DIST_ARGS[@]}" "$@"

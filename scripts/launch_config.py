@@ -4,6 +4,8 @@
                                              already set in the environment is left alone (env wins)
     launch_config.py write OUT.yaml K=V ... [-- EXTRA ARGS]
                                              write the resolved settings (and extra trainer arguments)
+    launch_config.py cpu-deepspeed DS.json   print the DeepSpeed config as one JSON string, with
+                                             torch's AdamW in place of a JIT-compiled Adam (CPU hosts)
 
 A config file is a YAML mapping of launcher variables (MODEL, DATA, NUM_GPUS, ...) plus an optional
 ARGS list of extra trainer arguments, e.g.
@@ -71,7 +73,28 @@ def write(path: str, pairs: list[str], extra: list[str]) -> None:
     os.replace(tmp, path)
 
 
+def cpu_deepspeed(path: str) -> str:
+    """The DeepSpeed config for CPU processes (no CUDA): DeepSpeed's Adam for CPU parameters is an op it
+    JIT-compiles on first use (FusedAdam's CPU build, 2-6 minutes once per machine and environment, and
+    a build interrupted by a signal leaves a lock that llava_vla_plugin/build_lock.py reports). On CPU it
+    gains nothing over torch's AdamW, the same update, so `torch_adam` is set and nothing is compiled.
+    An offloaded optimizer (DeepSpeedCPUAdam) and non-Adam optimizers are left as they are. The file on
+    disk is not changed; transformers accepts the config as a JSON string in place of a path."""
+    import json
+
+    with open(path) as f:
+        config = json.load(f)
+    optimizer = config.get("optimizer") or {}
+    offload = ((config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device", "none")
+    if str(optimizer.get("type", "")).lower() in ("adam", "adamw") and offload in (None, "none"):
+        optimizer.setdefault("params", {})["torch_adam"] = True
+    return json.dumps(config, separators=(",", ":"))
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "cpu-deepspeed":
+        print(cpu_deepspeed(argv[1]))
+        return 0
     if len(argv) >= 2 and argv[0] == "read":
         print(read(argv[1]))
         return 0
