@@ -88,7 +88,12 @@ def test_train_entry_stops_on_a_lock_left_by_a_killed_deepspeed_build(tmp_path):
     lock = os.path.join(_op_folder(ext), "lock")
     _interrupted_build(DEEPSPEED_BUILD, ext, lock, tmp_path / "builder.log")
     start = time.monotonic()
+    from llava_vla_plugin.testing.vla_samples import colour_image, write_vla_dataset
+
+    data = write_vla_dataset(tmp_path / "data", "ds", 2, image_fn=lambda i, r: colour_image(r, i),
+                             action_fn=lambda i, r: r.uniform(-1, 1, 7))  # valid input: the bad-input check passes
     run = subprocess.run([sys.executable, "-m", "llava_vla_plugin.train", "--deepspeed", "configs/zero2.json",
+                          "--data_path", str(data), "--image_folder", str(tmp_path / "data"),
                           "--output_dir", str(tmp_path / "run")], cwd=ROOT, env=_env(ext), capture_output=True,
                          text=True, timeout=DETECT_TIMEOUT_S)
     elapsed = time.monotonic() - start

