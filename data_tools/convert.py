@@ -212,7 +212,7 @@ class DatasetPlan:
 
 
 def plan_dataset(data_dir: Path, req: DatasetRequest, registry: Registry, opts: RunOptions) -> DatasetPlan:
-    from llava_vla_plugin.env import import_quietly
+    from data_tools.quiet_imports import import_quietly
 
     tfds = import_quietly("tensorflow_datasets")  # without TensorFlow's start-up lines
 

@@ -149,7 +149,7 @@ class LeafSpec:
 
 def feature_leaves(features: Any) -> dict[str, LeafSpec]:
     """Flatten a tfds FeaturesDict into {flat key: LeafSpec}, as tfds' example serializer names them."""
-    from llava_vla_plugin.env import import_quietly
+    from data_tools.quiet_imports import import_quietly
 
     tfds = import_quietly("tensorflow_datasets")  # without TensorFlow's start-up lines
 

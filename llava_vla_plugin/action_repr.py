@@ -50,6 +50,7 @@ from data_tools.action_windows import WINDOW_MODES
 from data_tools.atomic import write_bytes, write_text
 from data_tools.converted_format import IGNORE_INDEX
 from llava_vla_plugin.action_tokenizer import ActionTokenizer
+from llava_vla_plugin.zero import gathered
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def regression_forward(head: L1RegressionHead, hidden: torch.Tensor, labels: tor
 # ---- metrics ------------------------------------------------------------------------------------
 def metric_summary(m) -> dict[str, float]:
     """The training-log metric names every representation's metrics share (trainer.METRIC_DOC says what each
-    measures): one definition for trainer.ActionMetrics and RegressionMetrics."""
+    measures): one definition for ActionMetrics and RegressionMetrics."""
     if not m.total:
         return {}
     return {"action_accuracy_teacher_forced": m.correct / m.total,
@@ -203,8 +204,57 @@ def metric_summary(m) -> dict[str, float]:
             "action_l1": m.l1_sum / m.total}
 
 
+class ActionMetrics:
+    """Running action-token accuracies, L1 (normalized units) and, optionally, cross-entropy over the
+    action tokens: between logging steps in training, over the whole held-out set in validation.
+    Names and meanings: trainer.METRIC_DOC."""
+
+    def __init__(self, action_tokenizer: ActionTokenizer | None = None) -> None:
+        self.action_tokenizer = action_tokenizer
+        self.reset()
+
+    def reset(self) -> None:
+        self.correct = 0
+        self.constrained_correct = 0
+        self.total = 0
+        self.l1_sum = 0.0
+        self.ce_sum = 0.0
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, targets: torch.Tensor, action_tokenizer: ActionTokenizer, with_loss: bool = False) -> None:
+        """logits [n, vocab] and targets [n] of the labelled positions (see sparse_head)."""
+        first = int(action_tokenizer.token_ids[0])
+        n_bins = action_tokenizer.n_bins
+        mask = (targets >= first) & (targets < first + n_bins)
+        if not mask.any():
+            return
+        pos_logits = logits[mask]
+        target_bins = targets[mask] - first
+        pred_ids = pos_logits.argmax(-1)
+        # L1 decodes the most likely action token, even where a non-action token scored higher.
+        pred_bins = pos_logits[:, first:first + n_bins].argmax(-1)
+        self.correct += int((pred_ids == targets[mask]).sum())
+        self.constrained_correct += int((pred_bins == target_bins).sum())
+        self.total += int(mask.sum())
+        centers = torch.as_tensor(action_tokenizer.bin_centers, device=pred_bins.device, dtype=torch.float32)
+        self.l1_sum += float((centers[pred_bins] - centers[target_bins]).abs().sum())
+        if with_loss:  # the training loss is logged already; validation needs the action-token part
+            self.ce_sum += float(F.cross_entropy(pos_logits.float(), targets[mask], reduction="sum"))
+
+    def update_output(self, out, with_loss: bool = False) -> None:
+        """From a sparse_head.SparseHeadOutput (the interface every representation's metrics share)."""
+        targets, logits = getattr(out, "targets", None), getattr(out, "logits", None)
+        at = self.action_tokenizer
+        if targets is not None and logits is not None and at is not None and at.first_token_id is not None:
+            self.update(logits.detach(), targets.to(logits.device), at, with_loss=with_loss)
+
+    def summary(self) -> dict[str, float]:
+        """Training-log names (validation prefixes `val_`); see METRIC_DOC for what each measures."""
+        return metric_summary(self)
+
+
 class RegressionMetrics:
-    """parallel_l1's counterpart of trainer.ActionMetrics (same summary keys): accuracy = the prediction
+    """parallel_l1's counterpart of ActionMetrics (same summary keys): accuracy = the prediction
     falls in the target's bin (the bins representation's unit), L1 in normalized units; `ce_sum` holds the
     L1 sum so validation's `val_action_loss` is the representation's own loss."""
 
@@ -313,8 +363,6 @@ class BinsRepresentation(ActionRepresentation):
         return input_ids, labels, {}
 
     def metrics(self):
-        from llava_vla_plugin.trainer import ActionMetrics
-
         return ActionMetrics(self.action_tokenizer)
 
     def predict_normalized(self, policy, inputs) -> np.ndarray:
@@ -385,14 +433,12 @@ class ParallelL1Representation(ActionRepresentation):
             self.load_into(model, tokenizer, source)
             log.warning("parallel_l1: continuing with the action head of %s", source)
             return
-        from llava_vla_plugin.register import _gathered
-
         sid = self.slot_id(tokenizer)
         rows = [model.get_input_embeddings().weight]
         out = model.get_output_embeddings()
         if out is not None and out.weight is not rows[0]:
             rows.append(out.weight)
-        with _gathered(rows), torch.no_grad():
+        with gathered(rows), torch.no_grad():
             for p in rows:
                 if p.numel():
                     p.data[sid] = p.data[:self.action_tokenizer.token_ids[0]].mean(dim=0).to(p.dtype)

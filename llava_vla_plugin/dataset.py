@@ -25,9 +25,8 @@ from llava_vla_plugin.action_repr import PROMPT_FRAMING_TOKENS, ActionReprConfig
 from llava_vla_plugin.action_tokenizer import ActionTokenizer
 from llava_vla_plugin.chunk_data import WindowSource
 from llava_vla_plugin.training_data import find_statistics, load_data
-from llava_vla_plugin.register import PROMPT_TEXT_TOKENS_MIN, check_max_length
 from llava_vla_plugin.prompt import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX, VLAPromptBuilder
-from llava_vla_plugin.visual_tokens import VisualGeometry, sample_budget
+from llava_vla_plugin.visual_tokens import PROMPT_TEXT_TOKENS_MIN, VisualGeometry, check_max_length, sample_budget
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ import os
 import re
 import socket
 import sys
-import tempfile
+
+from data_tools.quiet_imports import TF_STARTUP_LINES, import_quietly, native_stderr_filtered  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +77,6 @@ UPSTREAM_IMPORT_PRINTS = {
 # trainer announcing its default mode, i.e. ordinary backprop training; the VLA trainer uses HF's loop unless
 # --trainer_mode zo (trainer.py). A `zo` run's line is not in this list and still shows.
 UPSTREAM_TRAINER_PRINTS = ("MeZOLLaVATrainer initialized with mode: regular",)
-# TensorFlow's C++ start-up lines, written to fd 2 before absl logging is initialised (so
-# TF_CPP_MIN_LOG_LEVEL cannot hide them)
-TF_STARTUP_LINES = (
-    re.compile(r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$"),
-    re.compile(r"^I\d{4} [\d:. ]+\d+ port\.cc:\d+\] oneDNN custom operations are on\."),
-    re.compile(r"^I\d{4} [\d:. ]+\d+ cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized to use available CPU"),
-    re.compile(r"^To enable the following instructions: .*rebuild TensorFlow with the appropriate compiler flags\.$"),
-    re.compile(r"^E\d{4} [\d:. ]+\d+ cuda_(dnn|fft|blas)\.cc:\d+\] Unable to register cu(DNN|FFT|BLAS) factory"),
-    re.compile(r"^W\d{4} [\d:. ]+\d+ cuda_executor\.cc:\d+\] Could not find cuda drivers"),
-)
 MISTRAL_FAMILY = ("mistral", "mistral3", "voxtral", "ministral", "pixtral")
 
 
@@ -164,41 +155,3 @@ def prints_dropped(lines: tuple[str, ...]):
         for line in buf.getvalue().splitlines(keepends=True):
             if line.rstrip("\n") not in lines:
                 sys.stdout.write(line)
-
-
-@contextlib.contextmanager
-def native_stderr_filtered(patterns=TF_STARTUP_LINES):
-    """Capture fd 2 (C++ writes bypass sys.stderr), then replay every line no pattern matches."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            for line in tmp.read().decode(errors="replace").splitlines(keepends=True):
-                if not any(p.search(line) for p in patterns):
-                    sys.stderr.write(line)
-            sys.stderr.flush()
-
-
-def import_quietly(name: str):
-    """`import tensorflow` / `tensorflow_datasets` without TensorFlow's known start-up lines."""
-    if name in sys.modules:
-        return sys.modules[name]
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    with native_stderr_filtered():
-        module = importlib.import_module(name)
-        if name.startswith("tensorflow"):
-            importlib.import_module("tensorflow")  # its lazy loader prints the start-up lines a second time
-            try:
-                import tensorflow as tf
-
-                tf.constant(0)  # forces the lazy runtime load (the second batch of lines) inside the filter
-            except Exception:  # noqa: BLE001 - a broken TF install fails loudly at its first real use
-                pass
-    return module

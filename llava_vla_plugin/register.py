@@ -13,19 +13,15 @@ from __future__ import annotations
 import logging
 
 from llava_vla_plugin.env import apply_env_defaults
-from llava_vla_plugin.visual_tokens import PAD_VISUAL_TOKENS, VisualGeometry
+from llava_vla_plugin.visual_tokens import (PAD_VISUAL_TOKENS, ConfigurationError,  # noqa: F401 (callers name it as register's)
+                                            VisualGeometry, check_max_length)
+from llava_vla_plugin.zero import gathered
 
 log = logging.getLogger(__name__)
 _registered = False
 
-# PAD_VISUAL_TOKENS (730, one frame under `pad`) is visual_tokens.py's; imported here for the guards below.
-# system + user framing + the answer, without the instruction; the answer's length is the action
-# representation's (action_repr.py): 7 action tokens + <|im_end|> for `bins`
-PROMPT_TEXT_TOKENS_MIN = 48
-
-
-class ConfigurationError(ValueError):
-    pass
+# check_max_length and ConfigurationError are visual_tokens.py's (the token budget's owner), as is
+# PROMPT_TEXT_TOKENS_MIN; imported here for the guards below and for callers that name them as register's.
 
 
 def register() -> None:
@@ -87,17 +83,6 @@ def check_configuration(model_args, tokenizer, config) -> None:
     check_max_length(tokenizer)
 
 
-def check_max_length(tokenizer, text_tokens: int = PROMPT_TEXT_TOKENS_MIN) -> None:
-    """`text_tokens`: framing + the action representation's answer (VLADataset asks its representation)."""
-    max_len = int(getattr(tokenizer, "model_max_length", 0) or 0)
-    need = PAD_VISUAL_TOKENS + text_tokens
-    if max_len < need:
-        raise ConfigurationError(f"--model_max_length {max_len} is below one image's {PAD_VISUAL_TOKENS} visual tokens + "
-                                 f"{text_tokens} text tokens; the action labels would be truncated away. "
-                                 f"Use at least {need} for image_aspect_ratio=pad; anyres_max_9 needs ~1500-3000 "
-                                 f"for 256x256..480x640 frames (4096 is safe)")
-
-
 def check_labels_survived(labels, new_labels, config) -> None:
     """Upstream truncates embeddings and labels to tokenizer_model_max_length without a word."""
     from data_tools.converted_format import IGNORE_INDEX
@@ -139,7 +124,7 @@ def add_action_tokens(model, tokenizer) -> int:
     if out_emb is not None and out_emb.weight is not params[0]:
         params.append(out_emb.weight)
     new = slice(at.token_ids[0], at.token_ids[-1] + 1)
-    with _gathered(params):
+    with gathered(params):
         with torch.no_grad():
             for p in params:
                 if p.numel():  # ranks other than 0 see empty tensors under ZeRO-3 gather with modifier_rank
@@ -164,22 +149,3 @@ def _collator_class(base):
 
     VLACollator.__name__ = VLACollator.__qualname__ = "VLACollator"
     return VLACollator
-
-
-class _gathered:
-    def __init__(self, params):
-        self.params = params
-        self.ctx = None
-
-    def __enter__(self):
-        if any(hasattr(p, "ds_id") for p in self.params):
-            import deepspeed
-
-            self.ctx = deepspeed.zero.GatheredParameters(self.params, modifier_rank=0)
-            self.ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            return self.ctx.__exit__(*exc)
-        return False

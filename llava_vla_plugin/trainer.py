@@ -19,7 +19,6 @@ from typing import Optional
 import numpy as np
 
 import torch
-import torch.nn.functional as F
 import transformers
 from transformers import TrainerCallback
 from llava.train.llava_trainer import LLaVATrainer, should_only_save_mm_adapter
@@ -58,57 +57,6 @@ robot runs it, each token conditioned on the model's own previous picks. It is a
 teacher-forced constrained accuracy's first token and usually a little below it for later tokens.
 Renamed from `action_accuracy` / `val_action_accuracy` (the full-vocabulary teacher-forced one).
 """
-
-
-class ActionMetrics:
-    """Running action-token accuracies, L1 (normalized units) and, optionally, cross-entropy over the
-    action tokens: between logging steps in training, over the whole held-out set in validation.
-    Names and meanings: METRIC_DOC."""
-
-    def __init__(self, action_tokenizer: ActionTokenizer | None = None) -> None:
-        self.action_tokenizer = action_tokenizer
-        self.reset()
-
-    def reset(self) -> None:
-        self.correct = 0
-        self.constrained_correct = 0
-        self.total = 0
-        self.l1_sum = 0.0
-        self.ce_sum = 0.0
-
-    @torch.no_grad()
-    def update(self, logits: torch.Tensor, targets: torch.Tensor, action_tokenizer: ActionTokenizer, with_loss: bool = False) -> None:
-        """logits [n, vocab] and targets [n] of the labelled positions (see sparse_head)."""
-        first = int(action_tokenizer.token_ids[0])
-        n_bins = action_tokenizer.n_bins
-        mask = (targets >= first) & (targets < first + n_bins)
-        if not mask.any():
-            return
-        pos_logits = logits[mask]
-        target_bins = targets[mask] - first
-        pred_ids = pos_logits.argmax(-1)
-        # L1 decodes the most likely action token, even where a non-action token scored higher.
-        pred_bins = pos_logits[:, first:first + n_bins].argmax(-1)
-        self.correct += int((pred_ids == targets[mask]).sum())
-        self.constrained_correct += int((pred_bins == target_bins).sum())
-        self.total += int(mask.sum())
-        centers = torch.as_tensor(action_tokenizer.bin_centers, device=pred_bins.device, dtype=torch.float32)
-        self.l1_sum += float((centers[pred_bins] - centers[target_bins]).abs().sum())
-        if with_loss:  # the training loss is logged already; validation needs the action-token part
-            self.ce_sum += float(F.cross_entropy(pos_logits.float(), targets[mask], reduction="sum"))
-
-    def update_output(self, out, with_loss: bool = False) -> None:
-        """From a sparse_head.SparseHeadOutput (the interface every representation's metrics share)."""
-        targets, logits = getattr(out, "targets", None), getattr(out, "logits", None)
-        at = self.action_tokenizer
-        if targets is not None and logits is not None and at is not None and at.first_token_id is not None:
-            self.update(logits.detach(), targets.to(logits.device), at, with_loss=with_loss)
-
-    def summary(self) -> dict[str, float]:
-        """Training-log names (validation prefixes `val_`); see METRIC_DOC for what each measures."""
-        from llava_vla_plugin.action_repr import metric_summary
-
-        return metric_summary(self)
 
 
 class ValidationCallback(TrainerCallback):

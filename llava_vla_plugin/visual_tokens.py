@@ -168,3 +168,22 @@ def sample_budget(text_tokens_with_placeholders: int, image_sizes: Sequence[tupl
 
 # One frame under `pad` with OneVision's tower (any frame size: pad makes it one square tile): 730.
 PAD_VISUAL_TOKENS = VisualGeometry("pad", "spatial_unpad").tokens(SIGLIP_IMAGE_SIZE, SIGLIP_IMAGE_SIZE)
+
+# system + user framing + the answer, without the instruction; the answer's length is the action
+# representation's (action_repr.py): 7 action tokens + <|im_end|> for `bins`
+PROMPT_TEXT_TOKENS_MIN = 48
+
+
+class ConfigurationError(ValueError):
+    """A training configuration that cannot work (raised before any weight loads where possible)."""
+
+
+def check_max_length(tokenizer, text_tokens: int = PROMPT_TEXT_TOKENS_MIN) -> None:
+    """`text_tokens`: framing + the action representation's answer (VLADataset asks its representation)."""
+    max_len = int(getattr(tokenizer, "model_max_length", 0) or 0)
+    need = PAD_VISUAL_TOKENS + text_tokens
+    if max_len < need:
+        raise ConfigurationError(f"--model_max_length {max_len} is below one image's {PAD_VISUAL_TOKENS} visual tokens + "
+                                 f"{text_tokens} text tokens; the action labels would be truncated away. "
+                                 f"Use at least {need} for image_aspect_ratio=pad; anyres_max_9 needs ~1500-3000 "
+                                 f"for 256x256..480x640 frames (4096 is safe)")

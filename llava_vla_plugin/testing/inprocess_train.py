@@ -26,12 +26,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULT = "inprocess_result.json"
-# The launcher also runs its helper scripts/launch_config.py with VLA_PYTHON (to read CONFIG and write the
-# run's launch_config.yaml): those calls run for real; only the training exec is recorded.
+# The launcher also runs its helpers with VLA_PYTHON (scripts/launch_config.py to read CONFIG and write the
+# run's launch_config.yaml, llava_vla_plugin.preflight to check the input): those calls run for real; only the
+# training exec is recorded.
 _RECORDER = """#!/bin/sh
 case "$1" in
   */launch_config.py) exec "{python}" "$@" ;;
 esac
+if [ "$1" = "-m" ] && [ "$2" = "llava_vla_plugin.preflight" ]; then exec "{python}" "$@"; fi
 exec "{python}" -c 'import json, sys; print("VLA_ARGV" + json.dumps(sys.argv[1:]))' "$@"
 """
 
