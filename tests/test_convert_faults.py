@@ -254,9 +254,13 @@ def test_unwritable_out_is_a_usage_error_naming_it(small_source, tmp_path):
     assert r.returncode == 2 and f"--out {blocker / 'out'}" in r.stderr and "Traceback" not in r.stderr
 
 
+# Above the plan file (~1.7 kB since it records each option for the rerun message), below a sample file.
+LIMIT = 4000
+
+
 def _file_size_limit() -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG, as with ENOSPC
-    resource.setrlimit(resource.RLIMIT_FSIZE, (600, 600))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, LIMIT))
 
 
 def test_full_disk_names_the_output_not_the_input(small_source, tmp_path):
