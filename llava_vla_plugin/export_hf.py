@@ -45,11 +45,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
-from llava_vla_plugin.action_repr import REPR_FILE
+from llava_vla_plugin import checkpoint
+from llava_vla_plugin.action_repr import HEAD_FILE
 from llava_vla_plugin.action_tokenizer import CONFIG_NAME as ACTION_CONFIG
 from llava_vla_plugin.normalization import STATS_NAME
 
@@ -205,10 +205,9 @@ def export(ckpt: str | Path, out: str | Path, image_aspect_ratio: str | None = N
                               LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, Qwen2Config)
 
     ckpt, out = Path(ckpt), Path(out)
-    for name in ("config.json", ACTION_CONFIG, STATS_NAME):
-        if not (ckpt / name).exists():
-            raise ExportError(f"{ckpt / name} is missing: export needs a llava_vla_plugin checkpoint "
-                              "(config.json, weights, tokenizer, vla_action_tokenizer.json, dataset_statistics.json)")
+    for name in checkpoint.missing_files(ckpt):
+        raise ExportError(f"{ckpt / name} is missing: export needs a llava_vla_plugin checkpoint "
+                          "(config.json, weights, tokenizer, vla_action_tokenizer.json, dataset_statistics.json)")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} exists and is not empty: choose a new folder or pass --overwrite")
     cfg = json.loads((ckpt / "config.json").read_text())
@@ -277,10 +276,9 @@ def export(ckpt: str | Path, out: str | Path, image_aspect_ratio: str | None = N
             spec["video_processor_type"], changed = "LlavaOnevisionVideoProcessor", True
         if changed:
             f.write_text(json.dumps(spec, indent=2))
-    for name in (ACTION_CONFIG, STATS_NAME):
-        shutil.copyfile(ckpt / name, out / name)
-    if (ckpt / REPR_FILE).exists():  # the action representation travels too (HFVLAPolicy checks it)
-        shutil.copyfile(ckpt / REPR_FILE, out / REPR_FILE)
+    # the policy files (checkpoint.py's list: action tokens, representation, statistics, run config); a head's
+    # weights travel as EXTRA_HEADS below, taken from the model's own state dict
+    checkpoint.copy_policy_files(ckpt, out, skip=(HEAD_FILE,))
     if extra:
         from safetensors.torch import save_file
 

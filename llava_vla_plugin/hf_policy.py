@@ -24,7 +24,7 @@ import torch
 
 from llava_vla_plugin.action_tokenizer import ActionTokenizer
 from llava_vla_plugin.export_hf import EXPORT_INFO, IMAGE_TOKEN, load_processor
-from llava_vla_plugin.normalization import action_stats, load_statistics, resolve_unnorm_key, unnormalize_actions
+from llava_vla_plugin.normalization import action_stats, resolve_unnorm_key, unnormalize_actions
 from llava_vla_plugin.policy import ActionConstraint, resolve_dtype, to_pil
 from llava_vla_plugin.prompt import VLAPromptBuilder
 
@@ -46,10 +46,11 @@ class HFVLAPolicy:
     def from_pretrained(cls, path, device: str | None = None, dtype=None) -> "HFVLAPolicy":
         from transformers import LlavaOnevisionForConditionalGeneration
 
-        from llava_vla_plugin.action_repr import ActionReprConfig
+        from llava_vla_plugin import checkpoint
 
         path = Path(path)
-        repr_config = ActionReprConfig.load(path)
+        ck = checkpoint.read(path)  # the VLA files the export carried (checkpoint.py owns them)
+        repr_config = ck.repr_config
         if repr_config.name != "bins" or repr_config.horizon != 1:
             # chunked tokens and the regression head decode differently; only single-step bins are done here
             raise ValueError(f"{path}: HFVLAPolicy decodes single-step `bins` checkpoints only; this one is "
@@ -60,7 +61,7 @@ class HFVLAPolicy:
         model.to(device).eval()
         info = json.loads((path / EXPORT_INFO).read_text()) if (path / EXPORT_INFO).exists() else {}
         mode = info.get("trained_image_aspect_ratio") or model.config.vision_aspect_ratio
-        return cls(model, load_processor(path), ActionTokenizer.load(path), load_statistics(path), mode)
+        return cls(model, load_processor(path), ck.action_tokenizer, ck.statistics, mode)
 
     @property
     def device(self):

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from data_tools.atomic import atomic_open
+from llava_vla_plugin import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -345,31 +346,14 @@ def merge_checkpoint(path: str | os.PathLike, out: str | os.PathLike, base: str 
     model.config.use_cache = True
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    # Every policy file (checkpoint.py owns the list): a merge that copied only some lost the representation
+    # (a bins_chunk H=8 run's merged model answered one step, issue 21).
     ActionTokenizer.load(path)  # refuses a checkpoint whose action tokenizer is missing or unreadable
-    for name in vla_files(path):
-        shutil.copyfile(path / name, tmp / name)
+    checkpoint.copy_policy_files(path, tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
-
-
-def vla_files(path: str | os.PathLike) -> list[str]:
-    """The files beside the model that make a checkpoint a policy, as a merge must carry them: every
-    `vla_*` file (action tokenizer, action representation and its head, run config) and the statistics.
-
-    The merge used to copy only the action tokenizer and the statistics, so a `bins_chunk` run's merged
-    model lost `vla_action_repr.json` and loaded as `bins` with H = 1: one step where eight were
-    trained, silently (issue 21). Copying the whole family keeps a file added later from being lost
-    the same way. The run's metric log is not part of the policy.
-    """
-    from llava_vla_plugin.normalization import STATS_NAME
-
-    path = Path(path)
-    names = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.startswith("vla_") and p.name != "vla_metrics.jsonl")
-    if not (path / STATS_NAME).is_file():
-        raise LoRACheckpointError(f"{path} lacks {STATS_NAME}: the actions cannot be un-normalized; copy it from the run's OUTPUT_DIR")
-    return names + [STATS_NAME]
 
 
 # ---- CLI -------------------------------------------------------------------------------------------

@@ -35,10 +35,11 @@ import torch
 from PIL import Image
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from llava_vla_plugin import checkpoint as vla_checkpoint
 from llava_vla_plugin import lora
 from llava_vla_plugin.action_repr import ActionReprConfig, ActionRepresentation, make_representation
 from llava_vla_plugin.action_tokenizer import ActionTokenizer
-from llava_vla_plugin.normalization import action_stats, load_statistics, resolve_unnorm_key, unnormalize_actions
+from llava_vla_plugin.normalization import action_stats, resolve_unnorm_key, unnormalize_actions
 from llava_vla_plugin.prompt import VLAPromptBuilder
 
 IM_END = "<|im_end|>"
@@ -228,9 +229,9 @@ class VLAPolicy:
             raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         check_device(device)
-        action_tokenizer = ActionTokenizer.load(path)
-        action_repr = make_representation(ActionReprConfig.load(path), action_tokenizer)
-        norm_stats = load_statistics(path)
+        ck = vla_checkpoint.read(path)  # the VLA files, as every kind of checkpoint carries them (checkpoint.py)
+        action_tokenizer, norm_stats = ck.action_tokenizer, ck.statistics
+        action_repr = make_representation(ck.repr_config, action_tokenizer)
         torch_dtype = resolve_dtype(dtype, device)
         name = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[torch_dtype]
         attn = attn_implementation or default_attn_implementation()

@@ -369,12 +369,12 @@ LEGACY_SCRIPT = r"""
 # A LoRA checkpoint as the plugin wrote it before language_model_lora_targets: upstream's bare target
 # names (find_all_linear_names) wrapped SigLIP's q/k/v_proj too, and with the vision tower tuned in full
 # their `base_layer` weights landed in non_lora_trainables.bin. Users have such runs on disk.
-import json, shutil, sys
+import json, sys
 import numpy as np, torch
 from peft import LoraConfig, get_peft_model
 from llava.model.builder import load_pretrained_model
 from transformers import AutoTokenizer
-from llava_vla_plugin import lora
+from llava_vla_plugin import checkpoint, lora
 from llava_vla_plugin.action_tokenizer import ActionTokenizer
 from llava_vla_plugin.policy import VLAPolicy
 base, run_dir, out, samples_path = sys.argv[1:5]
@@ -396,8 +396,7 @@ with torch.no_grad():
 model.save_pretrained(out)
 lora.save_lora_extras(model, out)
 tokenizer.save_pretrained(out)
-for name in lora.vla_files(run_dir):
-    shutil.copyfile(f"{run_dir}/{name}", f"{out}/{name}")
+checkpoint.copy_policy_files(run_dir, out)
 extras = torch.load(out + "/non_lora_trainables.bin")
 res = {"legacy_base_layer_keys": sum("base_layer" in k for k in extras)}
 wrapped = model.get_base_model().get_model().get_vision_tower().vision_tower.vision_model.encoder.layers[0].self_attn.q_proj
