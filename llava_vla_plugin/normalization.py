@@ -45,28 +45,31 @@ def load_statistics(checkpoint: str | Path) -> dict:
 
 
 def resolve_unnorm_key(norm_stats: Mapping[str, dict], unnorm_key: str | None, name: str = "unnorm_key") -> str:
-    """OpenVLA's rule: the key may be omitted when there is exactly one dataset. `name`: what the caller
-    calls the key in messages (a request field `unnorm_key`, a command-line flag `--unnorm-key`)."""
+    """The one un-normalization key rule of every reader (VLAPolicy and `/act`, the vla-eval server, offline
+    eval, HFVLAPolicy), OpenVLA's two rules together:
+      - the key may be omitted when the checkpoint holds exactly one dataset (OpenVLA's `_check_unnorm_key`);
+      - `<key>_no_noops` stands in for an absent `<key>` (its run_libero_eval.py: its LIBERO checkpoints
+        hold the `_no_noops` datasets); an exact key always wins.
+    The second rule lived in the vla-eval server alone, so `/act` refused the key the server accepted.
+    `name`: what the caller calls the key in messages (a request field `unnorm_key`, a flag `--unnorm-key`)."""
     keys = sorted(norm_stats)
     if unnorm_key is None:
         if len(keys) != 1:
             raise UnnormKeyError(f"this model was trained on {len(keys)} datasets; pass {name}, one of: {keys}")
         return keys[0]
-    if unnorm_key not in norm_stats:
-        raise UnnormKeyError(f"unknown {name} {unnorm_key!r}; this model's statistics hold: {keys}")
-    return unnorm_key
-
-
-def resolve_unnorm_key_no_noops(norm_stats: Mapping[str, dict], unnorm_key: str | None, name: str = "unnorm_key") -> str:
-    """OpenVLA's run_libero_eval rule on top of resolve_unnorm_key: `<key>_no_noops` stands in for an absent
-    `<key>` (its LIBERO checkpoints). The one place this rule lives; the servers import it."""
-    if unnorm_key is not None and unnorm_key not in norm_stats and f"{unnorm_key}_no_noops" in norm_stats:
+    if unnorm_key in norm_stats:
+        return unnorm_key
+    if f"{unnorm_key}_no_noops" in norm_stats:
         return f"{unnorm_key}_no_noops"
-    return resolve_unnorm_key(norm_stats, unnorm_key, name)
+    raise UnnormKeyError(f"unknown {name} {unnorm_key!r}; this model's statistics hold: {keys}")
+
+
+# The name the vla-eval server's callers know; the same rule.
+resolve_unnorm_key_no_noops = resolve_unnorm_key
 
 
 def check_serving_statistics(checkpoint: str | Path, unnorm_key: str | None, *, flag: str = "--unnorm-key",
-                             key_required: bool = True, no_noops: bool = False) -> tuple[dict, str | None]:
+                             key_required: bool = True) -> tuple[dict, str | None]:
     """What a server checks before it loads any weight: `checkpoint` is a checkpoint directory, its
     dataset_statistics.json reads, and `unnorm_key` (the command line's `flag`) names one of its datasets.
     Returns (statistics, resolved key); the key is None when it may be left to each request
@@ -79,8 +82,7 @@ def check_serving_statistics(checkpoint: str | Path, unnorm_key: str | None, *, 
     stats = load_statistics(path)
     if unnorm_key is None and not key_required:
         return stats, None
-    resolve = resolve_unnorm_key_no_noops if no_noops else resolve_unnorm_key
-    return stats, resolve(stats, unnorm_key, flag)
+    return stats, resolve_unnorm_key(stats, unnorm_key, flag)
 
 
 def action_stats(norm_stats: Mapping[str, dict], unnorm_key: str | None) -> dict:

@@ -72,7 +72,7 @@ class ObservationError(ValueError):
 
 
 # ---- the conventions, as pure functions (each tested against a hand computation) -------------------
-# OpenVLA's run_libero_eval rule (`<key>_no_noops` stands in for an absent `<key>`): normalization.py's.
+# OpenVLA's key rules, `<key>_no_noops` for an absent `<key>` included: normalization.py's, shared with /act.
 unnorm_key_with_fallback = resolve_unnorm_key_no_noops
 
 
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = {k: v for k, v in vars(args).items() if k != "dry_run"}
     try:  # before any weight loads (and in --dry-run): the statistics file and the key
-        _, unnorm_key = check_serving_statistics(args.checkpoint, args.unnorm_key, no_noops=True)
+        _, unnorm_key = check_serving_statistics(args.checkpoint, args.unnorm_key)
     except (OSError, ValueError, UnnormKeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

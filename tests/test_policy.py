@@ -255,6 +255,21 @@ def test_resolve_unnorm_key():
         resolve_unnorm_key(two, "c")
 
 
+def test_act_and_the_vla_eval_server_share_one_key_rule():
+    """OpenVLA's LIBERO checkpoints hold `<suite>_no_noops`: /act (VLAPolicy) accepts `<suite>` as the vla-eval
+    server does (it refused it before: the fallback lived in the server alone); an exact key still wins."""
+    from llava_vla_plugin.normalization import action_stats
+    from llava_vla_plugin.vla_eval_server import unnorm_key_with_fallback
+
+    stats = {"libero_spatial_no_noops": {"action": {"q01": [0.0], "q99": [1.0]}},
+             "libero_goal": {"action": {"q01": [2.0], "q99": [3.0]}}, "libero_goal_no_noops": {"action": {}}}
+    for key, want in (("libero_spatial", "libero_spatial_no_noops"), ("libero_goal", "libero_goal")):
+        assert resolve_unnorm_key(stats, key) == unnorm_key_with_fallback(stats, key) == want
+    assert action_stats(stats, "libero_spatial") == {"q01": [0.0], "q99": [1.0]}
+    with pytest.raises(UnnormKeyError, match="libero_10"):
+        resolve_unnorm_key(stats, "libero_10")
+
+
 def test_action_constraint_masks_logits():
     import torch
 
