@@ -7,9 +7,9 @@ A golden checkpoint is the shared tiny model (seeded) with its action-token rows
 parallel_l1 slot row) set from a seeded numpy generator, so that constrained decoding has a clear
 winner at every step (rows at the vocabulary mean, as training starts them, would all tie), plus
 the VLA files. `generate` writes every file with today's writers; the small ones are committed
-under tests/fixtures/ckpt_v1/<repr>/ (the weights are 40 MB, so they are rebuilt, not committed).
-`weights` writes only what is rebuilt (model.safetensors and the tokenizer), and the test copies
-the committed files over it: the checkpoint a reader gets is then the one today's main wrote.
+under tests/fixtures/ckpt_v1/<repr>/ (weights, the head's included, are rebuilt, not committed).
+`weights` writes only what is rebuilt (model.safetensors, the tokenizer and parallel_l1's head file), and
+the test copies the committed files over it: the checkpoint a reader gets is then the one today's main wrote.
 """
 from __future__ import annotations
 
@@ -54,6 +54,8 @@ def build(tiny: str, out: str, repr_name: str, horizon: int, stats_path: str, mo
         from llava_vla_plugin.trainer import write_vla_files
 
         write_vla_files(out, action_tokenizer, json.loads(open(stats_path).read()), action_repr=rep, model=model)
+    elif getattr(model, "vla_action_head", None) is not None:
+        rep.save(out, model=model)  # parallel_l1's head file (seeded above): weights are rebuilt, never committed
 
 
 if __name__ == "__main__":
