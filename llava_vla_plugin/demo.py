@@ -104,17 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     done(t0, f"converted -> {out} (logs {work / 'convert.log'}, {work / 'validate.log'})")
 
     t0 = stage(3, "building the tiny llava_qwen model (offline)")
-    from llava_vla_plugin.testing.tiny_model import build_tiny_model, open_tiny_model
+    from llava_vla_plugin.testing.tiny_model import demo_tiny_model
 
-    if args.tiny_model:
-        try:
-            tiny = open_tiny_model(args.tiny_model)
-        except FileNotFoundError as e:
-            raise SystemExit(f"demo: --tiny-model: {e}") from None
-    else:
-        tiny = build_tiny_model(work / "tiny_model")
-    if tiny.llava_dir is None:
-        raise SystemExit("demo: upstream LLaVA-NeXT is not installed; run `make setup`")
+    tiny = demo_tiny_model(args.tiny_model, work, "demo")
     done(t0, f"model {tiny.llava_dir}, vision tower {tiny.vision_tower} (offline, from HF_HOME={tiny.hf_home})")
 
     t0 = stage(4, f"training {args.steps} steps on CPU (scripts/finetune_ov_vla.sh, NUM_GPUS=0)")

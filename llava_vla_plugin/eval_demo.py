@@ -219,17 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     done(t0, f"{n_train} train / {n_val} val frames -> {converted}")
 
     t0 = stage(4, f"training the tiny model {args.train_steps} steps on CPU (scripts/finetune_ov_vla.sh, NUM_GPUS=0)")
-    from llava_vla_plugin.testing.tiny_model import build_tiny_model, open_tiny_model
+    from llava_vla_plugin.testing.tiny_model import demo_tiny_model
 
-    if args.tiny_model:
-        try:
-            tiny = open_tiny_model(args.tiny_model)
-        except FileNotFoundError as e:
-            raise SystemExit(f"eval-demo: --tiny-model: {e}") from None
-    else:
-        tiny = build_tiny_model(work / "tiny_model")
-        if tiny.llava_dir is None:
-            raise SystemExit("eval-demo: upstream LLaVA-NeXT is not installed; run `make setup`")
+    tiny = demo_tiny_model(args.tiny_model, work, "eval-demo")
     run_dir = work / "run"
     train_env = {**env, **tiny.env(), "MODEL": str(tiny.llava_dir), "VISION_TOWER": tiny.vision_tower,
                  "DATA": str(converted / "mixture.yaml"), "IMAGE_FOLDER": str(converted), "OUTPUT_DIR": str(run_dir),

@@ -233,6 +233,20 @@ def open_tiny_model(out_dir: str | Path) -> TinyModel:
                      vision_tower=TOWER_ID, hf_home=r / "hf_home")
 
 
+def demo_tiny_model(given: str | None, work: Path, prog: str) -> TinyModel:
+    """The demos' tiny model: the one `--tiny-model` names (opened), else one built under `work`. Stops the
+    demo (SystemExit naming `prog`) when the folder holds none or upstream is missing."""
+    if given:
+        try:
+            return open_tiny_model(given)
+        except FileNotFoundError as e:
+            raise SystemExit(f"{prog}: --tiny-model: {e}") from None
+    tiny = build_tiny_model(work / "tiny_model")
+    if tiny.llava_dir is None:
+        raise SystemExit(f"{prog}: upstream LLaVA-NeXT is not installed; run `make setup`")
+    return tiny
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", nargs="?", help="folder to write the tiny model into")
