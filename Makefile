@@ -32,10 +32,10 @@ test:
 	@$(PY) -m pytest -rs $(PYTEST_ARGS)
 
 demo:
-	@$(PY) -m llava_vla_plugin.demo $(DEMO_ARGS)
+	@$(PY) -m llava_vla_plugin.apps.demo $(DEMO_ARGS)
 
 eval-demo:
-	@MUJOCO_GL=egl $(PY) -m llava_vla_plugin.eval_demo $(EVAL_DEMO_ARGS)
+	@MUJOCO_GL=egl $(PY) -m llava_vla_plugin.apps.eval_demo $(EVAL_DEMO_ARGS)
 
 bench:
 	@$(PY) bench/run_all.py

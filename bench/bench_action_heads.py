@@ -48,11 +48,11 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from llava_vla_plugin.action_repr import ActionReprConfig, make_representation
-    from llava_vla_plugin.action_tokenizer import ActionTokenizer
-    from llava_vla_plugin.policy import VLAPolicy
-    from llava_vla_plugin.register import register
-    from llava_vla_plugin.testing.tiny_model import build_tiny_model
+    from llava_vla_plugin.core.representations import ActionReprConfig, make_representation
+    from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
+    from llava_vla_plugin.infer.policy import VLAPolicy
+    from llava_vla_plugin.train.register import register
+    from llava_vla_plugin.apps.tiny_model import build_tiny_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -56,7 +56,7 @@ def _latency(server, observations) -> list[float]:
 
 def _frame() -> np.ndarray:
     """One real rendered Lift frame, as LiftBenchmark sends it."""
-    from llava_vla_plugin.sim_lift import env_image, make_lift_env
+    from llava_vla_plugin.apps.sim_lift import env_image, make_lift_env
 
     env = make_lift_env(0)
     obs = env.reset()
@@ -114,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
                        "USE_TF": "0", "MUJOCO_GL": "egl"})
     import torch
 
-    from llava_vla_plugin.policy import VLAPolicy
-    from llava_vla_plugin.sim_lift import ScriptedLiftServer
-    from llava_vla_plugin.vla_eval_server import LlavaVLAModelServer
+    from llava_vla_plugin.infer.policy import VLAPolicy
+    from llava_vla_plugin.apps.sim_lift import ScriptedLiftServer
+    from llava_vla_plugin.infer.vla_eval_server import LlavaVLAModelServer
 
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"checkpoint {ckpt}", flush=True)
@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with tempfile.TemporaryDirectory(prefix="bench_closed_loop_") as tmp:
         runs = {}
-        for name, cmd in (("scripted", [sys.executable, "-m", "llava_vla_plugin.sim_lift", "--serve-scripted"]),
-                          ("tiny", [sys.executable, "-m", "llava_vla_plugin.vla_eval_server", "--checkpoint", str(ckpt),
+        for name, cmd in (("scripted", [sys.executable, "-m", "llava_vla_plugin.apps.sim_lift", "--serve-scripted"]),
+                          ("tiny", [sys.executable, "-m", "llava_vla_plugin.infer.vla_eval_server", "--checkpoint", str(ckpt),
                                     "--unnorm-key", args.unnorm_key])):
             out = Path(tmp) / name
             out.mkdir()

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def make_fixture(root: Path, episodes: int, steps: int) -> Path:
-    from llava_vla_plugin.testing.rlds_fixture import write_rlds_dataset
+    from llava_vla_plugin.apps.rlds_fixture import write_rlds_dataset
 
     val = max(1, episodes // 20)
     shards = min(4, val)  # the fixture writer uses one shard count for every split

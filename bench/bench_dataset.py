@@ -40,9 +40,9 @@ def main() -> int:
 
     from llava.train.train import preprocess_qwen
 
-    from llava_vla_plugin.action_tokenizer import ActionTokenizer
-    from llava_vla_plugin.prompt import VLAPromptBuilder
-    from llava_vla_plugin.testing.tiny_model import build_qwen2_tokenizer
+    from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
+    from llava_vla_plugin.core.prompt import VLAPromptBuilder
+    from llava_vla_plugin.apps.tiny_model import build_qwen2_tokenizer
 
     tok = build_qwen2_tokenizer()
     at = ActionTokenizer()
@@ -76,7 +76,7 @@ def main() -> int:
     import json
     import tracemalloc
 
-    from llava_vla_plugin.training_data import load_data, read_samples
+    from llava_vla_plugin.core.training_data import load_data, read_samples
 
     n_mem = 100_000
     with tempfile.TemporaryDirectory() as d:
@@ -104,11 +104,11 @@ def main() -> int:
     # whole __getitem__ with images
     from llava.model.multimodal_encoder.siglip_encoder import SigLipImageProcessor
 
-    from llava_vla_plugin import register
+    from llava_vla_plugin.train import register
     from llava_vla_plugin.testing.vla_samples import write_vla_dataset
 
     register.register()
-    from llava_vla_plugin.dataset import VLADataset
+    from llava_vla_plugin.train.dataset import VLADataset
 
     with tempfile.TemporaryDirectory() as d:
         print("VLADataset.__getitem__ with images (decode + preprocess + ids/labels), ms per sample:")

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 def build_checkpoint(work: Path) -> Path:
     """Tiny model + a few samples + 2 training steps through scripts/finetune_ov_vla.sh."""
-    from llava_vla_plugin.testing.tiny_model import build_tiny_model
+    from llava_vla_plugin.apps.tiny_model import build_tiny_model
     from llava_vla_plugin.testing.vla_samples import colour_image, write_vla_dataset
 
     ckpt = work / "run-qwen"
@@ -86,7 +86,7 @@ def main() -> int:
     from PIL import Image
     from transformers import GenerationConfig
 
-    from llava_vla_plugin.policy import VLAPolicy, keep_last_logits_only
+    from llava_vla_plugin.infer.policy import VLAPolicy, keep_last_logits_only
 
     policy = VLAPolicy.from_pretrained(ckpt, device=args.device, dtype=args.dtype, last_logits_only=False)
     model = policy.model

@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_serve.py --checkpoint CKPT   # any llava_vla_plugin checkpoint
 
 Measured in one run, one after the other (never at the same time, so they do not share the CPU):
-  server    `python -m llava_vla_plugin.serve` with its defaults; --requests clients (default 200)
+  server    `python -m llava_vla_plugin.infer.serve` with its defaults; --requests clients (default 200)
             connect at the same instant, each POSTs one 256x256 image to /act (json-numpy, as OpenVLA
             clients do). Latency = send to answer, queueing included; requests/s = answers / wall time.
             Every request must be answered (a refused or reset one fails the run).
@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE))
 
 def start_server(ckpt: Path, env: dict, log: Path, *args: str) -> tuple[subprocess.Popen, tuple[str, int]]:
     out = open(log.with_suffix(".out"), "w")
-    proc = subprocess.Popen([sys.executable, "-m", "llava_vla_plugin.serve", "--checkpoint", str(ckpt), "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "llava_vla_plugin.infer.serve", "--checkpoint", str(ckpt), "--port", "0",
                              "--log-level", "WARNING", *args], cwd=ROOT, env=env, stdout=out,
                             stderr=open(log.with_suffix(".err"), "w"))
     deadline = time.time() + 600
@@ -163,7 +163,7 @@ def main() -> int:
     results["server"] = {"rps": args.requests / wall, "p50_s": pct(lat, 50), "p99_s": pct(lat, 99), "wall_s": wall}
 
     # ---- baseline: the model in this process
-    from llava_vla_plugin.policy import VLAPolicy
+    from llava_vla_plugin.infer.policy import VLAPolicy
 
     policy = VLAPolicy.from_pretrained(ckpt)
     direct = policy.predict_action(image, "pick up the block", unnorm_key=key)

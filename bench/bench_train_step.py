@@ -31,15 +31,14 @@ def measure(mode: str, tiny_dir: str, data: str, batch: int, iters: int) -> dict
     import torch
     from transformers import AutoTokenizer
 
-    from llava_vla_plugin import register
-
+    from llava_vla_plugin.train import register
     torch.manual_seed(0)
     register.register()
     from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
     from llava.train.train import DataCollatorForSupervisedDataset
 
-    from llava_vla_plugin.dataset import VLADataset
-    from llava_vla_plugin.register import add_action_tokens
+    from llava_vla_plugin.train.dataset import VLADataset
+    from llava_vla_plugin.train.register import add_action_tokens
 
     model = LlavaQwenForCausalLM.from_pretrained(f"{tiny_dir}/tiny-llava-qwen", attn_implementation="sdpa", torch_dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(f"{tiny_dir}/tiny-llava-qwen", model_max_length=1024)
@@ -78,7 +77,7 @@ def main() -> int:
         print("RESULT" + json.dumps(measure(args._mode, args._tiny, args._data, args.batch, args.iters)))
         return 0
 
-    from llava_vla_plugin.testing.tiny_model import build_tiny_model
+    from llava_vla_plugin.apps.tiny_model import build_tiny_model
     from llava_vla_plugin.testing.vla_samples import colour_image, write_vla_dataset
 
     with tempfile.TemporaryDirectory() as d:

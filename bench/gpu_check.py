@@ -48,17 +48,17 @@ def main(argv=None) -> int:
     import transformers
     from PIL import Image
 
-    from llava_vla_plugin.env import apply_env_defaults
+    from llava_vla_plugin.core.env import apply_env_defaults
 
     apply_env_defaults()
     from llava.mm_utils import process_images
     from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
 
-    from llava_vla_plugin import sparse_head
-    from llava_vla_plugin.policy import VLAPolicy
-    from llava_vla_plugin.prompt import VLAPromptBuilder
+    from llava_vla_plugin.train import sparse_head
+    from llava_vla_plugin.infer.policy import VLAPolicy
+    from llava_vla_plugin.core.prompt import VLAPromptBuilder
     from llava_vla_plugin.testing import onevision_configs as ov
-    from llava_vla_plugin.testing.tiny_model import TOWER_ID, publish_tiny_siglip
+    from llava_vla_plugin.apps.tiny_model import TOWER_ID, publish_tiny_siglip
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")

@@ -41,13 +41,13 @@ def main(argv=None) -> int:
     import torch
     from PIL import Image
 
-    from llava_vla_plugin.env import apply_env_defaults
+    from llava_vla_plugin.core.env import apply_env_defaults
 
     apply_env_defaults()
-    from llava_vla_plugin.action_repr import ActionReprConfig, make_representation
-    from llava_vla_plugin.policy import VLAPolicy
+    from llava_vla_plugin.core.representations import ActionReprConfig, make_representation
+    from llava_vla_plugin.infer.policy import VLAPolicy
     from llava_vla_plugin.testing import onevision_configs as ov
-    from llava_vla_plugin.testing.tiny_model import TOWER_ID, publish_tiny_siglip
+    from llava_vla_plugin.apps.tiny_model import TOWER_ID, publish_tiny_siglip
 
     cuda = torch.cuda.is_available() and not args.tiny
     device = "cuda" if cuda else "cpu"

@@ -625,7 +625,7 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 def _write_episode_actions(work: Path, units: Sequence[Unit], final: Path, stats: Mapping[str, Any]) -> None:
     """<split>_actions.npz: every kept episode's full normalized action sequence, from which training builds
-    H-step windows (llava_vla_plugin/chunk_data.py), so H needs no re-conversion. The gripper is absolute
+    H-step windows (llava_vla_plugin/core/chunk_data.py), so H needs no re-conversion. The gripper is absolute
     (EEF_POS, the only encoding converted), the rest relative, as OpenVLA's absolute_action_mask."""
     for split in ("train", "val"):
         episodes = {}

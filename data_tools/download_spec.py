@@ -3,7 +3,7 @@
 One of the project's two mixture concepts, named apart: this one says what to download (and convert:
 `data_tools.convert --mixture` reads the same file, and data_tools/mixtures/*.yaml are presets of it);
 the training mixture (upstream's --data_path YAML of {json_path, weight}) is planned by
-data_tools/training_mixture.py and read by llava_vla_plugin/training_data.py. `weight` here is OpenVLA's
+data_tools/training_mixture.py and read by llava_vla_plugin/core/training_data.py. `weight` here is OpenVLA's
 sampling weight; what it means for training is documented once, in data_tools/training_mixture.py.
 
 A spec is a YAML file a user edits::

@@ -2,7 +2,7 @@
 
 data_tools reads RLDS through tensorflow_datasets, and TensorFlow writes its start-up lines to fd 2 before
 absl logging exists, so TF_CPP_MIN_LOG_LEVEL cannot hide them: they bury the tools' own progress and
-errors. This lives in data_tools (which never imports the plugin); llava_vla_plugin.env re-exports it.
+errors. This lives in data_tools (which never imports the plugin); llava_vla_plugin.core.env re-exports it.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
 
 The project has two mixture concepts, named apart: the download spec (data_tools/download_spec.py, presets
 in data_tools/mixtures/: what to fetch and convert) and the training mixture (this module plans it,
-llava_vla_plugin/training_data.py reads it: upstream's --data_path YAML of {json_path, weight}).
+llava_vla_plugin/core/training_data.py reads it: upstream's --data_path YAML of {json_path, weight}).
 
 What `weight` means (docs/DESIGN.md 2.8 cites this; tests/test_mixture_weight.py checks it):
   - In a download spec, a preset or a --weights file it is OpenVLA's sampling weight w_d. OpenVLA trains
@@ -31,7 +31,7 @@ when it trains, `balance_weights=True`) it is w_d * n_d / sum(w * n), n_d = the 
 `num_transitions` from its dataset_statistics.json (manifest.json or its train frame count as fallbacks).
 
 The written mixture gives every dataset a sampling `weight` relative to its own train frame count
-(the trainer keeps floor(weight) copies plus a seeded fraction, see llava_vla_plugin/training_data.py),
+(the trainer keeps floor(weight) copies plus a seeded fraction, see llava_vla_plugin/core/training_data.py),
 chosen so that the effective frames follow the shares and add up to `fraction` x the train frames of
 the datasets in the mixture. The file is upstream's `--data_path` format with absolute json_paths;
 a `vla_mixture:` section (ignored by readers) records how it was made. The seed is recorded there;
@@ -278,7 +278,7 @@ def read_weights(weights: str | Path | Mapping | None = None, preset: str | None
 
 
 def effective_frames(frames: int, weight: float) -> int:
-    """What llava_vla_plugin.training_data.apply_weight yields: floor(w) copies + round(frac * n) frames."""
+    """What llava_vla_plugin.core.training_data.apply_weight yields: floor(w) copies + round(frac * n) frames."""
     whole = math.floor(weight)
     return int(whole * frames + round((weight - whole) * frames))
 

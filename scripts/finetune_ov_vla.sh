@@ -21,7 +21,7 @@
 #   every EVAL_STEPS and at the end -> OUTPUT_DIR/vla_metrics.jsonl, OUTPUT_DIR/final_metrics.json
 #   CONFIG=run.yaml: settings from a file (scripts/launch_config.py); every launch writes the resolved
 #   settings to OUTPUT_DIR/launch_config.yaml, so CONFIG=OUTPUT_DIR/launch_config.yaml replays a run.
-#   ACTION_REPR=bins (bins_chunk, parallel_l1: llava_vla_plugin/action_repr.py) HORIZON=1 (chunk length H)
+#   ACTION_REPR=bins (bins_chunk, parallel_l1: llava_vla_plugin/core/representations.py) HORIZON=1 (chunk length H)
 #   WINDOW_MODE=oft (openvla): how H-step windows are cut from each episode (data_tools/action_windows.py)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -165,8 +165,8 @@ if [ -n "$VAL_DATA" ]; then ARGS+=(--vla_val_data "$VAL_DATA" --vla_eval_steps "
 ARGS+=("${CONFIG_ARGS[@]}")
 
 # Bad data paths and VLA options stop the launch here, before OUTPUT_DIR is created or written and before
-# anything heavy loads (llava_vla_plugin/preflight.py; exit 2). The trainer checks the same again.
-"$PYTHON" -m llava_vla_plugin.preflight "${ARGS[@]}" "$@" || exit $?
+# anything heavy loads (llava_vla_plugin/train/preflight.py; exit 2). The trainer checks the same again.
+"$PYTHON" -m llava_vla_plugin.train.preflight "${ARGS[@]}" "$@" || exit $?
 # A launch that stops later, before its run starts, removes what it wrote (run_config.discard_launch_config).
 if [ ! -e "$OUTPUT_DIR" ]; then export VLA_LAUNCH_NEW_OUTPUT_DIR="$OUTPUT_DIR"; fi
 mkdir -p "$OUTPUT_DIR"

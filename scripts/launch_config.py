@@ -76,7 +76,7 @@ def write(path: str, pairs: list[str], extra: list[str]) -> None:
 def cpu_deepspeed(path: str) -> str:
     """The DeepSpeed config for CPU processes (no CUDA): DeepSpeed's Adam for CPU parameters is an op it
     JIT-compiles on first use (FusedAdam's CPU build, 2-6 minutes once per machine and environment, and
-    a build interrupted by a signal leaves a lock that llava_vla_plugin/build_lock.py reports). On CPU it
+    a build interrupted by a signal leaves a lock that llava_vla_plugin/train/build_lock.py reports). On CPU it
     gains nothing over torch's AdamW, the same update, so `torch_adam` is set and nothing is compiled.
     An offloaded optimizer (DeepSpeedCPUAdam) and non-Adam optimizers are left as they are. The file on
     disk is not changed; transformers accepts the config as a JSON string in place of a path."""

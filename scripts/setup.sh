@@ -60,7 +60,7 @@ if [ "$MODE" != "--upstream-only" ]; then
   if ! /sbin/ldconfig -p 2>/dev/null | grep -qE 'libEGL\.so\.1|libEGL_mesa\.so|libEGL_nvidia\.so'; then
     say "warning: no EGL library found: closed-loop evaluation (robosuite/MuJoCo, MUJOCO_GL=egl) cannot render."
     say "         Debian/Ubuntu: sudo apt-get install libegl1 libegl-mesa0   (GPU hosts: the NVIDIA driver's EGL)"
-  elif ! PYTHONPATH="$ROOT" "$VENV/bin/python" -m llava_vla_plugin.sim_lift --check-render >>"$LOG" 2>&1; then
+  elif ! PYTHONPATH="$ROOT" "$VENV/bin/python" -m llava_vla_plugin.apps.sim_lift --check-render >>"$LOG" 2>&1; then
     say "warning: MuJoCo cannot render offscreen with MUJOCO_GL=egl (see $LOG); install libegl1 libegl-mesa0"
   fi
   if [ "$MODE" = "--gpu" ]; then

@@ -59,7 +59,7 @@ def run_py(args: list[str], env: dict[str, str] | None = None, timeout: int = 90
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer():
-    from llava_vla_plugin.testing.tiny_model import build_qwen2_tokenizer
+    from llava_vla_plugin.apps.tiny_model import build_qwen2_tokenizer
 
     return build_qwen2_tokenizer()
 
@@ -69,6 +69,6 @@ def tiny_model(tmp_path_factory):
     """The tiny llava_qwen model, built once per test session (needs upstream)."""
     if not upstream_available():
         skip_unless_ci(UPSTREAM_REASON)
-    from llava_vla_plugin.testing.tiny_model import build_tiny_model
+    from llava_vla_plugin.apps.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))

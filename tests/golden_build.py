@@ -25,9 +25,9 @@ def build(tiny: str, out: str, repr_name: str, horizon: int, stats_path: str, mo
     import torch
     from transformers import AutoTokenizer
 
-    from llava_vla_plugin import register
-    from llava_vla_plugin.action_repr import ActionReprConfig, make_representation
-    from llava_vla_plugin.action_tokenizer import ActionTokenizer
+    from llava_vla_plugin.train import register
+    from llava_vla_plugin.core.representations import ActionReprConfig, make_representation
+    from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
 
     register.register()
     from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
@@ -51,7 +51,7 @@ def build(tiny: str, out: str, repr_name: str, horizon: int, stats_path: str, mo
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     if mode == "generate":
-        from llava_vla_plugin.trainer import write_vla_files
+        from llava_vla_plugin.train.trainer import write_vla_files
 
         write_vla_files(out, action_tokenizer, json.loads(open(stats_path).read()), action_repr=rep, model=model)
     elif getattr(model, "vla_action_head", None) is not None:

@@ -50,8 +50,8 @@ def test_oft_window_rule():
 
 # ---- the interface ------------------------------------------------------------------------------------------
 def test_config_in_checkpoint_and_old_checkpoints(tmp_path):
-    from llava_vla_plugin.action_repr import ActionReprConfig, ActionReprError
-    from llava_vla_plugin.action_tokenizer import ActionTokenizer
+    from llava_vla_plugin.core.representations import ActionReprConfig, ActionReprError
+    from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
 
     ActionTokenizer().save(tmp_path)  # a checkpoint written before representations existed
     assert ActionReprConfig.load(tmp_path) == ActionReprConfig(name="bins", action_dim=7, horizon=1, n_bins=256)
@@ -66,9 +66,9 @@ def test_config_in_checkpoint_and_old_checkpoints(tmp_path):
 
 def test_targets_per_representation(qwen_tokenizer):
     from data_tools.converted_format import IGNORE_INDEX
-    from llava_vla_plugin.action_repr import SLOT_TOKEN, ActionReprConfig, make_representation
-    from llava_vla_plugin.action_tokenizer import ActionTokenizer
-    from llava_vla_plugin.prompt import VLAPromptBuilder
+    from llava_vla_plugin.core.representations import SLOT_TOKEN, ActionReprConfig, make_representation
+    from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
+    from llava_vla_plugin.core.prompt import VLAPromptBuilder
 
     tok = copy.deepcopy(qwen_tokenizer)  # binding adds tokens: the session fixture must stay as built
     window = np.linspace(-1, 1, 28, dtype=np.float32).reshape(4, 7)
@@ -137,7 +137,7 @@ def chunk_data(tmp_path_factory):
 def fast_tiny(tmp_path_factory):
     if not upstream_available():
         pytest.skip(UPSTREAM_REASON)
-    from llava_vla_plugin.testing.tiny_model import build_tiny_model
+    from llava_vla_plugin.apps.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("chunk_tiny"), vision_layers=1)
 
@@ -207,7 +207,7 @@ def quality_runs(fast_tiny, chunk_data, tmp_path_factory):
 
 def held_out_score(result: dict) -> float:
     """Fraction of held-out values (every predicted step and dim) within one bin of the target's bin."""
-    from llava_vla_plugin.action_tokenizer import ActionTokenizer
+    from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
 
     at = ActionTokenizer()
     pred = np.asarray(result["normalized"])
@@ -219,7 +219,7 @@ def held_out_score(result: dict) -> float:
 def marginal_bound(h: int, max_step: int) -> float:
     """The best a model that cannot see the image can do: for each predicted (step, dim), the share of held-out
     frames whose target falls within one bin of the most common target."""
-    from llava_vla_plugin.action_tokenizer import ActionTokenizer
+    from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
 
     at = ActionTokenizer()
     frames = [(c, t) for c in range(3) for t in range(max_step + 1)]

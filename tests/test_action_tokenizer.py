@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from llava_vla_plugin.action_tokenizer import ActionTokenizer
+from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
 
 
 def test_every_bin_round_trips_to_its_centre():

@@ -44,8 +44,9 @@ def test_servers_check_statistics_and_key_before_loading(ckpt, module):
     assert f"unknown --unnorm-key 'nope'; this model's statistics hold: {KEYS}" in proc.stderr and seconds < 60
     assert "Traceback" not in proc.stderr
 
-    from llava_vla_plugin import serve, vla_eval_server
+    from llava_vla_plugin.infer import serve
 
+    from llava_vla_plugin.infer import vla_eval_server
     main = {"serve": serve.main, "vla_eval_server": vla_eval_server.main}[module]
     assert main(["--checkpoint", str(ckpt), "--unnorm-key", "nope", "--dry-run"]) == 2
     assert main(["--checkpoint", str(ckpt / "missing"), "--dry-run"]) == 2
@@ -54,7 +55,7 @@ def test_servers_check_statistics_and_key_before_loading(ckpt, module):
 
 
 def test_vla_eval_server_dry_run_needs_a_key_on_two_datasets(ckpt, capsys):
-    from llava_vla_plugin.vla_eval_server import main
+    from llava_vla_plugin.infer.vla_eval_server import main
 
     assert main(["--checkpoint", str(ckpt), "--dry-run"]) == 2
     err = capsys.readouterr().err
@@ -69,7 +70,7 @@ def test_vla_eval_server_dry_run_needs_a_key_on_two_datasets(ckpt, capsys):
 def test_serve_key_is_per_request_unless_given(ckpt, capsys):
     """serve speaks OpenVLA's /act, whose requests carry unnorm_key: no key at start is fine; --unnorm-key is
     the default for requests without one, checked at start."""
-    from llava_vla_plugin.serve import main
+    from llava_vla_plugin.infer.serve import main
 
     assert main(["--checkpoint", str(ckpt), "--dry-run"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -81,7 +82,7 @@ def test_serve_key_is_per_request_unless_given(ckpt, capsys):
 def test_policy_on_cuda_without_cuda_says_what_to_do(ckpt):
     import torch
 
-    from llava_vla_plugin.policy import VLAPolicy
+    from llava_vla_plugin.infer.policy import VLAPolicy
 
     if torch.cuda.is_available():
         pytest.skip("this host has CUDA")
@@ -155,15 +156,15 @@ def test_launcher_default_process_count_without_cuda(user_dir):
 
 
 def test_train_help_lists_the_representations():
-    from llava_vla_plugin.action_repr import REPRESENTATIONS
-    from llava_vla_plugin.train import _representations_help
+    from llava_vla_plugin.core.representations import REPRESENTATIONS
+    from llava_vla_plugin.train.run import _representations_help
 
     text = _representations_help()
     assert all(f"  {name} " in text for name in REPRESENTATIONS) and "None" not in text
 
 
 def test_upstream_mezo_line_dropped_and_nothing_else(capsys):
-    from llava_vla_plugin.env import UPSTREAM_TRAINER_PRINTS, prints_dropped
+    from llava_vla_plugin.core.env import UPSTREAM_TRAINER_PRINTS, prints_dropped
 
     with prints_dropped(UPSTREAM_TRAINER_PRINTS):
         print("MeZOLLaVATrainer initialized with mode: regular")

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import ROOT, requires_upstream, subprocess_env
-from llava_vla_plugin.build_lock import predicted_op_builders, read_ds_config
+from llava_vla_plugin.train.build_lock import predicted_op_builders, read_ds_config
 
 START_TIMEOUT_S = 120  # the builder's imports + torch's lock: 5-10 s on a busy 2-core host
 DETECT_TIMEOUT_S = 120  # the next run's imports + the check (the check itself takes milliseconds)
@@ -25,7 +25,7 @@ DEEPSPEED_BUILD = ("from deepspeed.accelerator import get_accelerator\n"
                    "get_accelerator().create_op_builder('FusedAdamBuilder').load()\n")
 # The plugin's own pre-build, as train.py runs it in every rank.
 PLUGIN_BUILD = ("import logging; logging.basicConfig(level=logging.WARNING)\n"
-                "from llava_vla_plugin.build_lock import main_check\n"
+                "from llava_vla_plugin.train.build_lock import main_check\n"
                 "main_check(['--deepspeed', 'configs/zero2.json'])\n")
 
 

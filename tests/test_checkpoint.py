@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
-from llava_vla_plugin import checkpoint
-from llava_vla_plugin.action_repr import HEAD_FILE, REPR_FILE, ActionReprConfig, make_representation
-from llava_vla_plugin.action_tokenizer import ActionTokenizer
+from llava_vla_plugin.core import checkpoint
+from llava_vla_plugin.core.representations import HEAD_FILE, REPR_FILE, ActionReprConfig, make_representation
+from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
 
 STATS = {"ds_a": {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True] * 6 + [False]}},
          "ds_b": {"action": {"q01": [0.0] * 7, "q99": [2.0] * 7, "mask": [True] * 7}}}
@@ -20,7 +20,7 @@ STATS = {"ds_a": {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True]
 
 def _head_state(rep) -> dict:
     """parallel_l1's head weights as the trainer's gathered state dict holds them (no model needed)."""
-    from llava_vla_plugin.action_repr import L1RegressionHead
+    from llava_vla_plugin.core.representations import L1RegressionHead
 
     head = L1RegressionHead(16, rep.action_dim, rep.horizon, 16, slot_token_id=151902)
     return {f"vla_action_head.{k}": v for k, v in head.state_dict().items()}

@@ -17,7 +17,7 @@ from conftest import ROOT, subprocess_env
 
 TOOLS = [
     "data_tools.download", "data_tools.convert", "data_tools.validate", "data_tools.stats", "data_tools.mixture",
-    "llava_vla_plugin.eval", "llava_vla_plugin.sweep", "llava_vla_plugin.scaling",
+    "llava_vla_plugin.infer.eval", "llava_vla_plugin.experiments.sweep", "llava_vla_plugin.experiments.scaling",
 ]
 
 # (tool, old spelling, new spelling): both must parse to the same arguments
@@ -29,11 +29,11 @@ ALIASES = [
      ["--data-dir", "c", "--preset", "rtx", "--out", "m.yaml"]),
     ("data_tools.mixture", ["--converted", "c", "--preset", "rtx", "--output", "m.yaml"],
      ["--data-dir", "c", "--preset", "rtx", "--out", "m.yaml"]),
-    ("llava_vla_plugin.eval", ["--checkpoint", "ck", "--data", "v.jsonl", "--image-folder", "c", "--report", "r"],
+    ("llava_vla_plugin.infer.eval", ["--checkpoint", "ck", "--data", "v.jsonl", "--image-folder", "c", "--report", "r"],
      ["--checkpoint", "ck", "--data", "v.jsonl", "--image-folder", "c", "--out", "r"]),
-    ("llava_vla_plugin.sweep", ["spec.yaml", "-o", "runs"], ["spec.yaml", "--out", "runs"]),
-    ("llava_vla_plugin.sweep", ["spec.yaml", "--output", "runs"], ["spec.yaml", "--out", "runs"]),
-    ("llava_vla_plugin.scaling", ["runs", "--report", "rep"], ["runs", "--out", "rep"]),
+    ("llava_vla_plugin.experiments.sweep", ["spec.yaml", "-o", "runs"], ["spec.yaml", "--out", "runs"]),
+    ("llava_vla_plugin.experiments.sweep", ["spec.yaml", "--output", "runs"], ["spec.yaml", "--out", "runs"]),
+    ("llava_vla_plugin.experiments.scaling", ["runs", "--report", "rep"], ["runs", "--out", "rep"]),
 ]
 
 

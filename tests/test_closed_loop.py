@@ -3,7 +3,7 @@
 Two runs share one render check and the tiny checkpoint of test_policy.py:
   * the scripted grasp-and-lift server succeeds (success detection and the 7-d action
     convention are right);
-  * the tiny model served by `python -m llava_vla_plugin.vla_eval_server` runs two short
+  * the tiny model served by `python -m llava_vla_plugin.infer.vla_eval_server` runs two short
     episodes; vla-eval writes its aggregate, per-episode results and one video per episode;
     the first action the env received equals the model's tokens converted by hand, and the
     image the model got equals the rendered frame after the documented transform.
@@ -75,14 +75,14 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def render_ok():
-    from llava_vla_plugin.sim_lift import check_render
+    from llava_vla_plugin.apps.sim_lift import check_render
 
     check_render()  # RenderUnavailableError names MUJOCO_GL and the Debian packages
 
 
 def test_scripted_lift_succeeds(render_ok, tmp_path):
     env = subprocess_env({"MUJOCO_GL": "egl"})
-    proc, port = _serve(["llava_vla_plugin.sim_lift", "--serve-scripted"], env)
+    proc, port = _serve(["llava_vla_plugin.apps.sim_lift", "--serve-scripted"], env)
     try:
         res = _run_eval("configs/vla_eval/lift_scripted.yaml", port, tmp_path, env)
     finally:
@@ -98,7 +98,7 @@ def test_tiny_model_closed_loop(render_ok, tiny_model, tmp_path_factory, tmp_pat
     env = dict(ck["env"], MUJOCO_GL="egl")
     server_trace, env_trace, out = tmp_path / "server", tmp_path / "env", tmp_path / "out"
     # --unnorm-key ds_b: the checkpoint holds two datasets; ds_b's gripper is un-masked 0/1 like OXE's
-    proc, port = _serve(["llava_vla_plugin.vla_eval_server", "--checkpoint", str(ck["ckpt"]), "--unnorm-key", "ds_b",
+    proc, port = _serve(["llava_vla_plugin.infer.vla_eval_server", "--checkpoint", str(ck["ckpt"]), "--unnorm-key", "ds_b",
                          "--trace-dir", str(server_trace)], env)
     try:
         # 3 steps per episode instead of the config's 60: the loop, not the skill, is under test
@@ -148,7 +148,7 @@ def test_eval_demo_reduced(render_ok, tiny_model, tmp_path):
     from that folder (printed_commands): the server and, against it, the printed vla-eval run (stage 5's 1 x 2
     steps); the report; the larger eval-demo until it records its first demonstration (then stopped)."""
     work = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "llava_vla_plugin.eval_demo", "--workdir", str(work), "--episodes", "2",
+    proc = subprocess.run([sys.executable, "-m", "llava_vla_plugin.apps.eval_demo", "--workdir", str(work), "--episodes", "2",
                            "--demo-steps", "4", "--train-steps", "2", "--eval-episodes", "1", "--eval-max-steps", "2",
                            "--tiny-model", str(tiny_model.root)], cwd=tmp_path,
                           env=user_env({"MUJOCO_GL": "egl"}), capture_output=True, text=True, timeout=1500)

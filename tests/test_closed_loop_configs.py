@@ -41,12 +41,12 @@ def test_config_validates_with_vla_eval(path):
         assert entry["params"]["env_seed"] == 0 and entry["params"]["seed"] == 7
 
 
-@pytest.mark.parametrize("path", [c for c in CONFIGS if "llava_vla_plugin.vla_eval_server" in c.read_text()],
+@pytest.mark.parametrize("path", [c for c in CONFIGS if "llava_vla_plugin.infer.vla_eval_server" in c.read_text()],
                          ids=lambda p: p.stem)
 def test_server_command_in_header_dry_runs(path, tmp_path):
-    line = next(l for l in path.read_text().splitlines() if "llava_vla_plugin.vla_eval_server" in l)
+    line = next(l for l in path.read_text().splitlines() if "llava_vla_plugin.infer.vla_eval_server" in l)
     argv = shlex.split(line.lstrip("# "), comments=True)
-    assert argv[:3] == ["python", "-m", "llava_vla_plugin.vla_eval_server"]
+    assert argv[:3] == ["python", "-m", "llava_vla_plugin.infer.vla_eval_server"]
     # --dry-run checks the checkpoint's statistics and the key: a checkpoint as OpenVLA's data names them
     # (LIBERO's datasets are the *_no_noops versions; the header's key finds them by OpenVLA's rule)
     ckpt = tmp_path / argv[argv.index("--checkpoint") + 1]

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from conftest import run_py
-from llava_vla_plugin.closed_loop_report import collect, load_published, render, suite_of, wilson_interval
+from llava_vla_plugin.experiments.closed_loop_report import collect, load_published, render, suite_of, wilson_interval
 
 
 def test_wilson_interval_by_hand():
@@ -82,21 +82,21 @@ def test_collect_and_render(results):
 
 def test_cli_writes_the_report(results, tmp_path):
     out = tmp_path / "report"
-    proc = run_py(["-m", "llava_vla_plugin.closed_loop_report", str(results / "libero_spatial"), str(results / "libero_10"),
+    proc = run_py(["-m", "llava_vla_plugin.experiments.closed_loop_report", str(results / "libero_spatial"), str(results / "libero_10"),
                    "--out", str(out), "--train-seed", "3"])
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
     assert sorted(report["suites"]) == ["libero_10", "libero_spatial"] and report["averages"] == {}
     assert "published, not re-run" in (out / "report.md").read_text()
-    bad = run_py(["-m", "llava_vla_plugin.closed_loop_report", str(tmp_path / "nothing_here"), "--out", str(out)])
+    bad = run_py(["-m", "llava_vla_plugin.experiments.closed_loop_report", str(tmp_path / "nothing_here"), "--out", str(out)])
     assert bad.returncode == 2 and "aggregate" in bad.stderr
 
 
 def test_scaling_takes_closed_loop_success_as_y(results, tmp_path):
     """A run's report written with --out <run>/closed_loop is scaling.py's y: closed_loop_success (the LIBERO
     average when all four suites are there), closed_loop_<suite>."""
-    from llava_vla_plugin.closed_loop_report import main as report_main
-    from llava_vla_plugin.scaling import collect_runs
+    from llava_vla_plugin.experiments.closed_loop_report import main as report_main
+    from llava_vla_plugin.experiments.scaling import collect_runs
     from test_scaling import _make_run
 
     runs = tmp_path / "runs"

@@ -18,7 +18,7 @@ from data_tools.converted_format import (
     is_action_sample,
     sample_instruction,
 )
-from llava_vla_plugin.testing.rlds_fixture import write_rlds_dataset
+from llava_vla_plugin.apps.rlds_fixture import write_rlds_dataset
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +68,8 @@ def test_old_converted_data_without_instruction_still_reads(converted):
 def test_round_trip_convert_to_policy_unnormalize(converted):
     """convert's normalized actions, un-normalized by the policy's code with the checkpoint-format statistics,
     give back the raw actions (inside [q01, q99]); through the action tokenizer within half a bin."""
-    from llava_vla_plugin.action_tokenizer import ActionTokenizer
-    from llava_vla_plugin.normalization import action_stats, load_statistics, unnormalize_actions
+    from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
+    from llava_vla_plugin.core.normalization import action_stats, load_statistics, unnormalize_actions
 
     tok = ActionTokenizer()
     checked = 0
@@ -138,7 +138,7 @@ def test_catalog_versions_match_the_shared_schemas():
     """Every dataset with a schema taken from its real dataset_info.json has that version in the catalog,
     and says so (version_source: schema); the others name their evidence."""
     from data_tools.registry import Registry
-    from llava_vla_plugin.testing.rlds_fixture import available_schemas
+    from llava_vla_plugin.apps.rlds_fixture import available_schemas
 
     catalog = Registry.load().catalog()
     schemas = available_schemas()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import shared_schemas_missing
-from llava_vla_plugin.testing.rlds_fixture import available_schemas, write_rlds_dataset
+from llava_vla_plugin.apps.rlds_fixture import available_schemas, write_rlds_dataset
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "oxe_schemas"
 GRIP = np.array([-1.2, -1.0, -0.5, 0.0, 0.02, 0.05, 0.5, 0.97, 1.0, 1.3], np.float32)

@@ -25,7 +25,7 @@ from data_tools import atomic
 from data_tools.convert import DatasetRequest, RunOptions, convert
 from data_tools.images import jpeg_structure_problem, verify_decodes
 from data_tools.registry import Registry
-from llava_vla_plugin.testing.rlds_fixture import write_rlds_dataset
+from llava_vla_plugin.apps.rlds_fixture import write_rlds_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 FRACTAL = "fractal20220817_data"

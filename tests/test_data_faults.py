@@ -13,7 +13,7 @@ import pytest
 
 from data_tools.training_mixture import MixtureToolError, converted_datasets, read_weights
 from data_tools.download_spec import MixtureError, load_mixture
-from llava_vla_plugin.training_data import parse_sources
+from llava_vla_plugin.core.training_data import parse_sources
 
 BAD_WEIGHTS = [".nan", ".inf", "-.inf", "abc", "-1", "true"]
 
@@ -94,7 +94,7 @@ def _run_sweep(*args, env=None) -> subprocess.CompletedProcess:
 
     from conftest import ROOT, subprocess_env
 
-    return subprocess.run([sys.executable, "-m", "llava_vla_plugin.sweep", *map(str, args)], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "llava_vla_plugin.experiments.sweep", *map(str, args)], cwd=ROOT,
                           env=subprocess_env(env), capture_output=True, text=True, timeout=120)
 
 

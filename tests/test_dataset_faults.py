@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import requires_upstream, run_py, subprocess_env
-from llava_vla_plugin.visual_tokens import VisualGeometry, sample_budget
+from llava_vla_plugin.core.visual_tokens import VisualGeometry, sample_budget
 
 # (image_aspect_ratio, mm_patch_merge_type, (width, height))
 CASES = [
@@ -39,7 +39,7 @@ from PIL import Image
 from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
 from llava.mm_utils import process_images
 from llava.constants import IMAGE_TOKEN_INDEX
-from llava_vla_plugin.visual_tokens import VisualGeometry
+from llava_vla_plugin.core.visual_tokens import VisualGeometry
 model = LlavaQwenForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.float32).eval()
 model.config.tokenizer_model_max_length = 10 ** 6
 proc = model.get_vision_tower().image_processor
@@ -92,12 +92,11 @@ def make_dataset(qwen_tokenizer):
 
     from llava.model.multimodal_encoder.siglip_encoder import SigLipImageProcessor
 
-    from llava_vla_plugin import register
-
+    from llava_vla_plugin.train import register
     register.register()
 
     def make(root, aspect="pad", max_len=4096, **kw):
-        from llava_vla_plugin.dataset import VLADataset
+        from llava_vla_plugin.train.dataset import VLADataset
 
         tok = copy.deepcopy(qwen_tokenizer)
         tok.model_max_length = max_len
@@ -113,7 +112,7 @@ def make_dataset(qwen_tokenizer):
 
 @requires_upstream
 def test_over_long_sample_fails_before_training_with_the_numbers(frames, make_dataset):
-    from llava_vla_plugin.dataset import BadSampleError
+    from llava_vla_plugin.train.dataset import BadSampleError
 
     # anyres_max_9 at 480x640 is 2929 visual tokens: a 2048 max length cuts every sample's action labels
     with pytest.raises(BadSampleError, match=r"sample 'ds/train/000000/0000'.*needs \d+ positions = \d+ text \+ 2929 "
@@ -127,7 +126,7 @@ def test_over_long_sample_fails_before_training_with_the_numbers(frames, make_da
 
 @requires_upstream
 def test_skip_counts_over_long_samples_then_stops_on_a_run_of_them(frames, make_dataset):
-    from llava_vla_plugin.dataset import BadSampleError
+    from llava_vla_plugin.train.dataset import BadSampleError
 
     ds = make_dataset(frames, "anyres_max_9", 2048, vla_skip_bad_samples=True)
     with pytest.raises(BadSampleError, match=r"6 samples in a row .* are bad.*--model_max_length"):
@@ -139,8 +138,8 @@ def test_skip_counts_over_long_samples_then_stops_on_a_run_of_them(frames, make_
 def test_wrong_image_folder_stops_with_a_clear_error_not_recursion(tmp_path, make_dataset, monkeypatch):
     import numpy as np
 
-    from llava_vla_plugin import dataset as dataset_mod
-    from llava_vla_plugin.dataset import BadSampleError
+    from llava_vla_plugin.train import dataset as dataset_mod
+    from llava_vla_plugin.train.dataset import BadSampleError
     from llava_vla_plugin.testing.vla_samples import write_vla_dataset
 
     monkeypatch.setattr(dataset_mod, "MAX_CONSECUTIVE_BAD", 40)  # the default 50, made smaller for speed
@@ -163,7 +162,7 @@ def test_wrong_image_folder_stops_with_a_clear_error_not_recursion(tmp_path, mak
 ], ids=["string-action", "boolean", "two-images"])
 @requires_upstream
 def test_malformed_robot_action_samples_rejected(frames, make_dataset, bad, match):
-    from llava_vla_plugin.dataset import BadSampleError
+    from llava_vla_plugin.train.dataset import BadSampleError
 
     path = frames / "ds" / "train.jsonl"
     lines = path.read_text().splitlines()

@@ -28,7 +28,7 @@ pytestmark = [requires_upstream, pytest.mark.slow]
 PREDICT = r'''
 import json, sys
 from PIL import Image
-from llava_vla_plugin.policy import VLAPolicy
+from llava_vla_plugin.infer.policy import VLAPolicy
 policy = VLAPolicy.from_pretrained(sys.argv[1], device="cpu", dtype="float32")
 print(json.dumps(policy.predict_action(Image.open(sys.argv[2]).convert("RGB"), "pick up the block").tolist()))
 '''

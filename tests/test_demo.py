@@ -1,4 +1,4 @@
-"""`make demo` (llava_vla_plugin.demo), reduced, from a folder outside the clone, in a user's environment
+"""`make demo` (llava_vla_plugin.apps.demo), reduced, from a folder outside the clone, in a user's environment
 (no HF_HOME, no HF_HUB_OFFLINE: printed_commands.user_env), then every command it prints under `next`,
 verbatim, through bash, from that same folder:
   * the offline eval runs to completion (and prints the free-running accuracy the demo points at);
@@ -27,7 +27,7 @@ pytestmark = [requires_upstream, pytest.mark.slow]
 def test_demo_reduced_and_its_next_commands_run_as_printed(tiny_model, tmp_path):
     env = user_env()
     work = tmp_path / "demo_out"
-    proc = subprocess.run([sys.executable, "-m", "llava_vla_plugin.demo", "--workdir", str(work), "--steps", "2",
+    proc = subprocess.run([sys.executable, "-m", "llava_vla_plugin.apps.demo", "--workdir", str(work), "--steps", "2",
                            "--image-size", "48x64", "--tiny-model", str(tiny_model.root)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -42,7 +42,7 @@ def test_demo_reduced_and_its_next_commands_run_as_printed(tiny_model, tmp_path)
     commands = next_commands(out)
     assert len(commands) == 3, commands
     (_, evaluate), (_, serve), (_, train) = commands
-    assert "llava_vla_plugin.eval " in evaluate and "--report" not in evaluate
+    assert "llava_vla_plugin.infer.eval " in evaluate and "--report" not in evaluate
     for command in commands:  # each one that loads the tiny model says where its tower is
         assert command[1].startswith(f"HF_HOME={tiny_model.hf_home} HF_HUB_OFFLINE=1 "), command
     log = tmp_path / "next.log"

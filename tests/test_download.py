@@ -28,7 +28,7 @@ from data_tools.download_spec import (  # noqa: E402
     named_mixtures,
     parse_mixture,
 )
-from llava_vla_plugin.testing.rlds_fixture import write_rlds_dataset  # noqa: E402
+from llava_vla_plugin.apps.rlds_fixture import write_rlds_dataset  # noqa: E402
 
 SIZE = (16, 16)
 

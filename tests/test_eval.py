@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import requires_upstream, run_py
-from llava_vla_plugin.eval import sample_instruction, summarize
+from llava_vla_plugin.infer.eval import sample_instruction, summarize
 from test_policy import policy_results
 
 SUMMARY_KEYS = {"n", "action_accuracy_generated", "action_accuracy_generated_per_dim", "l1_normalized", "l1_normalized_per_dim",
@@ -37,11 +37,11 @@ def test_instruction_recovered_from_the_human_turn():
 
 
 def test_cli_usage_errors(tmp_path):
-    proc = run_py(["-m", "llava_vla_plugin.eval", "--help"])
+    proc = run_py(["-m", "llava_vla_plugin.infer.eval", "--help"])
     assert proc.returncode == 0 and "--max-samples" in proc.stdout and "l1_unnormalized" in proc.stdout
-    assert run_py(["-m", "llava_vla_plugin.eval", "--checkpoint", "x"]).returncode == 2
+    assert run_py(["-m", "llava_vla_plugin.infer.eval", "--checkpoint", "x"]).returncode == 2
     (tmp_path / "vla_action_tokenizer.json").write_text(json.dumps({"action_dim": 7}))
-    proc = run_py(["-m", "llava_vla_plugin.eval", "--checkpoint", str(tmp_path), "--data", str(tmp_path / "missing.jsonl"),
+    proc = run_py(["-m", "llava_vla_plugin.infer.eval", "--checkpoint", str(tmp_path), "--data", str(tmp_path / "missing.jsonl"),
                    "--image-folder", str(tmp_path), "--report", str(tmp_path / "r")])
     assert proc.returncode == 1 and "missing.jsonl does not exist" in proc.stderr
 
@@ -50,7 +50,7 @@ def test_cli_usage_errors(tmp_path):
 def test_eval_writes_report_and_figure(tiny_model, tmp_path_factory):
     info, results = policy_results(tiny_model, tmp_path_factory)
     data, report_dir = info["data"], tmp_path_factory.mktemp("eval") / "report"
-    proc = run_py(["-m", "llava_vla_plugin.eval", "--checkpoint", str(info["ckpt"]),
+    proc = run_py(["-m", "llava_vla_plugin.infer.eval", "--checkpoint", str(info["ckpt"]),
                    "--data", str(data / "ds_a/val.jsonl"), str(data / "ds_b/val.jsonl"), "--image-folder", str(data),
                    "--max-samples", "2", "--batch-size", "2", "--report", str(report_dir)], env=info["env"], timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
-from llava_vla_plugin.action_tokenizer import ActionTokenizer
-from llava_vla_plugin.register import add_action_tokens
+from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
+from llava_vla_plugin.train.register import add_action_tokens
 from llava_vla_plugin.testing.onevision_configs import ANYRES_MAX_9_PINPOINTS, example_statistics
-from llava_vla_plugin.trainer import write_vla_files
+from llava_vla_plugin.train.trainer import write_vla_files
 
 src, out, head_out = sys.argv[1], sys.argv[2], sys.argv[3]
 torch.manual_seed(0)
@@ -62,9 +62,9 @@ import numpy as np, torch
 from PIL import Image
 from llava.mm_utils import process_images
 from llava.model.builder import load_pretrained_model
-from llava_vla_plugin.hf_policy import HFVLAPolicy
-from llava_vla_plugin.policy import VLAPolicy
-from llava_vla_plugin.prompt import IMAGE_TOKEN_INDEX
+from llava_vla_plugin.infer.hf_policy import HFVLAPolicy
+from llava_vla_plugin.infer.policy import VLAPolicy
+from llava_vla_plugin.core.prompt import IMAGE_TOKEN_INDEX
 
 ckpt, out = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
@@ -135,8 +135,8 @@ PAD_COMPARE = r'''
 import json, sys
 import numpy as np, torch
 from PIL import Image
-from llava_vla_plugin.hf_policy import HFVLAPolicy
-from llava_vla_plugin.policy import VLAPolicy
+from llava_vla_plugin.infer.hf_policy import HFVLAPolicy
+from llava_vla_plugin.infer.policy import VLAPolicy
 ckpt, out = sys.argv[1], sys.argv[2]
 rng = np.random.default_rng(1)
 res = {}
@@ -183,7 +183,7 @@ def exported(tiny_model, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = root / "hf"
     # the command users run, from a directory outside the repo
-    proc = run_py(["-m", "llava_vla_plugin.export_hf", str(ckpt), str(out)], env=env, timeout=1200, cwd=root)
+    proc = run_py(["-m", "llava_vla_plugin.infer.export_hf", str(ckpt), str(out)], env=env, timeout=1200, cwd=root)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert "wrote" in proc.stdout
     return {"root": root, "ckpt": ckpt, "head_ckpt": head_ckpt, "out": out, "env": env}
@@ -217,7 +217,7 @@ def test_export_pad_checkpoint_gives_same_actions(exported, tmp_path):
     cfg["image_aspect_ratio"] = "pad"
     (ckpt / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "hf-pad"
-    proc = run_py(["-m", "llava_vla_plugin.export_hf", str(ckpt), str(out)], env=exported["env"], timeout=600)
+    proc = run_py(["-m", "llava_vla_plugin.infer.export_hf", str(ckpt), str(out)], env=exported["env"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trained with image_aspect_ratio='pad'" in proc.stdout
     r = _result(run_py(["-c", PAD_COMPARE, str(ckpt), str(out)], env=exported["env"], timeout=1800))
@@ -231,7 +231,7 @@ def test_export_pad_checkpoint_gives_same_actions(exported, tmp_path):
 @requires_upstream
 def test_export_regression_head_travels_separately(exported, tmp_path):
     out = tmp_path / "hf-head"
-    proc = run_py(["-m", "llava_vla_plugin.export_hf", str(exported["head_ckpt"]), str(out)], env=exported["env"])
+    proc = run_py(["-m", "llava_vla_plugin.infer.export_hf", str(exported["head_ckpt"]), str(out)], env=exported["env"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "vla_extra_heads.safetensors" in proc.stdout
     info = json.loads((out / "vla_export.json").read_text())
@@ -240,5 +240,5 @@ def test_export_regression_head_travels_separately(exported, tmp_path):
 
     assert list(load_file(str(out / "vla_extra_heads.safetensors"))) == ["action_head.proj.weight"]
     # refuses to write into a non-empty folder
-    again = run_py(["-m", "llava_vla_plugin.export_hf", str(exported["head_ckpt"]), str(out)], env=exported["env"])
+    again = run_py(["-m", "llava_vla_plugin.infer.export_hf", str(exported["head_ckpt"]), str(out)], env=exported["env"])
     assert again.returncode == 2 and "not empty" in again.stderr

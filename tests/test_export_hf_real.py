@@ -48,7 +48,7 @@ def test_real_05b_export_matches_upstream_anyres(tmp_path):
     ckpt, out = tmp_path / "vla-real-qwen", tmp_path / "hf-real"
     times = {}
     for name, argv in (("build", ["-c", MAKE_REAL_CKPT, str(ckpt)]),
-                       ("export", ["-m", "llava_vla_plugin.export_hf", str(ckpt), str(out)])):
+                       ("export", ["-m", "llava_vla_plugin.infer.export_hf", str(ckpt), str(out)])):
         t = time.time()
         proc = run_py(argv, env=env, timeout=1200, cwd=tmp_path)
         times[name] = round(time.time() - t)

@@ -1,4 +1,4 @@
-"""A configuration that cannot fit one frame fails before any weight is loaded (llava_vla_plugin/fit_check.py),
+"""A configuration that cannot fit one frame fails before any weight is loaded (llava_vla_plugin/train/fit_check.py),
 and visual_tokens.py's formula gives the documented per-frame counts."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, requires_upstream, subprocess_env
-from llava_vla_plugin.fit_check import FrameProbe, fit_problem, first_frames
-from llava_vla_plugin.visual_tokens import DOCUMENTED_VISUAL_TOKENS, PAD_VISUAL_TOKENS, VisualGeometry
+from llava_vla_plugin.train.fit_check import FrameProbe, fit_problem, first_frames
+from llava_vla_plugin.core.visual_tokens import DOCUMENTED_VISUAL_TOKENS, PAD_VISUAL_TOKENS, VisualGeometry
 
 
 def test_formula_gives_the_documented_counts():

@@ -67,7 +67,7 @@ def golden(tiny_model, tmp_path_factory):
 POLICY = r'''
 import json, sys
 from PIL import Image
-from llava_vla_plugin.policy import VLAPolicy
+from llava_vla_plugin.infer.policy import VLAPolicy
 cases = json.loads(open(sys.argv[1]).read())
 res = {}
 for name, path in json.loads(sys.argv[2]).items():
@@ -168,7 +168,7 @@ def test_vla_eval_server_matches_golden(golden, name, tmp_path):
         cases = [c for c in golden["cases"] if c["unnorm_key"] == ds]
         (tmp_path / f"{ds}.json").write_text(json.dumps(cases))
         port = _free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "llava_vla_plugin.vla_eval_server", "--checkpoint", str(golden["ckpts"][name]),
+        proc = subprocess.Popen([sys.executable, "-m", "llava_vla_plugin.infer.vla_eval_server", "--checkpoint", str(golden["ckpts"][name]),
                                  "--unnorm-key", ds, "--gripper", "raw", "--rotation", "as_is", "--no-jpeg", "--port", str(port)],
                                 cwd=ROOT, env=golden["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
@@ -185,7 +185,7 @@ def test_vla_eval_server_matches_golden(golden, name, tmp_path):
 def test_offline_eval_matches_golden(golden, name, tmp_path):
     want = np.array(_want(golden, name))
     data = golden["data"]
-    proc = run_py(["-m", "llava_vla_plugin.eval", "--checkpoint", str(golden["ckpts"][name]), "--data",
+    proc = run_py(["-m", "llava_vla_plugin.infer.eval", "--checkpoint", str(golden["ckpts"][name]), "--data",
                    str(data / "bridge_orig/train.jsonl"), str(data / "fractal20220817_data/train.jsonl"), "--image-folder", str(data),
                    "--out", str(tmp_path / "eval"), "--no-progress"], env=golden["env"], timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, UPSTREAM_REASON, requires_upstream, subprocess_env, upstream_available
-from llava_vla_plugin import run_config
+from llava_vla_plugin.core import run_config
 from llava_vla_plugin.testing.vla_samples import colour_image, write_vla_dataset
 
 # Known-benign lines that must not reach a user's terminal (issue 10, defect 9).
@@ -31,7 +31,7 @@ def work(tmp_path_factory):
     """A user's working directory (not the repo): data/ with a train and a val split, the tiny model."""
     if not upstream_available():
         pytest.skip(UPSTREAM_REASON)
-    from llava_vla_plugin.testing.tiny_model import build_tiny_model
+    from llava_vla_plugin.apps.tiny_model import build_tiny_model
 
     d = tmp_path_factory.mktemp("user_dir")
     tiny = build_tiny_model(d / "model", vision_layers=1)
@@ -186,7 +186,7 @@ def test_config_file_environment_wins(tmp_path):
 
 
 def test_tensorflow_imports_without_start_up_lines():
-    code = ("from llava_vla_plugin.env import import_quietly\n"
+    code = ("from llava_vla_plugin.core.env import import_quietly\n"
             "tfds = import_quietly('tensorflow_datasets')\n"
             "import sys; print('a real warning', file=sys.stderr)\n")
     p = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd="/")

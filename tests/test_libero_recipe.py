@@ -33,8 +33,8 @@ def test_presets_point_at_the_hugging_face_dataset():
 @pytest.fixture(scope="module")
 def hf_copy(tmp_path_factory):
     """A local clone of openvla/modified_libero_rlds with one small suite (full LIBERO schema, 32x32 frames)."""
-    from llava_vla_plugin.eval_demo import libero_like_features
-    from llava_vla_plugin.testing.rlds_fixture import write_rlds_dataset
+    from llava_vla_plugin.apps.eval_demo import libero_like_features
+    from llava_vla_plugin.apps.rlds_fixture import write_rlds_dataset
 
     root = tmp_path_factory.mktemp("hf") / "openvla" / "modified_libero_rlds"
     schema = root.parent.parent / "_schema"

@@ -6,7 +6,7 @@ changed; every checkpoint holds the VLA files; VLAPolicy predicts the same actio
 adapter unmerged, merged on disk (OUTPUT_DIR/merged), from checkpoint-N, and merged in memory
 (eval's and serve's default load, compared with the unmerged answers);
 the loss fell and the action tokens are predicted above chance; resume restores the weights
-trained beside the adapter; `python -m llava_vla_plugin.eval` and `.serve` run on the LoRA
+trained beside the adapter; `python -m llava_vla_plugin.infer.eval` and `.serve` run on the LoRA
 directory. The run is 8 steps: a longer overfit does not fit the suite's budget on 2 busy cores
 (measured by hand: 30 steps on 4 samples take the teacher-forced action accuracy from 0 to 0.43
 and the loss from 11.9 to 2.8; see the lora helper's report).
@@ -44,7 +44,7 @@ def _image(i: int, rng: np.random.Generator) -> np.ndarray:
 def lora_run(tmp_path_factory):
     if not upstream_available():
         pytest.skip(UPSTREAM_REASON)
-    from llava_vla_plugin.testing.tiny_model import build_tiny_model
+    from llava_vla_plugin.apps.tiny_model import build_tiny_model
 
     d = tmp_path_factory.mktemp("lora")
     # vision_layers=3: upstream drops the last layer (mm_vision_select_layer -2), so two SigLIP layers
@@ -83,8 +83,8 @@ POLICY_SCRIPT = r"""
 import json, sys
 import numpy as np, torch
 from peft import PeftModel
-from llava_vla_plugin import lora
-from llava_vla_plugin.policy import VLAPolicy
+from llava_vla_plugin.train import lora
+from llava_vla_plugin.infer.policy import VLAPolicy
 out, last, samples_path, result_path = sys.argv[1:5]
 samples = json.loads(open(samples_path).read())
 images = [np.asarray(s["image"], dtype=np.uint8) for s in samples]
@@ -233,7 +233,7 @@ def test_resume_restores_weights_trained_beside_the_adapter(policy_results):
 
 def test_eval_cli_on_lora_run(lora_run, policy_results, tmp_path):
     run = lora_run
-    proc = subprocess.run([sys.executable, "-m", "llava_vla_plugin.eval", "--checkpoint", str(run["out"]), "--data",
+    proc = subprocess.run([sys.executable, "-m", "llava_vla_plugin.infer.eval", "--checkpoint", str(run["out"]), "--data",
                            str(run["data"]), "--image-folder", str(run["dir"]), "--report", str(tmp_path / "eval"),
                            "--no-progress"], env=run["env"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -253,7 +253,7 @@ def _json_numpy(a: np.ndarray) -> dict:
 def test_server_answers_act_on_lora_run(lora_run, policy_results, tmp_path):
     run = lora_run
     out_log, err_log = open(tmp_path / "stdout", "w"), open(tmp_path / "stderr", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "llava_vla_plugin.serve", "--checkpoint", str(run["out"]),
+    proc = subprocess.Popen([sys.executable, "-m", "llava_vla_plugin.infer.serve", "--checkpoint", str(run["out"]),
                              "--host", "127.0.0.1", "--port", "0"], env=run["env"], stdout=out_log, stderr=err_log, cwd=tmp_path)
     try:
         url, deadline = None, time.time() + 300
@@ -283,7 +283,7 @@ def test_server_answers_act_on_lora_run(lora_run, policy_results, tmp_path):
 
 
 def test_merge_cli_refuses_a_full_checkpoint(lora_run, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "llava_vla_plugin.lora", "merge", str(lora_run["out"] / "merged"),
+    proc = subprocess.run([sys.executable, "-m", "llava_vla_plugin.train.lora", "merge", str(lora_run["out"] / "merged"),
                            "--out", str(tmp_path / "x")], env=lora_run["env"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "not a LoRA checkpoint" in proc.stderr
     assert not (tmp_path / "x").exists()
@@ -294,7 +294,7 @@ EXPORT_SCRIPT = r"""
 import json, sys
 import numpy as np
 from PIL import Image
-from llava_vla_plugin.hf_policy import HFVLAPolicy
+from llava_vla_plugin.infer.hf_policy import HFVLAPolicy
 exported, samples_path = sys.argv[1:3]
 samples = json.loads(open(samples_path).read())
 hf = HFVLAPolicy.from_pretrained(exported, device="cpu", dtype="float32")
@@ -317,7 +317,7 @@ def test_merged_lora_exports_to_transformers(lora_run, policy_results, tmp_path)
     run = lora_run
     with safe_open(str(run["out"] / "merged" / "model.safetensors"), "pt") as f:
         assert f.get_slice("model.embed_tokens.weight").get_shape()[0] == 151936  # as a full fine-tune keeps it
-    proc = subprocess.run([sys.executable, "-m", "llava_vla_plugin.export_hf", str(run["out"] / "merged"),
+    proc = subprocess.run([sys.executable, "-m", "llava_vla_plugin.infer.export_hf", str(run["out"] / "merged"),
                            str(tmp_path / "exported")], env=run["env"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     ids = _result(subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, str(tmp_path / "exported"), str(run["dir"] / "samples.json")],
@@ -328,7 +328,7 @@ def test_merged_lora_exports_to_transformers(lora_run, policy_results, tmp_path)
 CHUNK_SCRIPT = r"""
 import json, sys
 import numpy as np
-from llava_vla_plugin.policy import VLAPolicy
+from llava_vla_plugin.infer.policy import VLAPolicy
 lora_dir, merged_dir, samples_path = sys.argv[1:4]
 s = json.loads(open(samples_path).read())[0]
 image = np.asarray(s["image"], dtype=np.uint8)
@@ -353,7 +353,7 @@ def test_merge_keeps_the_action_representation(lora_run, policy_results, tmp_pat
     repr_cfg = json.loads((lora_run["out"] / "vla_action_repr.json").read_text())
     (ckpt / "vla_action_repr.json").unlink()
     (ckpt / "vla_action_repr.json").write_text(json.dumps({**repr_cfg, "name": "bins_chunk", "horizon": 8}))
-    proc = subprocess.run([sys.executable, "-m", "llava_vla_plugin.lora", "merge", str(ckpt), "--out", str(tmp_path / "merged")],
+    proc = subprocess.run([sys.executable, "-m", "llava_vla_plugin.train.lora", "merge", str(ckpt), "--out", str(tmp_path / "merged")],
                           env=lora_run["env"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = _result(subprocess.run([sys.executable, "-c", CHUNK_SCRIPT, str(ckpt), str(tmp_path / "merged"),
@@ -374,9 +374,10 @@ import numpy as np, torch
 from peft import LoraConfig, get_peft_model
 from llava.model.builder import load_pretrained_model
 from transformers import AutoTokenizer
-from llava_vla_plugin import checkpoint, lora
-from llava_vla_plugin.action_tokenizer import ActionTokenizer
-from llava_vla_plugin.policy import VLAPolicy
+from llava_vla_plugin.core import checkpoint
+from llava_vla_plugin.train import lora
+from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
+from llava_vla_plugin.infer.policy import VLAPolicy
 base, run_dir, out, samples_path = sys.argv[1:5]
 tokenizer = AutoTokenizer.from_pretrained(run_dir)
 with lora._no_vocabulary_shrink():  # as in training: all 151,936 rows (else PEFT saves the whole embedding)

@@ -13,7 +13,7 @@ import yaml
 
 from conftest import ROOT, subprocess_env
 from data_tools.training_mixture import MixtureToolError, effective_frames, plan_mixture, read_weights, write_training_mixture
-from llava_vla_plugin.training_data import load_data
+from llava_vla_plugin.core.training_data import load_data
 
 # name -> (train frames, num_transitions in dataset_statistics.json)
 DATASETS = {"bridge_orig": (40, 400), "fractal20220817_data": (20, 100), "tiny_set": (10, 10)}

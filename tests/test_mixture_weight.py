@@ -4,7 +4,7 @@ data_tools/training_mixture.py's docstring and docs/DESIGN.md 2.8).
 OpenVLA samples dataset d with probability w_d * n_d / sum(w * n), n = the dataset's `num_transitions`
 (openvla/openvla c8f03f4, prismatic/vla/datasets/rlds/dataset.py:518-520, `make_interleaved_dataset` with
 `balance_weights=True`, which prismatic/vla/datasets/datasets.py:115 always passes). Our loader
-(llava_vla_plugin/training_data.py) has no sampler: a training mixture's `weight` is a per-file copy
+(llava_vla_plugin/core/training_data.py) has no sampler: a training mixture's `weight` is a per-file copy
 multiplier. These tests take a real conversion of three datasets of different sizes, with OpenVLA weights
 in a download spec, and count what the loader yields per dataset.
 """
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from data_tools.converted_format import STATISTICS_FILE, TRAIN_FILE
-from llava_vla_plugin.testing.rlds_fixture import write_rlds_dataset
-from llava_vla_plugin.training_data import load_data
+from llava_vla_plugin.apps.rlds_fixture import write_rlds_dataset
+from llava_vla_plugin.core.training_data import load_data
 
 # OpenVLA weights, deliberately unequal, on datasets of deliberately unequal sizes
 WEIGHTS = {"bridge_orig": 1.0, "language_table": 2.0, "fractal20220817_data": 0.5}

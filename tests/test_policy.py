@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, requires_upstream, run_py, subprocess_env
-from llava_vla_plugin.normalization import (UnnormKeyError, normalize_actions, resolve_unnorm_key,
+from llava_vla_plugin.core.normalization import (UnnormKeyError, normalize_actions, resolve_unnorm_key,
                                             unnormalize_actions)
 
 DS_B_STATS = {"q01": [-0.5, -0.1, 0.0, -3.0, -1.0, 0.2, 0.0], "q99": [0.5, 0.3, 2.0, 1.0, 1.0, 0.4, 1.0],
@@ -80,9 +80,9 @@ from llava.model.builder import load_pretrained_model
 from llava.mm_utils import process_images, tokenizer_image_token
 from llava.conversation import conv_templates
 from llava.constants import IMAGE_TOKEN_INDEX
-from llava_vla_plugin.action_tokenizer import ActionTokenizer
-from llava_vla_plugin.normalization import UnnormKeyError
-from llava_vla_plugin.policy import VLAPolicy
+from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
+from llava_vla_plugin.core.normalization import UnnormKeyError
+from llava_vla_plugin.infer.policy import VLAPolicy
 
 ckpt, single, data, out_path = sys.argv[1:5]
 cases = json.loads(sys.argv[5])  # [[image path, instruction, unnorm_key], ...]
@@ -258,8 +258,8 @@ def test_resolve_unnorm_key():
 def test_act_and_the_vla_eval_server_share_one_key_rule():
     """OpenVLA's LIBERO checkpoints hold `<suite>_no_noops`: /act (VLAPolicy) accepts `<suite>` as the vla-eval
     server does (it refused it before: the fallback lived in the server alone); an exact key still wins."""
-    from llava_vla_plugin.normalization import action_stats
-    from llava_vla_plugin.vla_eval_server import unnorm_key_with_fallback
+    from llava_vla_plugin.core.normalization import action_stats
+    from llava_vla_plugin.infer.vla_eval_server import unnorm_key_with_fallback
 
     stats = {"libero_spatial_no_noops": {"action": {"q01": [0.0], "q99": [1.0]}},
              "libero_goal": {"action": {"q01": [2.0], "q99": [3.0]}}, "libero_goal_no_noops": {"action": {}}}
@@ -273,7 +273,7 @@ def test_act_and_the_vla_eval_server_share_one_key_rule():
 def test_action_constraint_masks_logits():
     import torch
 
-    from llava_vla_plugin.policy import ActionConstraint
+    from llava_vla_plugin.infer.policy import ActionConstraint
 
     proc = ActionConstraint(first_action_id=10, n_bins=4, end_id=2, action_dim=2)
     scores = torch.arange(20, dtype=torch.float32).repeat(2, 1)  # the global argmax (19) is no action token
@@ -290,7 +290,7 @@ def test_action_constraint_masks_logits():
 def test_image_inputs_are_checked():
     from PIL import Image
 
-    from llava_vla_plugin.policy import ImageInputError, to_pil
+    from llava_vla_plugin.infer.policy import ImageInputError, to_pil
 
     assert to_pil(np.zeros((4, 5, 3), np.uint8)).size == (5, 4)
     assert to_pil(Image.new("L", (3, 2))).mode == "RGB"

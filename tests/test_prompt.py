@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from conftest import requires_upstream
-from llava_vla_plugin.action_tokenizer import ActionTokenizer
-from llava_vla_plugin.prompt import IGNORE_INDEX, IMAGE_TOKEN_INDEX, VLAPromptBuilder
+from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
+from llava_vla_plugin.core.prompt import IGNORE_INDEX, IMAGE_TOKEN_INDEX, VLAPromptBuilder
 
 
 @pytest.fixture(scope="module")

@@ -90,8 +90,8 @@ def test_flow_is_extracted_from_the_readme() -> None:
     commands = flow_commands(readme)
     tools = [next((w for w in without_comment(c) if w.startswith(("data_tools.", "llava_vla_plugin.")) or
                    w.endswith("finetune_ov_vla.sh")), None) for c in commands]
-    assert {"data_tools.download", "data_tools.convert", "data_tools.validate", "llava_vla_plugin.eval",
-            "llava_vla_plugin.serve"} <= set(tools), tools
+    assert {"data_tools.download", "data_tools.convert", "data_tools.validate", "llava_vla_plugin.infer.eval",
+            "llava_vla_plugin.infer.serve"} <= set(tools), tools
     assert any(t and t.endswith("finetune_ov_vla.sh") for t in tools)
     setup = next(b for b in bash_blocks(readme) if "export LLAVA_VLA=" in b)
     assert "source .venv/bin/activate" in setup, "the README must say how to activate the environment"
@@ -99,7 +99,7 @@ def test_flow_is_extracted_from_the_readme() -> None:
     assert not any(re.search(r"(?<![\w$])/(?:tmp|home|work|data)\b", c) for c in commands), commands
     # the quick-start says what a CPU user needs: the tiny model, its HF_HOME, NUM_GPUS=0; paths under $PWD
     quick = quickstart_script(readme)
-    for needed in ("llava_vla_plugin.testing.tiny_model", "export HF_HOME=$PWD/", "HF_HUB_OFFLINE=1", "NUM_GPUS=0",
+    for needed in ("llava_vla_plugin.apps.tiny_model", "export HF_HOME=$PWD/", "HF_HUB_OFFLINE=1", "NUM_GPUS=0",
                    "MODEL=$PWD/", "VLA_SOURCE_ROOT=$PWD/"):
         assert needed in quick, needed
     assert not re.search(r"(?<![\w$])/(?:tmp|home|work|data)\b", quick), quick
@@ -231,7 +231,7 @@ def test_readme_flow_runs_verbatim(workspace: dict) -> None:
     log = work.parent / "flow.log"  # the quick-start's output is at its top
     commands = flow_commands(README.read_text())
     for command in commands:
-        if "llava_vla_plugin.serve" in command:
+        if "llava_vla_plugin.infer.serve" in command:
             _serve(command, work, env, log)
         else:
             _run_step(command, work, env, log)

@@ -30,11 +30,11 @@ def reset_peak():
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
-from llava_vla_plugin.register import register
+from llava_vla_plugin.train.register import register
 register()
 from llava.mm_utils import process_images
-from llava_vla_plugin.policy import VLAPolicy
-from llava_vla_plugin.prompt import IMAGE_TOKEN_INDEX, VLAPromptBuilder
+from llava_vla_plugin.infer.policy import VLAPolicy
+from llava_vla_plugin.core.prompt import IMAGE_TOKEN_INDEX, VLAPromptBuilder
 from llava_vla_plugin.testing.onevision_configs import build_onevision, example_statistics, publish_random_siglip
 
 torch.set_num_threads(2)
@@ -128,7 +128,7 @@ def test_real_05b_trains_and_predicts_on_cpu(tmp_path):
 
 @requires_upstream
 def test_7b_and_05b_shapes_on_meta_device():
-    script = ("import json\nfrom llava_vla_plugin.env import apply_env_defaults; apply_env_defaults()\n"
+    script = ("import json\nfrom llava_vla_plugin.core.env import apply_env_defaults; apply_env_defaults()\n"
               "from llava_vla_plugin.testing.onevision_configs import meta_parameter_report\n"
               "print('RESULT ' + json.dumps({k: meta_parameter_report(k) for k in ('0.5b', '7b')}))")
     proc = run_py(["-c", script], env=subprocess_env(), timeout=900)

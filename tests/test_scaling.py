@@ -1,4 +1,4 @@
-"""llava_vla_plugin.scaling: power-law fits with bootstrap intervals, and the report over run folders."""
+"""llava_vla_plugin.experiments.scaling: power-law fits with bootstrap intervals, and the report over run folders."""
 from __future__ import annotations
 
 import csv
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, subprocess_env
-from llava_vla_plugin.scaling import bootstrap_power_law, build_report, fit_power_law
+from llava_vla_plugin.experiments.scaling import bootstrap_power_law, build_report, fit_power_law
 
 A, B, C = 40.0, 0.4, 0.7
 
@@ -85,7 +85,7 @@ def test_report_with_fit_and_mixture_table(tmp_path):
     _make_run(runs, "frac1-mix_b-steps100-model_tiny", "b", 1.0, 64000, 0.5)
     _make_run(runs, "frac0.5-mix_b-steps100-model_tiny", "b", 0.5, 32000, 0.8, final=False)  # unfinished
     report = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "-m", "llava_vla_plugin.scaling", str(runs), "--x", "frames", "--y", "val_action_loss",
+    proc = subprocess.run([sys.executable, "-m", "llava_vla_plugin.experiments.scaling", str(runs), "--x", "frames", "--y", "val_action_loss",
                            "--report", str(report), "--bootstrap", "300"], env=subprocess_env(), cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -150,7 +150,7 @@ def test_runs_written_before_the_accuracy_rename_are_read_under_both_names(tmp_p
     m["val_action_accuracy_teacher_forced"] = m.pop("val_action_accuracy")
     (d / "out/final_metrics.json").write_text(json.dumps(m))
     for y in ("val_action_accuracy_teacher_forced", "val_action_accuracy"):
-        proc = subprocess.run([sys.executable, "-m", "llava_vla_plugin.scaling", str(runs), "--x", "frames", "--y", y,
+        proc = subprocess.run([sys.executable, "-m", "llava_vla_plugin.experiments.scaling", str(runs), "--x", "frames", "--y", y,
                                "--report", str(tmp_path / y), "--bootstrap", "20"], env=subprocess_env(), cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr

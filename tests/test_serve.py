@@ -1,6 +1,6 @@
 """The OpenVLA-compatible REST server: wire format, 4xx for malformed requests, correct and concurrent answers.
 
-The server runs as `python -m llava_vla_plugin.serve` on 127.0.0.1 with a free port; the client is
+The server runs as `python -m llava_vla_plugin.infer.serve` on 127.0.0.1 with a free port; the client is
 plain urllib with the json-numpy wire format written out here, as an OpenVLA client sends it.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, requires_upstream, run_py
-from llava_vla_plugin.serve import BadRequest, decode_json, parse_act_payload, response_action
+from llava_vla_plugin.infer.serve import BadRequest, decode_json, parse_act_payload, response_action
 from test_policy import policy_results
 
 
@@ -95,22 +95,22 @@ def test_parse_act_payload_accepts_openvla_forms_and_refuses_bad_ones():
 
 
 def test_cli_help_and_usage_errors():
-    proc = run_py(["-m", "llava_vla_plugin.serve", "--help"])
+    proc = run_py(["-m", "llava_vla_plugin.infer.serve", "--help"])
     assert proc.returncode == 0 and "POST /act" in proc.stdout and "--checkpoint" in proc.stdout
     for flag in ("--max-body-mb", "--request-timeout", "--max-decodes", "--backlog"):
         assert flag in proc.stdout
-    assert run_py(["-m", "llava_vla_plugin.serve"]).returncode == 2  # --checkpoint is required
-    proc = run_py(["-m", "llava_vla_plugin.serve", "--checkpoint", "x", "--max-decodes", "0"])
+    assert run_py(["-m", "llava_vla_plugin.infer.serve"]).returncode == 2  # --checkpoint is required
+    proc = run_py(["-m", "llava_vla_plugin.infer.serve", "--checkpoint", "x", "--max-decodes", "0"])
     assert proc.returncode == 2 and "--max-decodes must be positive" in proc.stderr
 
 
 # ---- a live server on the trained tiny checkpoint ----------------------------------------------
 @contextlib.contextmanager
 def running_server(ckpt, env: dict, log_dir: Path, *args: str, preexec_fn=None):
-    """`python -m llava_vla_plugin.serve` on 127.0.0.1 with a free port (--port 0: tests run in parallel
+    """`python -m llava_vla_plugin.infer.serve` on 127.0.0.1 with a free port (--port 0: tests run in parallel
     sessions on one machine) -> (url, process); stopped with SIGTERM, which must exit 0."""
     out, err = open(log_dir / "stdout", "w"), open(log_dir / "stderr", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "llava_vla_plugin.serve", "--checkpoint", str(ckpt),
+    proc = subprocess.Popen([sys.executable, "-m", "llava_vla_plugin.infer.serve", "--checkpoint", str(ckpt),
                              "--host", "127.0.0.1", "--port", "0", *args], cwd=ROOT, env=env, stdout=out, stderr=err,
                             preexec_fn=preexec_fn)
     url = None

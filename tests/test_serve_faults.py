@@ -1,4 +1,4 @@
-"""Fault probes against the policy server (issue 11): a real `python -m llava_vla_plugin.serve` on
+"""Fault probes against the policy server (issue 11): a real `python -m llava_vla_plugin.infer.serve` on
 loopback with the trained tiny checkpoint, driven by raw sockets and http.client.
 
 One server for the module, started with short limits so the probes stay fast (each override says

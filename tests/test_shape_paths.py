@@ -21,7 +21,7 @@ SCRIPT = r'''
 import json, re, sys
 import torch
 from llava.model.builder import load_pretrained_model
-from llava_vla_plugin import lora
+from llava_vla_plugin.train import lora
 _, model, _, _ = load_pretrained_model(sys.argv[1], None, "llava_qwen", device_map="cpu", torch_dtype="float32")
 tower = model.get_model().get_vision_tower().vision_tower.vision_model
 targets = lora.language_model_lora_targets(model)

@@ -9,12 +9,12 @@ import json, sys, copy
 import torch
 from types import SimpleNamespace
 from transformers import AutoTokenizer
-from llava_vla_plugin import register
+from llava_vla_plugin.train import register
 register.register()
 from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
 from llava.train.train import DataCollatorForSupervisedDataset
-from llava_vla_plugin.dataset import VLADataset
-from llava_vla_plugin.register import add_action_tokens
+from llava_vla_plugin.train.dataset import VLADataset
+from llava_vla_plugin.train.register import add_action_tokens
 tiny, data, folder = sys.argv[1:4]
 torch.manual_seed(0)
 model = LlavaQwenForCausalLM.from_pretrained(tiny, attn_implementation="sdpa", torch_dtype=torch.float32)

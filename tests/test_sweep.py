@@ -1,4 +1,4 @@
-"""llava_vla_plugin.sweep: a grid spec -> run folders and launchers; finished runs never run again.
+"""llava_vla_plugin.experiments.sweep: a grid spec -> run folders and launchers; finished runs never run again.
 
 Training is replaced by a stub finetune script (FINETUNE_SCRIPT) that records its call and writes
 final_metrics.json, so these tests take seconds.
@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, requires_upstream, subprocess_env
-from llava_vla_plugin.sweep import SweepError, load_spec, plan_sweep, write_sweep
+from llava_vla_plugin.experiments.sweep import SweepError, load_spec, plan_sweep, write_sweep
 from test_mixture_tool import _write_converted
 
 STUB = r"""#!/usr/bin/env bash
@@ -55,7 +55,7 @@ def sweep(tmp_path):
 
 
 def _sweep(*args, env):
-    return subprocess.run([sys.executable, "-m", "llava_vla_plugin.sweep", *map(str, args)], env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "llava_vla_plugin.experiments.sweep", *map(str, args)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -230,16 +230,16 @@ def test_example_spec_is_valid(tmp_path):
 
 
 def _trainer_has_val_data() -> bool:
-    return "vla_val_data" in (ROOT / "llava_vla_plugin/arguments.py").read_text()
+    return "vla_val_data" in (ROOT / "llava_vla_plugin/train/arguments.py").read_text()
 
 
 @requires_upstream
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end(tmp_path):
     if not _trainer_has_val_data():
-        pytest.skip("the trainer has no validation yet (no `vla_val_data` in llava_vla_plugin/arguments.py): "
+        pytest.skip("the trainer has no validation yet (no `vla_val_data` in llava_vla_plugin/train/arguments.py): "
                     "runs would not write final_metrics.json / val metrics")
-    from llava_vla_plugin.testing.tiny_model import build_tiny_model
+    from llava_vla_plugin.apps.tiny_model import build_tiny_model
     from llava_vla_plugin.testing.vla_samples import colour_image, write_vla_dataset
 
     tiny = build_tiny_model(tmp_path / "tiny", vision_layers=1)
@@ -262,7 +262,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
     runs = tmp_path / "runs"
     env = subprocess_env()
     env.pop("FINETUNE_SCRIPT", None)
-    p = subprocess.run([sys.executable, "-m", "llava_vla_plugin.sweep", str(spec_path), "-o", str(runs), "--launch"],
+    p = subprocess.run([sys.executable, "-m", "llava_vla_plugin.experiments.sweep", str(spec_path), "-o", str(runs), "--launch"],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     names = ["frac0.5-mix_colours-steps3-model_tiny", "frac1-mix_colours-steps3-model_tiny"]
     logs = "".join((runs / n / "train.log").read_text()[-3000:] for n in names if (runs / n / "train.log").exists())
@@ -275,13 +275,13 @@ def test_tiny_sweep_end_to_end(tmp_path):
         evals = [json.loads(l) for l in (runs / name / "out/vla_metrics.jsonl").read_text().splitlines() if l.strip()]
         assert evals and all("val_action_loss" in e for e in evals)
     report = runs / "report"
-    p = subprocess.run([sys.executable, "-m", "llava_vla_plugin.scaling", str(runs), "--x", "frames", "--report", str(report)],
+    p = subprocess.run([sys.executable, "-m", "llava_vla_plugin.experiments.scaling", str(runs), "--x", "frames", "--report", str(report)],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     result = json.loads((report / "scaling.json").read_text())
     assert result["n_points"] == 2 and result["groups"][0]["fit"] is None and "need at least 3" in p.stdout
     assert (report / "scaling.png").stat().st_size > 0 and len((report / "scaling.csv").read_text().splitlines()) == 3
     # relaunching the finished sweep trains nothing
-    p = subprocess.run([sys.executable, "-m", "llava_vla_plugin.sweep", str(spec_path), "-o", str(runs), "--launch"],
+    p = subprocess.run([sys.executable, "-m", "llava_vla_plugin.experiments.sweep", str(spec_path), "-o", str(runs), "--launch"],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "nothing to run" in p.stderr

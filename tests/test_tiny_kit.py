@@ -15,7 +15,7 @@ def test_real_qwen2_tokenizer(qwen_tokenizer):
 
 
 def test_tiny_model_cli_without_llava(tmp_path):
-    proc = run_py(["-m", "llava_vla_plugin.testing.tiny_model", str(tmp_path / "m"), "--no-llava"], timeout=300)
+    proc = run_py(["-m", "llava_vla_plugin.apps.tiny_model", str(tmp_path / "m"), "--no-llava"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tiny-vla/siglip-tiny" in proc.stdout and "HF_HUB_OFFLINE=1" in proc.stdout
     cfg = json.loads((tmp_path / "m/tiny-qwen2-llm/config.json").read_text())

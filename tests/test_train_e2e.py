@@ -28,7 +28,7 @@ def fast_tiny(tmp_path_factory):
     """Tiny model whose tower is the patch embedding only: same code path, 10x cheaper images."""
     if not upstream_available():
         pytest.skip(UPSTREAM_REASON)
-    from llava_vla_plugin.testing.tiny_model import build_tiny_model
+    from llava_vla_plugin.apps.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("fast_tiny"), vision_layers=1)
 
@@ -95,7 +95,7 @@ def generate_plain_upstream(tiny, ckpt: Path, samples: Path, folder: Path) -> li
 
 
 def expected_tokens(samples: Path) -> list[list[str]]:
-    from llava_vla_plugin.action_tokenizer import ActionTokenizer
+    from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
 
     at = ActionTokenizer()
     rows = [json.loads(l) for l in samples.read_text().splitlines()]

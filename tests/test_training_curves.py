@@ -5,8 +5,7 @@ import json
 
 from PIL import Image
 
-from llava_vla_plugin import training_curves
-
+from llava_vla_plugin.train import training_curves
 HISTORY = [
     {"step": 1, "loss": 5.0, "action_accuracy_teacher_forced": 0.0},
     {"step": 2, "loss": 4.0},

@@ -3,7 +3,7 @@ import json
 import pytest
 import yaml
 
-from llava_vla_plugin.training_data import apply_weight, find_statistics, load_data, parse_sources
+from llava_vla_plugin.core.training_data import apply_weight, find_statistics, load_data, parse_sources
 
 
 def _write(path, n, ds):
@@ -70,7 +70,7 @@ def test_larger_weights_keep_the_frames_of_smaller_ones(tmp_path):
 def test_sample_store_access_lengths_and_overrides(tmp_path):
     import json as _json
 
-    from llava_vla_plugin.training_data import text_length
+    from llava_vla_plugin.core.training_data import text_length
 
     _write(tmp_path / "a/train.jsonl", 3, "a")
     plain = {"id": "p0", "image": "x.jpg", "conversations": [{"from": "human", "value": "what is this thing"}, {"from": "gpt", "value": "a cup"}]}

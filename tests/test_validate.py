@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llava_vla_plugin.testing.rlds_fixture import write_rlds_dataset
+from llava_vla_plugin.apps.rlds_fixture import write_rlds_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

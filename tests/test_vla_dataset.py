@@ -22,12 +22,11 @@ def data(tmp_path):
 def make_dataset(qwen_tokenizer):
     from llava.model.multimodal_encoder.siglip_encoder import SigLipImageProcessor
 
-    from llava_vla_plugin import register
-
+    from llava_vla_plugin.train import register
     register.register()
 
     def make(data_path, image_folder, **kw):
-        from llava_vla_plugin.dataset import VLADataset
+        from llava_vla_plugin.train.dataset import VLADataset
 
         tok = copy.deepcopy(qwen_tokenizer)
         args = SimpleNamespace(image_folder=str(image_folder), image_processor=SigLipImageProcessor(),
@@ -55,7 +54,7 @@ def test_vla_item_ids_labels_and_image(data, make_dataset):
 def test_missing_image_names_sample_and_file(data, make_dataset):
     (data / "ds_a/images/train/000002/0000.jpg").unlink()
     ds = make_dataset(data / "ds_a/train.jsonl", data)
-    from llava_vla_plugin.dataset import BadSampleError
+    from llava_vla_plugin.train.dataset import BadSampleError
 
     with pytest.raises(BadSampleError, match=r"ds_a/train/000002/0000.*ds_a/train.jsonl.*000002/0000.jpg does not exist"):
         ds[2]

@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from data_tools.images import frame_jpeg
-from llava_vla_plugin.normalization import UnnormKeyError
-from llava_vla_plugin.vla_eval_server import (LlavaVLAModelServer, ObservationError, build_parser, center_crop,
+from llava_vla_plugin.core.normalization import UnnormKeyError
+from llava_vla_plugin.infer.vla_eval_server import (LlavaVLAModelServer, ObservationError, build_parser, center_crop,
                                               gripper_to_env, jpeg_roundtrip, main, model_image, observation_image,
                                               rotation_to_env, unnorm_key_with_fallback)
 

@@ -27,13 +27,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 RESULT = "inprocess_result.json"
 # The launcher also runs its helpers with VLA_PYTHON (scripts/launch_config.py to read CONFIG and write the
-# run's launch_config.yaml, llava_vla_plugin.preflight to check the input): those calls run for real; only the
+# run's launch_config.yaml, llava_vla_plugin.train.preflight to check the input): those calls run for real; only the
 # training exec is recorded.
 _RECORDER = """#!/bin/sh
 case "$1" in
   */launch_config.py) exec "{python}" "$@" ;;
 esac
-if [ "$1" = "-m" ] && [ "$2" = "llava_vla_plugin.preflight" ]; then exec "{python}" "$@"; fi
+if [ "$1" = "-m" ] && [ "$2" = "llava_vla_plugin.train.preflight" ]; then exec "{python}" "$@"; fi
 exec "{python}" -c 'import json, sys; print("VLA_ARGV" + json.dumps(sys.argv[1:]))' "$@"
 """
 
@@ -57,8 +57,7 @@ def train_in_process(argv: list[str]) -> None:
         raise RuntimeError(f"the launcher runs {argv[:2]}, not one CPU process of llava_vla_plugin.train (NUM_GPUS=0?)")
     import torch
 
-    from llava_vla_plugin import train
-
+    from llava_vla_plugin.train import run as train
     saved = sys.argv
     sys.argv = ["llava_vla_plugin.train", *argv[2:]]
     try:
@@ -71,7 +70,7 @@ def train_in_process(argv: list[str]) -> None:
 def predict(out: Path, val: Path, folder: Path, max_step: int) -> dict:
     from PIL import Image
 
-    from llava_vla_plugin.policy import VLAPolicy
+    from llava_vla_plugin.infer.policy import VLAPolicy
 
     policy = VLAPolicy.from_pretrained(out, device="cpu", dtype="float32")
     rows = [json.loads(line) for line in val.read_text().splitlines()]

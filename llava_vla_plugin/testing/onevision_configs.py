@@ -31,7 +31,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 # visual tokens per frame: visual_tokens.py owns the formula and the documented table (re-exported here)
-from llava_vla_plugin.visual_tokens import DOCUMENTED_VISUAL_TOKENS  # noqa: F401
+from llava_vla_plugin.core.visual_tokens import DOCUMENTED_VISUAL_TOKENS  # noqa: F401
 
 RANDOM_TOWER_ID = "vla-random/siglip-so400m-patch14-384"  # "siglip" in the id routes upstream to its SigLIP tower
 
@@ -107,7 +107,7 @@ def llava_config(llm: str, image_aspect_ratio: str = "anyres_max_9"):
 
 def publish_random_siglip(hf_home: Path, dtype=None, seed: int = 0) -> Path:
     """The so400m-384 tower, random weights, under RANDOM_TOWER_ID in an offline HF cache (0.86 GB in bf16)."""
-    from llava_vla_plugin.testing.tiny_model import publish_tiny_siglip
+    from llava_vla_plugin.apps.tiny_model import publish_tiny_siglip
 
     overrides = {k: v for k, v in SIGLIP_SO400M_384.items() if k != "num_hidden_layers"}
     return publish_tiny_siglip(hf_home, RANDOM_TOWER_ID, seed=seed, layers=SIGLIP_SO400M_384["num_hidden_layers"],
@@ -124,13 +124,13 @@ def build_onevision(llm: str = "0.5b", image_aspect_ratio: str = "anyres_max_9",
     import torch
     from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
 
-    from llava_vla_plugin.action_tokenizer import ActionTokenizer
+    from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
     try:
         from llava_vla_plugin import state
     except ImportError:  # main after the LoRA merge: add_action_tokens makes its own ActionTokenizer
         state = None
-    from llava_vla_plugin.register import add_action_tokens
-    from llava_vla_plugin.testing.tiny_model import build_qwen2_tokenizer
+    from llava_vla_plugin.train.register import add_action_tokens
+    from llava_vla_plugin.apps.tiny_model import build_qwen2_tokenizer
 
     dtype = dtype or torch.float32
     torch.manual_seed(seed)
@@ -163,7 +163,7 @@ def build_onevision(llm: str = "0.5b", image_aspect_ratio: str = "anyres_max_9",
 
 def save_vla_checkpoint(bundle: OneVisionBundle, out_dir: Path, statistics: dict) -> Path:
     """What VLATrainer writes: upstream's checkpoint + tokenizer + vla_action_tokenizer.json + statistics."""
-    from llava_vla_plugin.trainer import write_vla_files
+    from llava_vla_plugin.train.trainer import write_vla_files
 
     out_dir = Path(out_dir)
     if "qwen" not in out_dir.name.lower():

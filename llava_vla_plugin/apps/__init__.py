@@ -1,0 +1,1 @@
+"""Demos, their tiny model and RLDS fixture builders, and the simulator task."""

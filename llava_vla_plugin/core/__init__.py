@@ -1,0 +1,1 @@
+"""The contracts every layer shares; no upstream (llava) import at module level."""

@@ -1,0 +1,66 @@
+"""Prompt and labels for VLA samples (docs/DESIGN.md 2.4), with the tokenizer prepared once.
+
+    <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
+    <|im_start|>user\\n<image>\\nWhat action should the robot take to {instruction}?<|im_end|>\\n
+    <|im_start|>assistant\\n<ACTION_a>...<ACTION_g><|im_end|>\\n
+
+Special tokens split the text, so tokenizing the pieces between them separately gives exactly the
+ids of tokenizing the whole string (tests check this against upstream's preprocess_qwen). Only the
+instruction piece varies; it is cached, since every frame of an episode shares it.
+Labels: the action tokens and the closing <|im_end|>; everything else IGNORE_INDEX.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from data_tools.converted_format import IGNORE_INDEX, IMAGE_TOKEN as DEFAULT_IMAGE_TOKEN
+from data_tools.converted_format import prompt_text as instruction_text
+from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
+
+IMAGE_TOKEN_INDEX = -200  # upstream's placeholder id, replaced by visual features in the model
+__all__ = ["IGNORE_INDEX", "IMAGE_TOKEN_INDEX", "DEFAULT_IMAGE_TOKEN", "instruction_text", "VLAPromptBuilder"]
+
+
+class VLAPromptBuilder:
+    def __init__(self, tokenizer, action_tokenizer: ActionTokenizer, cache_size: int = 65536):
+        self.tokenizer = tokenizer
+        self.action_tokenizer = action_tokenizer
+        enc = self._encode
+        im_start, im_end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+        if im_start is None or im_end is None or im_start == tokenizer.unk_token_id:
+            raise ValueError("the tokenizer has no <|im_start|>/<|im_end|>: VLA prompts need a Qwen2 chat tokenizer")
+        self.im_end = im_end
+        nl = enc("\n")
+        system = action_tokenizer.system_message
+        self.prefix = [im_start, *enc("system\n" + system), im_end, *nl, im_start, *enc("user\n"), IMAGE_TOKEN_INDEX]
+        self.user_suffix = [im_end, *nl, im_start, *enc("assistant\n")]
+        self.answer_suffix = [im_end, *nl]
+        self._instruction_ids = lru_cache(maxsize=cache_size)(self._instruction_ids_uncached)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _instruction_ids_uncached(self, instruction: str) -> tuple[int, ...]:
+        return tuple(self._encode("\n" + instruction_text(instruction, self.action_tokenizer.prompt)))
+
+    def prompt_ids(self, instruction: str) -> list[int]:
+        """Everything up to and including `<|im_start|>assistant\\n`: what inference feeds the model."""
+        return [*self.prefix, *self._instruction_ids(instruction), *self.user_suffix]
+
+    def build(self, instruction: str, action) -> tuple[np.ndarray, np.ndarray]:
+        """input_ids and labels (int64) for one sample; `action` is the normalized 7-d action."""
+        prompt = self.prompt_ids(instruction)
+        action_ids = self.action_tokenizer.encode_to_ids(action).tolist()
+        input_ids = np.array([*prompt, *action_ids, *self.answer_suffix], dtype=np.int64)
+        labels = np.full(len(input_ids), IGNORE_INDEX, dtype=np.int64)
+        start = len(prompt)
+        labels[start:start + len(action_ids) + 1] = input_ids[start:start + len(action_ids) + 1]
+        return input_ids, labels
+
+    def prompt_text(self, instruction: str) -> str:
+        """The prompt as text (for logs and for clients that tokenize themselves)."""
+        system = self.action_tokenizer.system_message
+        return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{DEFAULT_IMAGE_TOKEN}\n"
+                f"{instruction_text(instruction, self.action_tokenizer.prompt)}<|im_end|>\n<|im_start|>assistant\n")

@@ -1,0 +1,1 @@
+"""Sweeps, scaling fits and closed-loop reports."""

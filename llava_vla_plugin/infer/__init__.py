@@ -1,0 +1,1 @@
+"""One policy pipeline with two model backends, the servers and offline eval."""

@@ -1,0 +1,1 @@
+"""Upstream registration, the dataset, the trainer, the sparse head and LoRA."""

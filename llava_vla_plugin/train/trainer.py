@@ -1,0 +1,372 @@
+"""VLATrainer: upstream's LLaVATrainer made to run on transformers 4.57, plus VLA checkpoints and metrics.
+
+Upstream fixes done here by subclassing rather than patch files (docs/DESIGN.md section 3, edits 1, 3, 4, 8):
+  1 `_inner_training_loop`: upstream's MeZO rewrite has ~30 undefined names; use HF's unless trainer_mode == "zo".
+  3 `create_accelerator_and_postprocess`: upstream's passes arguments accelerate 1.x removed; use HF's.
+  4 `_save_checkpoint(model, trial)`: HF dropped the `metrics` argument upstream still passes.
+  8 `tokenizer=` became `processing_class=` (and only then is the tokenizer saved in checkpoints).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import random
+from typing import Optional
+
+import numpy as np
+
+import torch
+import transformers
+from transformers import TrainerCallback
+from llava.train.llava_trainer import LLaVATrainer, should_only_save_mm_adapter
+
+from data_tools.atomic import write_json
+from llava_vla_plugin.core import checkpoint
+from llava_vla_plugin.train import lora
+from llava_vla_plugin.core import run_config
+from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
+
+log = logging.getLogger(__name__)
+
+
+# The checkpoint's VLA files are checkpoint.py's (their one owner); the old name stays for callers.
+write_vla_files = checkpoint.write
+
+
+METRIC_DOC = """\
+Action metrics and what they measure (all over the action-token positions of the labels):
+  action_accuracy_teacher_forced              argmax over the whole vocabulary == the label's token, each
+                                              position seeing the true previous tokens (teacher forcing).
+                                              A non-action token winning counts as wrong.
+  action_accuracy_teacher_forced_constrained  argmax over the action tokens only, teacher forced: what
+                                              constrained decoding picks given the true previous tokens.
+  action_l1                                   |bin centre of that constrained pick - label's bin centre|,
+                                              normalized units.
+  val_action_loss                             cross-entropy of the action tokens (validation only).
+Eval (`llava_vla_plugin.infer.eval`) reports `action_accuracy_generated`: constrained greedy generation as a
+robot runs it, each token conditioned on the model's own previous picks. It is at most as high as the
+teacher-forced constrained accuracy's first token and usually a little below it for later tokens.
+Renamed from `action_accuracy` / `val_action_accuracy` (the full-vocabulary teacher-forced one).
+"""
+
+
+class ValidationCallback(TrainerCallback):
+    """Held-out evaluation every `every` steps and at the end of training."""
+
+    def __init__(self, trainer: "VLATrainer", every: int):
+        self.trainer = trainer
+        self.every = every
+        self.last_step = -1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.every > 0 and state.global_step % self.every == 0 and state.global_step != self.last_step:
+            self.last_step = state.global_step
+            self.trainer.run_validation()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        metrics = self.trainer.run_validation() if state.global_step != self.last_step else self.trainer.last_val_metrics
+        self.trainer.write_final_metrics(metrics or {})
+
+
+class TrainingCurvesCallback(TrainerCallback):
+    """OUTPUT_DIR/training_curves.png at the end of training (training_curves.py), on the saving rank, after
+    the final validation (this callback is added after ValidationCallback). A plot that fails is a warning:
+    it never fails a finished run."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not args.should_save:
+            return
+        from llava_vla_plugin.train import training_curves
+        try:
+            path = training_curves.write_training_curves(args.output_dir, state.log_history,
+                                                         f"{args.output_dir} (step {state.global_step})")
+            log.info("training curves: %s", path)
+        except Exception as e:  # noqa: BLE001 - the checkpoint matters, the picture does not
+            log.warning("could not write %s/%s: %s", args.output_dir, training_curves.FILE_NAME, e)
+
+
+def seed_dataloader_worker(worker_id: int, seed: int, num_workers: int, rank: int) -> None:
+    """worker_init_fn: worker `worker_id` of rank `rank` gets seed + rank * num_workers + worker_id, so
+    every worker's RNGs are distinct and the same in every run with the same --seed. (Upstream passes
+    transformers' seed_worker unbound, which transformers 4.57 calls with two more arguments.)"""
+    worker_seed = (seed + rank * num_workers + worker_id) % 2**32
+    random.seed(worker_seed)
+    np.random.seed(worker_seed)
+    torch.manual_seed(worker_seed)
+
+
+class TokensSeenCallback(TrainerCallback):
+    """Adds the sequence positions (visual + text, padding excluded) every rank processed in the step to
+    state.num_input_tokens_seen: counted, summed across ranks, and saved in trainer_state.json with
+    every checkpoint, so a resumed run continues from the checkpoint's count."""
+
+    def __init__(self, trainer: "VLATrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state_, control, **kwargs):
+        self.trainer.sync_tokens_seen()
+
+
+class SetupReportCallback(TrainerCallback):
+    """Logs what the launcher's defaults turned on, as the model and loader have it once training
+    starts (HF enables gradient checkpointing inside the training loop, not before)."""
+
+    def __init__(self, trainer: "VLATrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state_, control, **kwargs):
+        model = self.trainer.model
+        log.warning("gradient checkpointing %s, %d dataloader workers, image_aspect_ratio %s",
+                    "on" if getattr(model, "is_gradient_checkpointing", False) else "off", args.dataloader_num_workers,
+                    getattr(getattr(model, "config", None), "image_aspect_ratio", "?"))
+
+
+class LoRAFinalSaveCallback(TrainerCallback):
+    """LoRA runs: a complete checkpoint in OUTPUT_DIR (upstream's own LoRA save after train() writes no
+    tokenizer and no VLA files), then, after train() returned, OUTPUT_DIR/merged (lora.merge_pending)."""
+
+    def __init__(self, trainer: "VLATrainer"):
+        self.trainer = trainer
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.save_model(args.output_dir)  # every rank: gathers ZeRO-3 weights
+        if args.should_save and getattr(args, "vla_lora_merge", True):
+            lora.request_merge(args.output_dir)
+
+
+class VLATrainer(LLaVATrainer):
+    def __init__(self, *args, tokenizer=None, **kwargs):
+        if tokenizer is not None and kwargs.get("processing_class") is None:
+            kwargs["processing_class"] = tokenizer
+        action_repr = getattr(kwargs.get("train_dataset"), "action_repr", None)
+        is_lora = lora.is_peft_model(kwargs.get("model"))
+        if is_lora and action_repr is not None and not action_repr.supports_lora:
+            from llava_vla_plugin.core.representations import ActionReprError
+
+            raise ActionReprError(f"--vla_action_repr {action_repr.name} does not support --lora_enable True yet (its head "
+                                  "is not part of the LoRA adapter and would not be saved or merged): train it without "
+                                  "LoRA, or use --vla_action_repr bins_chunk (token chunks train with LoRA)")
+        if action_repr is not None and kwargs.get("model") is not None:  # a head / rows before the optimizer exists
+            action_repr.prepare_model(kwargs["model"], kwargs.get("processing_class"))
+        if is_lora:  # before the optimizer exists: the action rows must be among its parameters
+            lora.enable_action_token_training(kwargs["model"], kwargs["train_dataset"].action_tokenizer.token_ids)
+        from llava_vla_plugin.core.env import UPSTREAM_TRAINER_PRINTS, prints_dropped
+
+        with prints_dropped(UPSTREAM_TRAINER_PRINTS):  # upstream's "MeZOLLaVATrainer initialized" (env.py says why)
+            super().__init__(*args, **kwargs)
+        self.action_metrics = self.action_repr.metrics()
+        self.tokens_pending = 0  # this rank's positions since the last step (sparse head's num_tokens); see sync_tokens_seen
+        self.val_dataset = None
+        self.last_val_metrics: dict = {}
+        data_args = getattr(self.train_dataset, "data_args", None)
+        val_path = getattr(data_args, "vla_val_data", None)
+        if val_path:
+            from llava_vla_plugin.train.dataset import VLADataset
+
+            self.val_dataset = VLADataset(val_path, self.processing_class, data_args, is_eval=True)
+        self.add_callback(ValidationCallback(self, int(getattr(data_args, "vla_eval_steps", 0) or 0)))
+        self.add_callback(TrainingCurvesCallback())  # after ValidationCallback: the final validation is plotted
+        if is_lora:
+            self.add_callback(LoRAFinalSaveCallback(self))
+
+        if self.args.include_num_input_tokens_seen not in ("no", False):
+            raise ValueError("--include_num_input_tokens_seen counts input_ids before the image tokens are inserted; the VLA "
+                             "trainer counts every position itself (train_tokens_seen): drop the flag")
+        self.add_callback(TokensSeenCallback(self))
+        self.add_callback(SetupReportCallback(self))
+
+    # ---- what the training data carries (no process-wide state: the dataset owns both) ----------
+    @property
+    def action_tokenizer(self) -> ActionTokenizer:
+        """The train dataset's action tokenizer, bound to the tokenizer the dataset was built with."""
+        return self.train_dataset.action_tokenizer
+
+    @property
+    def action_repr(self):
+        """The train dataset's action representation (action_repr.py): targets, metrics, checkpoint files."""
+        return self.train_dataset.action_repr
+
+    @property
+    def dataset_statistics(self) -> dict:
+        """The statistics of the training data (a checkpoint carries them for un-normalization)."""
+        return self.train_dataset.dataset_statistics
+
+    # ---- data loading: deterministic worker seeds (upstream's crashes with num_workers > 0) -------
+    def get_train_dataloader(self):
+        """Upstream's loader parameters with a worker_init_fn that works on transformers 4.57."""
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        workers = self.args.dataloader_num_workers
+        params = {
+            "batch_size": self._train_batch_size,
+            "collate_fn": self._get_collator_with_removed_columns(self.data_collator, description="training"),
+            "num_workers": workers,
+            "pin_memory": self.args.dataloader_pin_memory,
+            "persistent_workers": self.args.dataloader_persistent_workers and workers > 0,
+            "sampler": self._get_train_sampler(),
+            "drop_last": self.args.dataloader_drop_last,
+        }
+        if workers > 0:
+            params["worker_init_fn"] = functools.partial(seed_dataloader_worker, seed=self.args.seed, num_workers=workers,
+                                                         rank=self.args.process_index)
+            params["prefetch_factor"] = self.args.dataloader_prefetch_factor or 2
+        return self.accelerator.prepare(torch.utils.data.DataLoader(self.train_dataset, **params))
+
+    # ---- explicit resume, run configuration ------------------------------------------------------
+    def run_configuration(self) -> dict:
+        return run_config.run_config(self.args, getattr(self.train_dataset, "data_args", None), getattr(self.model, "config", None))
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Upstream resumes whenever OUTPUT_DIR holds a checkpoint; here --vla_resume decides (run_config)."""
+        mode = getattr(self.args, "vla_resume", "auto") or "auto"
+        ckpt = run_config.resolve_resume(mode, self.args.output_dir)
+        config = self.run_configuration()
+        if ckpt is not None:
+            run_config.check_resumable(ckpt, config)
+            log.warning("resuming from %s (RESUME=%s)", ckpt, mode)
+        else:
+            log.warning("starting a new run in %s (no checkpoint to resume; RESUME=%s)", self.args.output_dir, mode)
+        if self.args.should_save:
+            run_config.write_run_config(self.args.output_dir, config)
+            run_config.commit_launch_config(self.args.output_dir)
+        return super().train(resume_from_checkpoint=ckpt, *args, **kwargs)
+
+    # ---- tokens seen ------------------------------------------------------------------------------
+    def sync_tokens_seen(self) -> None:
+        t = torch.tensor([self.tokens_pending], dtype=torch.int64, device=self.args.device)
+        self.tokens_pending = 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t)
+        self.state.num_input_tokens_seen = int(self.state.num_input_tokens_seen or 0) + int(t[0])
+
+    def record_batch_digest(self, inputs: dict) -> None:
+        """--vla_log_batch_digests: one sha256 per micro-batch (token ids, labels, pixels) in
+        OUTPUT_DIR/batch_digests.jsonl, so two runs can be checked to have seen the same data in the
+        same order (e.g. with different --dataloader_num_workers). Rank 0's batches only."""
+        if not getattr(self.args, "vla_log_batch_digests", False) or self.args.process_index != 0:
+            return
+        text, everything = hashlib.sha256(), hashlib.sha256()
+        for key in sorted(inputs):
+            values = inputs[key] if isinstance(inputs[key], (list, tuple)) else [inputs[key]]
+            for v in values:
+                if isinstance(v, torch.Tensor):
+                    data = key.encode() + v.detach().float().cpu().numpy().tobytes()
+                    everything.update(data)
+                    if key in ("input_ids", "labels"):
+                        text.update(data)
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, "batch_digests.jsonl"), "a") as f:
+            # text: token ids and labels only (the same samples in the same order, whatever the image mode)
+            f.write(json.dumps({"step": self.state.global_step, "text_sha256": text.hexdigest(),
+                                "sha256": everything.hexdigest()}) + "\n")
+
+    # ---- held-out validation -------------------------------------------------------------------
+    @torch.no_grad()
+    def run_validation(self) -> dict:
+        if self.val_dataset is None:
+            return {}
+        rank, world = self.args.process_index, self.args.world_size
+        indices = list(range(rank, len(self.val_dataset), world))
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.val_dataset, indices),
+                                             batch_size=self.args.per_device_eval_batch_size, shuffle=False,
+                                             collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        val = self.action_repr.metrics()
+        for batch in loader:
+            batch = self._prepare_inputs(batch)
+            out = model(**{k: v for k, v in batch.items() if k not in ("prompts", "ids")})
+            val.update_output(out, with_loss=True)
+        if was_training:
+            model.train()
+        sums = torch.tensor([val.ce_sum, val.correct, val.constrained_correct, val.l1_sum, val.total],
+                            dtype=torch.float64, device=self.args.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        count = max(float(sums[4]), 1.0)
+        metrics = {"val_action_loss": float(sums[0]) / count, "val_action_accuracy_teacher_forced": float(sums[1]) / count,
+                   "val_action_accuracy_teacher_forced_constrained": float(sums[2]) / count,
+                   "val_action_l1": float(sums[3]) / count, "val_action_tokens": int(sums[4])}
+        self.last_val_metrics = metrics
+        self.log(dict(metrics))
+        if self.args.should_save:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, "vla_metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": self.state.global_step, **metrics}) + "\n")
+        return metrics
+
+    def write_final_metrics(self, val_metrics: dict) -> None:
+        """What scaling studies read: held-out metrics and how much data/compute the run used."""
+        if not self.args.should_save:
+            return
+        params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
+        global_batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        samples_seen = self.state.global_step * global_batch
+        tokens_seen = int(self.state.num_input_tokens_seen or 0) or None  # counted: TokensSeenCallback
+        final = {"step": self.state.global_step, **val_metrics, "train_frames": len(self.train_dataset),
+                 "train_samples_seen": samples_seen, "train_tokens_seen": tokens_seen, "model_params": params,
+                 "compute_flops": 6.0 * params * tokens_seen if tokens_seen else None}
+        write_json(os.path.join(self.args.output_dir, "final_metrics.json"), final)
+
+    # ---- upstream fixes ------------------------------------------------------------------------
+    def create_accelerator_and_postprocess(self):
+        return transformers.Trainer.create_accelerator_and_postprocess(self)
+
+    def _inner_training_loop(self, *args, **kwargs):
+        if getattr(self, "trainer_mode", "regular") == "zo":
+            return LLaVATrainer._inner_training_loop(self, *args, **kwargs)
+        return transformers.Trainer._inner_training_loop(self, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        if should_only_save_mm_adapter(self.args):
+            LLaVATrainer._save_checkpoint(self, model, trial)
+            if self.args.should_save:
+                out = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+                write_vla_files(out, self.action_tokenizer, self.dataset_statistics, self.action_repr, self.model)
+            return None
+        transformers.Trainer._save_checkpoint(self, model, trial)
+        self._after_checkpoint(trial)
+        return None
+
+    def _after_checkpoint(self, trial) -> None:
+        """Each checkpoint records the run configuration (checked on resume); older checkpoints lose
+        their optimizer state unless --vla_keep_optimizer_state all (run_config.prune_optimizer_state)."""
+        if not self.args.should_save:
+            return
+        run_dir = self._get_output_dir(trial=trial)
+        run_config.write_run_config(os.path.join(run_dir, f"checkpoint-{self.state.global_step}"), self.run_configuration())
+        run_config.prune_optimizer_state(run_dir, getattr(self.args, "vla_keep_optimizer_state", "latest"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if lora.is_peft_model(model if model is not None else self.model):  # HF restores the adapter only
+            lora.load_non_lora_trainables(model if model is not None else self.model, resume_from_checkpoint)
+
+    # ---- VLA checkpoint files ------------------------------------------------------------------
+    def _save(self, output_dir: Optional[str] = None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save and lora.is_peft_model(self.model):
+            lora.save_lora_extras(self.model, output_dir, state_dict)
+        if self.args.should_save:
+            write_vla_files(output_dir, self.action_tokenizer, self.dataset_statistics, self.action_repr, self.model, state_dict)
+
+    # ---- metrics -------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.record_batch_digest(inputs)
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if getattr(outputs, "num_tokens", None) is not None:
+            self.tokens_pending += outputs.num_tokens
+        self.action_metrics.update_output(outputs)  # sparse_head.SparseHeadOutput; the representation's metrics
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:
+            logs.update(self.action_metrics.summary())
+            self.action_metrics.reset()
+            logs["train_tokens_seen"] = int(self.state.num_input_tokens_seen or 0)
+        super().log(logs, *args, **kwargs)
