@@ -75,7 +75,7 @@ def main() -> int:
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
         rep.prepare_model(model, tokenizer)
-        policies[name] = VLAPolicy(model, tokenizer, image_processor, at, stats, action_repr=rep)
+        policies[name] = VLAPolicy.from_upstream_model(model, tokenizer, image_processor, at, stats, action_repr=rep)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))
     instruction = "put the red cup in the sink"
     cuda = device.startswith("cuda")

@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     model.gradient_checkpointing_disable()
     model.config.use_cache = True
     model.eval()
-    policy = VLAPolicy(model, bundle.tokenizer, bundle.image_processor, bundle.action_tokenizer, ov.example_statistics())
+    policy = VLAPolicy.from_upstream_model(model, bundle.tokenizer, bundle.image_processor, bundle.action_tokenizer, ov.example_statistics())
     hz = {}
     for mode in args.modes.split(","):
         model.config.image_aspect_ratio = mode

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     for mode in args.modes.split(","):
         model.config.image_aspect_ratio = mode
         for name, rep in reps.items():
-            policy = VLAPolicy(model, bundle.tokenizer, bundle.image_processor, bundle.action_tokenizer, stats, action_repr=rep)
+            policy = VLAPolicy.from_upstream_model(model, bundle.tokenizer, bundle.image_processor, bundle.action_tokenizer, stats, action_repr=rep)
             action = policy.predict_action(frame, "put the cup in the sink", unnorm_key="bridge_orig")  # warm-up
             times = []
             for _ in range(calls):

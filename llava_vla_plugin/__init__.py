@@ -11,7 +11,7 @@ apply_env_defaults()
 
 def __getattr__(name: str):
     if name == "VLAPolicy":
-        from llava_vla_plugin.infer.policy import VLAPolicy
+        from llava_vla_plugin.infer.pipeline import VLAPolicy
 
         return VLAPolicy
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -81,7 +81,7 @@ res["mode"] = hf.image_aspect_ratio
 model = up.model
 
 # pixel values: upstream's process_images vs transformers' processor
-px_up = process_images([pil], up.image_processor, model.config)[0]
+px_up = process_images([pil], up.backend.image_processor, model.config)[0]
 inputs = hf.model_inputs(pil, instruction)
 px_hf = inputs["pixel_values"][0]
 res["crops"] = [int(px_up.shape[0]), int(px_hf.shape[0])]
@@ -125,7 +125,7 @@ res["argmax_hf"] = o_hf.logits[0, act].argmax(-1).tolist()
 res["argmax_distinct"] = len(set(res["argmax_up"]))
 
 res["action_ids_up"] = up.predict_action_ids([pil], [instruction])[0].tolist()
-res["action_ids_hf"] = hf.predict_action_ids(pil, instruction).tolist()
+res["action_ids_hf"] = hf.predict_action_ids([pil], [instruction])[0].tolist()
 res["actions_up"] = up.predict_action(pil, instruction, unnorm_key="bridge_orig").tolist()
 res["actions_hf"] = hf.predict_action(pil, instruction, unnorm_key="bridge_orig").tolist()
 print("RESULT " + json.dumps(res))
@@ -146,11 +146,11 @@ res["mode"] = hf.image_aspect_ratio
 for h, w in ((480, 640), (256, 320)):
     pil = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
     from llava.mm_utils import process_images
-    res[f"pixel_max_diff {h}x{w}"] = float((process_images([pil], up.image_processor, up.model.config)[0]
+    res[f"pixel_max_diff {h}x{w}"] = float((process_images([pil], up.backend.image_processor, up.model.config)[0]
                                              - hf.pad_pixel_values(pil)).abs().max())
     res[f"tokens {h}x{w}"] = int((hf.model_inputs(pil, "x")["input_ids_for_check"] == hf.model.config.image_token_id).sum())
     res[f"up {h}x{w}"] = up.predict_action_ids([pil], ["open the drawer"])[0].tolist()
-    res[f"hf {h}x{w}"] = hf.predict_action_ids(pil, "open the drawer").tolist()
+    res[f"hf {h}x{w}"] = hf.predict_action_ids([pil], ["open the drawer"])[0].tolist()
 print("RESULT " + json.dumps(res))
 '''
 

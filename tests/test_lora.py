@@ -298,8 +298,8 @@ from llava_vla_plugin.infer.hf_policy import HFVLAPolicy
 exported, samples_path = sys.argv[1:3]
 samples = json.loads(open(samples_path).read())
 hf = HFVLAPolicy.from_pretrained(exported, device="cpu", dtype="float32")
-print("RESULT " + json.dumps([hf.predict_action_ids(Image.fromarray(np.asarray(s["image"], dtype=np.uint8)),
-                                                     s["instruction"]).tolist() for s in samples]))
+print("RESULT " + json.dumps([hf.predict_action_ids([Image.fromarray(np.asarray(s["image"], dtype=np.uint8))],
+                                                     [s["instruction"]])[0].tolist() for s in samples]))
 """
 
 

@@ -137,7 +137,7 @@ for i, ((p, instr, key), (prompt, ids, action), pil) in enumerate(zip(cases, han
         case["policy_action_from_array"] = policy.predict_action(np.asarray(pil), instr, unnorm_key=key).tolist()
         case["policy_ids"] = policy.predict_action_ids([pil], [instr])[0].tolist()
     res["cases"].append(case)
-res["last_logits_only"] = policy.last_logits_only
+res["last_logits_only"] = policy.backend.last_logits_only
 prepared = policy.prepare(images[:1], [cases[0][1]])
 with torch.inference_mode():
     embeds = policy.model.prepare_inputs_labels_for_multimodal(prepared.input_ids, None, prepared.attention_mask, None, None,

@@ -11,7 +11,7 @@ import pytest
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from conftest import shared_schemas_missing  # noqa: E402
-from llava_vla_plugin.testing import rlds_fixture as fx  # noqa: E402
+from llava_vla_plugin.apps import rlds_fixture as fx  # noqa: E402
 
 BUNDLED = ["bridge_orig", "fractal20220817_data", "kuka", "language_table"]
 SPLITS = {"train": 5, "val": 2}

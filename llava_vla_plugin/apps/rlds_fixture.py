@@ -439,7 +439,7 @@ def write_rlds_dataset(
     proto = dataset_info_pb2.DatasetInfo(
         name=tfds_name,
         version=version,
-        description=f"Synthetic test data with the feature schema of {name} (llava_vla_plugin.testing).",
+        description=f"Synthetic test data with the feature schema of {name} (llava_vla_plugin.apps.rlds_fixture).",
         file_format="tfrecord",
         module_name="llava_vla_plugin.apps.rlds_fixture",
     )

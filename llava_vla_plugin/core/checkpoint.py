@@ -6,6 +6,8 @@ read and carried here and nowhere else (issue 21).
     vla_action_head.safetensors  the parallel_l1 head's weights, where it has one (action_repr.py)
     vla_run_config.json          the settings that define the run (resume check)  (run_config.py)
     dataset_statistics.json      per-dataset q01/q99/mask to un-normalize actions (data_tools' contract)
+    vla_export.json              only in a transformers export: what the export changed (infer/export_hf.py);
+                                 its presence makes Policy.from_pretrained take the transformers backend
 
 Why one place: the writer and each reader used to list a different subset. A LoRA merge copied only the
 action tokenizer and the statistics, so a `bins_chunk` H=8 run's merged model loaded as `bins` with H=1
@@ -28,6 +30,8 @@ from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
 from llava_vla_plugin.core.normalization import STATS_NAME as STATS_FILE
 from llava_vla_plugin.core.normalization import load_statistics
 from llava_vla_plugin.core.run_config import RUN_CONFIG_NAME as RUN_CONFIG_FILE
+
+EXPORT_INFO_FILE = "vla_export.json"
 
 # Every file that travels with a policy (a merge or an export copies those present); the first two are required.
 REQUIRED_FILES = (ACTION_TOKENIZER_FILE, STATS_FILE)
@@ -73,6 +77,10 @@ def write(output_dir: str | os.PathLike, action_tokenizer: ActionTokenizer, stat
     if action_repr is not None:
         action_repr.save(output_dir, model=model, state_dict=state_dict)
     write_json(os.path.join(output_dir, STATS_FILE), statistics)
+
+
+def is_transformers_export(path: str | os.PathLike) -> bool:
+    return (Path(path) / EXPORT_INFO_FILE).is_file()
 
 
 def policy_files(path: str | os.PathLike) -> list[str]:

@@ -447,23 +447,8 @@ class ParallelL1Representation(ActionRepresentation):
                     self.horizon, self.action_dim, sum(p.numel() for p in model.vla_action_head.parameters()), SLOT_TOKEN)
 
     def predict_normalized(self, policy, inputs) -> np.ndarray:
-        """One forward pass: prompt + H*D placeholders, hidden states of the last H*D positions (left
-        padding puts them last in every row) -> head. No LM head, no generate()."""
-        model = policy.model
-        head = model.vla_action_head
-        sid = head.slot_token_id
-        b = inputs.input_ids.shape[0]
-        slots = torch.full((b, self.n_slots), sid, dtype=inputs.input_ids.dtype, device=inputs.input_ids.device)
-        input_ids = torch.cat([inputs.input_ids, slots], dim=1)
-        attention_mask = torch.cat([inputs.attention_mask, torch.ones_like(slots)], dim=1)
-        with policy._lock, torch.inference_mode():
-            (_, position_ids, attention_mask, _, embeds, _) = model.prepare_inputs_labels_for_multimodal(
-                input_ids, None, attention_mask, None, None, inputs.images, inputs.modalities, inputs.image_sizes)
-            embeds[:, -self.n_slots:] += head.slot_embeddings(b, embeds.dtype).reshape(b, self.n_slots, -1)
-            hidden = model.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                 use_cache=False, return_dict=True).last_hidden_state
-            pred = head(hidden[:, -self.n_slots:])
-        return pred.float().clamp(-1.0, 1.0).cpu().numpy()
+        """One forward pass of the backend (prompt + H*D placeholders -> the head), clamped to [-1, 1]."""
+        return np.clip(policy.slot_actions(inputs, self.n_slots), -1.0, 1.0)
 
     def save(self, directory, model=None, state_dict: Optional[dict] = None) -> None:
         """The config and the head's weights (from the gathered state dict under ZeRO-3, else the model)."""

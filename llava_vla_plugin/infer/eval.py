@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no VLA samples (image + numeric action) in {args.data}", file=sys.stderr)
         return 1
 
-    from llava_vla_plugin.infer.policy import VLAPolicy
+    from llava_vla_plugin.infer.pipeline import VLAPolicy
 
     try:
         policy = VLAPolicy.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)

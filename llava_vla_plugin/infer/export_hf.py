@@ -53,7 +53,7 @@ from llava_vla_plugin.core.representations import HEAD_FILE
 from llava_vla_plugin.core.action_tokenizer import CONFIG_NAME as ACTION_CONFIG
 from llava_vla_plugin.core.normalization import STATS_NAME
 
-EXPORT_INFO = "vla_export.json"
+EXPORT_INFO = checkpoint.EXPORT_INFO_FILE
 EXTRA_HEADS = "vla_extra_heads.safetensors"
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
 SIGLIP_PATCHES = 729  # 27 x 27 at 384 px, patch 14

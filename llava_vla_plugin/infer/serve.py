@@ -367,7 +367,7 @@ def error(status: int, message: str) -> JSONResponse:
 def create_app(policy, limits: ServerLimits = ServerLimits(), unnorm_key: str | None = None) -> FastAPI:
     """`unnorm_key`: the key of requests that send none (serve's --unnorm-key)."""
     from llava_vla_plugin.core.normalization import UnnormKeyError
-    from llava_vla_plugin.infer.policy import ImageInputError
+    from llava_vla_plugin.infer.pipeline import ImageInputError
 
     app = FastAPI(title="llava_vla_plugin policy server", docs_url=None, redoc_url=None, openapi_url=None)
     gate = DecodeGate(limits.max_decodes)
@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
 
-    from llava_vla_plugin.infer.policy import VLAPolicy
+    from llava_vla_plugin.infer.pipeline import VLAPolicy
 
     try:
         policy = VLAPolicy.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)

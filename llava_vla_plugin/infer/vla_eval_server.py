@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(json.dumps({"would_serve": settings, "unnorm_key_resolved": unnorm_key, "checkpoint_exists": True}))
         return 0
-    from llava_vla_plugin.infer.policy import VLAPolicy
+    from llava_vla_plugin.infer.pipeline import VLAPolicy
 
     try:
         policy = VLAPolicy.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
