@@ -27,7 +27,7 @@ def ckpt(tmp_path):
 
 def _server(module: str, *args: str) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", f"llava_vla_plugin.{module}", *args], env=subprocess_env(),
+    proc = subprocess.run([sys.executable, "-m", f"llava_vla_plugin.infer.{module}", *args], env=subprocess_env(),
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     return proc, time.perf_counter() - t0
 

@@ -20,7 +20,7 @@ STATS = {"ds_a": {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True]
 
 def _head_state(rep) -> dict:
     """parallel_l1's head weights as the trainer's gathered state dict holds them (no model needed)."""
-    from llava_vla_plugin.core.representations import L1RegressionHead
+    from llava_vla_plugin.core.representations.parallel_l1 import L1RegressionHead
 
     head = L1RegressionHead(16, rep.action_dim, rep.horizon, 16, slot_token_id=151902)
     return {f"vla_action_head.{k}": v for k, v in head.state_dict().items()}

@@ -13,6 +13,7 @@ from llava_vla_plugin.infer.export_hf import EXPORT_INFO, IMAGE_TOKEN, load_proc
 
 class TransformersBackend:
     kind = "transformers"
+    decodings = ("tokens",)  # the representations' `decoding` values this backend runs
 
     def __init__(self, model, processor, image_aspect_ratio: str):
         self.model, self.processor = model, processor
@@ -23,7 +24,7 @@ class TransformersBackend:
 
     @staticmethod
     def check_supports(path: Path, action_repr: ActionRepresentation) -> None:
-        if not hasattr(action_repr, "n_action_tokens"):
+        if action_repr.decoding not in TransformersBackend.decodings:
             raise ValueError(f"{path}: the transformers backend decodes token representations (bins, bins_chunk); this "
                              f"checkpoint is {action_repr.name!r}, whose head is not part of the transformers model. "
                              "Load the training checkpoint it was exported from (VLAPolicy.from_pretrained(OUTPUT_DIR))")

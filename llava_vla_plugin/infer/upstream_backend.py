@@ -85,6 +85,7 @@ class UpstreamBackend:
     """Runs a checkpoint through upstream LLaVA-NeXT (module docstring). Every representation."""
 
     kind = "upstream"
+    decodings = ("tokens", "placeholders")  # the representations' `decoding` values this backend runs
 
     def __init__(self, model, tokenizer, image_processor, last_logits_only: bool = True):
         self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
@@ -97,7 +98,9 @@ class UpstreamBackend:
 
     @staticmethod
     def check_supports(path: Path, action_repr: ActionRepresentation) -> None:
-        """Every representation runs here."""
+        if action_repr.decoding not in UpstreamBackend.decodings:
+            raise ValueError(f"{path}: representation {action_repr.name!r} decodes by {action_repr.decoding!r}, which the "
+                             f"upstream backend does not run ({', '.join(UpstreamBackend.decodings)})")
 
     @classmethod
     def load(cls, path: Path, action_repr: ActionRepresentation, device: str, dtype: torch.dtype,
@@ -161,9 +164,9 @@ class UpstreamBackend:
                                    use_model_defaults=False, logits_processor=new_logits_processor())
 
     def slot_actions(self, inputs: PreparedInputs, n_slots: int) -> np.ndarray:
-        """parallel_l1: prompt + n_slots placeholders (each plus its learned slot embedding), the hidden states
-        of the last n_slots positions (left padding puts them last in every row) -> the head. No LM head, no
-        generate()."""
+        """"placeholders" decoding (parallel_l1): prompt + n_slots placeholders (each plus the head's slot
+        embedding), the hidden states of the last n_slots positions (left padding puts them last in every
+        row) -> the model's ActionHead. No LM head, no generate()."""
         model = self.model
         head = model.vla_action_head
         b = inputs.input_ids.shape[0]

@@ -38,10 +38,10 @@ def main() -> None:
 
 
 def _representations_help() -> str:
-    """The action representations, from the registry (action_repr.REPRESENTATIONS)."""
-    from llava_vla_plugin.core.representations import REPRESENTATIONS
+    """The action representations, from the registry (core/representations/registry.py)."""
+    from llava_vla_plugin.core.representations import REPRESENTATIONS, representation_class
 
-    lines = [f"  {name:12s} {(cls.__doc__ or '').strip().splitlines()[0]}" for name, cls in REPRESENTATIONS.items()]
+    lines = [f"  {name:12s} {(cls.__doc__ or '').strip().splitlines()[0]}" for name, cls in ((n, representation_class(n)) for n in REPRESENTATIONS)]
     return ("\nAction representations (--vla_action_repr; the launcher's ACTION_REPR), llava_vla_plugin/core/representations.py:\n"
             + "\n".join(lines) + "\n")
 

@@ -27,7 +27,7 @@ class SparseHeadOutput(CausalLMOutputWithPast):
     number of attended sequence positions (`num_tokens`) and sequences (`num_sequences`) of the batch."""
 
     targets: Optional[torch.LongTensor] = None
-    action_pred: Optional[torch.FloatTensor] = None  # regression heads (action_repr parallel_l1): [n, H, D]
+    action_pred: Optional[torch.FloatTensor] = None  # a representation's ActionHead (parallel_l1): [n, H, D]
     action_targets: Optional[torch.FloatTensor] = None
     num_tokens: Optional[int] = None
     num_sequences: Optional[int] = None
@@ -62,23 +62,19 @@ def install(model_cls) -> None:
         if inputs_embeds is None:
             (input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, labels) = self.prepare_inputs_labels_for_multimodal(
                 input_ids, position_ids, attention_mask, past_key_values, labels, images, modalities, image_sizes)
-        head = getattr(self, "vla_action_head", None)
-        if head is not None:  # the placeholders' learned slot embeddings (action_repr.py)
-            from llava_vla_plugin.core.representations import regression_inputs
-
-            inputs_embeds = regression_inputs(head, inputs_embeds, labels)
+        head = getattr(self, "vla_action_head", None)  # a representation's ActionHead (core/representations/base.py)
+        if head is not None:  # e.g. parallel_l1's learned slot embeddings at its placeholders
+            inputs_embeds = head.embed_inputs(inputs_embeds, labels)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=False,
                              output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True)
         action_pred = None
-        if head is not None:  # placeholder positions go to the regression head, not the LM head (action_repr.py)
-            from llava_vla_plugin.core.representations import regression_forward
-
-            labels, action_pred, action_targets = regression_forward(head, outputs.last_hidden_state, labels, action_targets)
+        if head is not None:  # placeholder positions go to the head, not the LM head
+            labels, action_pred, action_targets = head.training_outputs(outputs.last_hidden_state, labels, action_targets)
         targets, logits = labelled_logits(self.lm_head, outputs.last_hidden_state, labels)
         loss = F.cross_entropy(logits.float(), targets) if targets.numel() else logits.sum() * 0.0
         if action_pred is not None:
-            loss = loss + F.l1_loss(action_pred.float(), action_targets.float())
+            loss = loss + head.loss(action_pred, action_targets)
         counted = attention_mask is not None
         return SparseHeadOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
                                 targets=targets, action_pred=action_pred, action_targets=action_targets if action_pred is not None else None,
