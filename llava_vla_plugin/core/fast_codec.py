@@ -212,7 +212,7 @@ class FastCodec:
 
         self.config = config
         self._bpe = Tokenizer.from_str(bpe_json)
-        self._bpe_json = bpe_json
+        self._bpe_json = self._bpe.to_str()  # tokenizers' own serialization: the same bytes however it was read
         self.fit_info: dict[str, Any] = dict(fit_info or {})
         if self._bpe.get_vocab_size() != config.n_tokens:
             raise FastCodecError(f"the BPE vocabulary has {self._bpe.get_vocab_size()} tokens, the config says "
@@ -275,6 +275,11 @@ class FastCodec:
         return cls(config, bpe.to_str(), info)
 
     # ---- encode / decode -----------------------------------------------------------------------------------
+    @property
+    def bpe_json(self) -> str:
+        """The BPE tokenizer as `tokenizers` serializes it (equal to the reference's `to_str()` on the same data)."""
+        return self._bpe_json
+
     @property
     def n_tokens(self) -> int:
         return self.config.n_tokens
