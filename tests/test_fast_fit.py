@@ -160,3 +160,35 @@ def test_bad_input_exits_2_naming_the_file(converted_v1, tmp_path):
     assert "--horizon must be >= 1" in _run_bad(["--data_path", str(converted_v1), "--horizon", "0",
                                                  "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()  # nothing written on bad input
+
+
+def _readme_fast_block() -> str:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- readme-fast: begin")[1].split("<!-- readme-fast: end -->")[0]
+    return block
+
+
+def test_readme_command_runs_verbatim(smooth_mixture, tmp_path):
+    import shlex
+
+    block = _readme_fast_block()
+    commands = [line for line in block.splitlines() if line.startswith("python -m")]
+    assert len(commands) == 1
+    argv = shlex.split(commands[0])
+    assert argv[:3] == ["python", "-m", MODULE]
+    shutil.copytree(smooth_mixture.parent, tmp_path / "converted")  # the README's converted/mixture.yaml
+    proc = run_py(argv[1:], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert FastCodec.load(tmp_path / "fast_tokenizer").config.horizon == 8
+    # the bound the README quotes
+    readme = " ".join((ROOT / "README.md").read_text().split())  # line breaks as spaces
+    assert f"at most {round_trip_bound(8, 10.0).max_abs:.3f} in normalized units for H = 8" in readme
+
+
+def test_console_command_points_at_main():
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, func = scripts["vla-fit-fast"].split(":")
+    assert getattr(importlib.import_module(module), func) is main
