@@ -184,6 +184,8 @@ def test_plus_ones_is_clipped_above_where_the_reference_emits_an_undecodable_seq
     ("negative id", [-1] + REF_TOKENS[0][1:], "outside the vocabulary"),
     ("not integers", ["a", "b"], "not integers"),
     ("nan", [float("nan")], "not integers"),
+    ("fractional", [3.7] + REF_TOKENS[0][1:], "not integers"),
+    ("numeric strings", [str(t) for t in REF_TOKENS[0]], "not integers"),
 ])
 def test_invalid_sequences_decode_to_zeros_with_a_reason(codec, name, tokens, reason):
     result = codec.decode(tokens)

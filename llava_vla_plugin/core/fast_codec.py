@@ -318,8 +318,11 @@ class FastCodec:
             return DecodeResult(np.zeros((h, d), dtype=np.float32), False, reason)
 
         try:
-            ids = [int(t) for t in np.asarray(tokens, dtype=object).reshape(-1).tolist()]
-        except (TypeError, ValueError) as e:
+            raw = np.asarray(tokens, dtype=object).reshape(-1).tolist()
+            ids = [int(t) for t in raw]
+            if any(i != t for i, t in zip(ids, raw)):  # 3.7 or "5" are not token indices
+                raise ValueError(f"{next(t for i, t in zip(ids, raw) if i != t)!r}")
+        except (TypeError, ValueError, OverflowError) as e:
             return invalid(f"tokens are not integers ({e})")
         bad = [t for t in ids if not 0 <= t < c.n_tokens]
         if bad:
