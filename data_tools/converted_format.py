@@ -175,6 +175,13 @@ def episode_actions_file(split: str) -> str:
     return f"{split}_actions.npz"
 
 
+def episode_proprio_file(split: str) -> str:
+    """`train_proprio.npz` / `val_proprio.npz`: every kept episode's proprio state (raw, not normalized), in
+    the EpisodeActions layout; written by the bring-your-own-data importers (data_tools/byod.py) when the
+    source has a state. RLDS conversion does not write it (OpenVLA trains with load_proprio=False)."""
+    return f"{split}_proprio.npz"
+
+
 # OpenVLA's `absolute_action_mask` for ActionEncoding.EEF_POS (the only encoding converted): the gripper is an
 # absolute command, the 6 end-effector deltas are relative (oxe/utils/... make_oxe_dataset_kwargs).
 EEF_POS_ABSOLUTE_MASK = (False,) * 6 + (True,)

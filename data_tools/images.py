@@ -18,12 +18,16 @@ class MissingImageError(ImageDecodeError):
     """The step stores no image (empty bytes: the camera did not record)."""
 
 
-def _encode_jpeg(pixels: np.ndarray) -> bytes:
+def encode_jpeg(pixels: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
+    """Raw RGB pixels (H, W, 3 uint8) as one JPEG (PIL, the same encoder for every tool)."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+_encode_jpeg = encode_jpeg
 
 
 def _decode_rgb(data: bytes) -> np.ndarray:
