@@ -101,11 +101,13 @@ class ImportMapping:
 
 
 def orient(pixels, orientation: str):
-    """The image as the policy should see it. LIBERO renders upside down; OpenVLA's LIBERO RLDS stores
-    `img[::-1, ::-1]` (rotate_180): openvla/openvla experiments/robot/libero/regenerate_libero_dataset.py and
-    moojink/openvla-oft's copy of it, `agentview_image`/`eye_in_hand_image` rows, and
-    experiments/robot/libero/libero_utils.py get_libero_image (`img[::-1, ::-1]`, "IMPORTANT: rotate 180
-    degrees to match train preprocessing"). A policy served on LIBERO frames expects the same flip."""
+    """The image as the policy should see it. LIBERO's simulator renders upside down: OpenVLA rotates its images
+    by 180 degrees (`img[::-1, ::-1]`) in its LIBERO HDF5 -> RLDS conversion (openvla/openvla
+    experiments/robot/libero/regenerate_libero_dataset.py, module docstring: "we rotate the images by 180 degrees
+    because we observe that the environments return images that are upside down") and again at evaluation
+    (experiments/robot/libero/libero_utils.py get_libero_image: `img = img[::-1, ::-1]  # IMPORTANT: rotate 180
+    degrees to match train preprocessing`; OpenVLA-OFT, moojink/openvla-oft, keeps both). So LIBERO HDF5 imports
+    default to rotate_180, and a policy trained on them is served rotated frames, as OpenVLA's."""
     if orientation == "none":
         return pixels
     if orientation == "flip_vertical":
