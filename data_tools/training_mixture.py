@@ -107,6 +107,7 @@ class MixturePlan:
     seed: int
     rows: tuple[MixtureRow, ...]
     excluded: dict[str, str] = field(default_factory=dict)  # dataset -> why it is not in the mixture
+    action_conventions: dict[str, str] = field(default_factory=dict)  # dataset -> its declared action convention
 
     @property
     def total_frames(self) -> int:
@@ -131,6 +132,7 @@ class MixturePlan:
             "effective_frames": self.effective_total,
             "datasets": [asdict(r) for r in self.rows],
             "excluded": dict(self.excluded),
+            "action_conventions": dict(self.action_conventions),
         }
 
 
@@ -292,6 +294,35 @@ def _apportion(quotas: Mapping[str, float], total: int) -> dict[str, int]:
     return counts
 
 
+def action_convention(folder: Path):
+    """A converted dataset's declared action convention (manifest.json `action_convention`, written by
+    `vla-import`); data converted from RLDS declares none and is OpenVLA's (delta EEF, gripper 1 open / 0 closed)."""
+    from data_tools.byod_mapping import ActionConvention
+
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    return ActionConvention.from_dict(manifest.get("action_convention") if isinstance(manifest, dict) else None)
+
+
+def check_action_conventions(converted: Path, names: list[str], allow_mixed: bool = False) -> dict[str, str]:
+    """{dataset: convention} of the datasets to be mixed; MixtureToolError when they differ (one policy trained on
+    a delta and an absolute dataset, or on two gripper signs, learns contradictory targets) unless allow_mixed."""
+    conv = {n: action_convention(Path(converted) / n) for n in names}
+    if len(set(conv.values())) > 1 and not allow_mixed:
+        listed = "; ".join(f"{n}: {c.describe()}" for n, c in conv.items())
+        raise MixtureToolError(
+            f"the datasets of this mixture declare different action conventions ({listed}). A policy trained on both "
+            "learns contradictory actions. Re-import the odd ones with `convention: {to_openvla_gripper: true}` in "
+            "their mapping (gripper) or convert their actions to the mixture's convention, leave them out of the "
+            "weights, or pass --allow-mixed-action-conventions if you have reconciled them yourself")
+    if len(set(conv.values())) > 1:
+        log.warning("mixing action conventions (--allow-mixed-action-conventions): %s",
+                    "; ".join(f"{n}: {c.describe()}" for n, c in conv.items()))
+    return {n: c.describe() for n, c in conv.items()}
+
+
 def plan_mixture(
     converted: str | Path,
     weights: Mapping[str, float],
@@ -299,6 +330,7 @@ def plan_mixture(
     balance: bool = False,
     seed: int = 0,
     weights_source: str = "inline",
+    allow_mixed_conventions: bool = False,
 ) -> MixturePlan:
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (math.isfinite(fraction) and fraction > 0):
         raise MixtureToolError(f"--fraction must be a number > 0 (1 = every train frame once), got {fraction!r}")
@@ -315,6 +347,7 @@ def plan_mixture(
             used[name] = data[name]
     if not used:
         raise MixtureToolError(f"no dataset left to train on ({', '.join(f'{k}: {v}' for k, v in excluded.items())})")
+    conventions = check_action_conventions(Path(converted).resolve(), list(used), allow_mixed_conventions)
     mass = {n: weights[n] * (d.num_transitions if balance else 1.0) for n, d in used.items()}
     if balance and not sum(mass.values()) > 0:
         raise MixtureToolError("--balance: every dataset has num_transitions 0")
@@ -328,7 +361,8 @@ def plan_mixture(
         mult = counts[name] / d.frames
         eff = effective_frames(d.frames, mult)  # == counts[name]: the reader's rounding recovers it
         rows.append(MixtureRow(name, weights[name], d.frames, d.num_transitions, shares[name], mult, eff))
-    return MixturePlan(Path(converted).resolve(), weights_source, float(fraction), bool(balance), int(seed), tuple(rows), excluded)
+    return MixturePlan(Path(converted).resolve(), weights_source, float(fraction), bool(balance), int(seed), tuple(rows),
+                       excluded, conventions)
 
 
 def format_table(plan: MixturePlan) -> str:
@@ -387,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fraction", type=float, default=1.0, help="effective frames / train frames of the mixture's datasets (default 1)")
     p.add_argument("--balance", action="store_true", help="multiply weights by each dataset's num_transitions (OpenVLA)")
     p.add_argument("--seed", type=int, default=0, help="recorded in the mixture; pass the same to the trainer's --vla_data_seed")
+    p.add_argument("--allow-mixed-action-conventions", action="store_true",
+                   help="mix datasets whose declared action conventions differ (delta/absolute EEF, gripper range or "
+                        "sign; manifest.json action_convention); refused by default")
     add_output(p, "-o", "--output", type=str, metavar="YAML", help="the training mixture YAML to write")
     add_common_flags(p)
     return p
@@ -397,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args)
     try:
         label, weights = read_weights(args.weights, args.preset)
-        plan = plan_mixture(args.data_dir, weights, args.fraction, args.balance, args.seed, weights_source=label)
+        plan = plan_mixture(args.data_dir, weights, args.fraction, args.balance, args.seed, weights_source=label,
+                            allow_mixed_conventions=args.allow_mixed_action_conventions)
     except MixtureToolError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
