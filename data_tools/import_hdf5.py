@@ -127,7 +127,8 @@ class Hdf5Source:
                     demos = sorted((k for k in h["data"].keys() if k.startswith("demo")), key=_demo_number)
             except OSError as e:
                 raise ImportInputError(f"{f}: cannot open as HDF5 ({e})") from None
-            refs.extend(DemoRef(len(refs) + i, str(f), d) for i, d in enumerate(demos))
+            base = len(refs)
+            refs.extend([DemoRef(base + i, str(f), d) for i, d in enumerate(demos)])
         return refs
 
     def load(self, ref: DemoRef) -> EpisodeData:
