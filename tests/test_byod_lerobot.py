@@ -228,6 +228,16 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
+def test_cli_follows_the_flag_convention():
+    from data_tools.import_cli import build_parser
+
+    parser = build_parser()
+    for sub in ("lerobot", "hdf5"):
+        action = next(a for a in parser._actions if getattr(a, "choices", None) and sub in a.choices)
+        options = {s for a in action.choices[sub]._actions for s in a.option_strings}
+        assert {"--out", "--data-dir", "--no-progress", "-v", "--verbose", "-h", "--workers", "--mapping"} <= options
+
+
 def test_cli_exit_codes_and_mapping(tmp_path):
     assert _cli("--help").returncode == 0 and _cli("lerobot", "--help").returncode == 0
     assert _cli("lerobot", str(tmp_path / "nope"), "--out", str(tmp_path / "o")).returncode == 2
