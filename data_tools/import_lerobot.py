@@ -232,15 +232,19 @@ class LeRobotSource:
         instruction = m.instruction_text or self._instruction(ref, np.asarray(cols["task_index"])[order], where)
         if in_parquet:
             stored = table[primary].to_pylist()
-            frames = []
+            frames, hows = [], set()
             for r in order.tolist():
                 item = stored[r]
                 data = item.get("bytes") if isinstance(item, dict) else item
                 if not data:
                     raise ImportInputError(f"{where}: key {primary!r}: row {r} has no image bytes")
-                frames.append(frame_jpeg(data, False)[0] if m.orientation == "none" else
-                              pixels_to_jpeg(_decode(data), m))
-            how = "copied_or_encoded"
+                if m.orientation == "none":  # a stored JPEG is kept as it is (bit-exact, as convert does)
+                    jpeg, how = frame_jpeg(data, False)
+                else:
+                    jpeg, how = pixels_to_jpeg(_decode(data), m), "encoded"
+                frames.append(jpeg)
+                hows.add(how)
+            how = "copied" if hows == {"copied"} else "encoded"
         else:
             key, video, start, _ = next(v for v in ref.videos if v[0] == primary)
             frames = decode_video_frames(self.root / video, start + ts, self.fps, where, key,
