@@ -334,6 +334,10 @@ def finalize(name: str, work: Path, out: Path, unit_ids: Sequence[str], counts: 
     for w in warnings:
         log.warning("%s: %s", name, w)
     write_text(final / STATISTICS_FILE, json.dumps({name: stats}, indent=2) + "\n")
+    images = (manifest_extra.get("source") or {}).get("images")
+    if isinstance(images, dict):  # what actually happened to the frames: any not copied byte for byte was re-encoded
+        hows = {h for sc in split_counts.values() for h in sc["images"]}
+        images["reencoded"] = any(h != "copied" for h in hows)
     manifest = {
         "tool_version": TOOL_VERSION,
         "dataset": name,

@@ -124,7 +124,7 @@ class LeRobotSource:
         return {"kind": "lerobot", "path": str(self.root), "codebase_version": self.version, "fps": self.fps,
                 "robot_type": self.info.get("robot_type"), "primary_view": primary,
                 "views_not_exported": sorted(v for r, v in self.mapping.views.items() if r != "primary"),
-                "images": {"reencoded": is_video, "from": "video decoded with PyAV" if is_video else "parquet image bytes",
+                "images": {"reencoded": True, "from": "video decoded with PyAV" if is_video else "parquet image bytes",
                            "jpeg_quality": self.mapping.jpeg_quality}}
 
     def digest(self) -> str:

@@ -257,3 +257,16 @@ def test_cli_exit_codes_and_mapping(tmp_path):
     m = json.loads((tmp_path / "o/wrist/manifest.json").read_text())
     assert m["source"]["primary_view"] == "observation.images.wrist" and m["source"]["images"]["jpeg_quality"] == 80
     assert not (tmp_path / "o/wrist/train_proprio.npz").exists()
+
+
+def test_image_features_stored_in_the_parquet(tmp_path):
+    """LeRobot "image" features (PNG bytes inside the parquet, written by lerobot 0.4.4 with use_videos=False)."""
+    m = _import(FIX / "lerobot_v30_images", tmp_path, "imgs", val_fraction=0.0)
+    assert validate(tmp_path)[0].ok
+    assert m["counts"]["splits"]["train"]["images"] == {"encoded": 5}  # PNG -> JPEG q95 (a stored JPEG is copied)
+    assert m["source"]["images"]["reencoded"] is True and m["source"]["images"]["from"] == "parquet image bytes"
+    expected = np.load(FIX / "lerobot_v30_images_expected.npz")
+    for s in _samples(tmp_path, "imgs"):
+        img = np.asarray(Image.open(tmp_path / s["image"]).convert("RGB"), np.int16)
+        assert np.abs(img - expected[f"front_{s['episode']}"][s["step"]]).mean() < 4
+        np.testing.assert_array_equal(np.float32(s["action_raw"]), expected[f"action_{s['episode']}"][s["step"]])
