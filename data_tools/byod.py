@@ -254,7 +254,8 @@ def _process_unit_safe(job: UnitJob) -> dict[str, Any]:
 
 
 def split_boundary(n: int, val_fraction: float) -> int:
-    """Episodes [0, b) train, [b, n) val: OpenVLA's `train[:95%]` as tfds rounds it (to the closest episode)."""
+    """Episodes [0, b) train, [b, n) val: OpenVLA's `train[:95%]` split, b rounded to the closest episode (Python
+    round; not checked against tfds' percent-slice rounding for every n)."""
     return int(round(n * (1.0 - val_fraction)))
 
 
