@@ -17,6 +17,8 @@ import subprocess
 import numpy as np
 import pytest
 
+from policy_files_check import assert_same_policy
+from llava_vla_plugin.core import checkpoint
 from conftest import ROOT, requires_upstream, run_py, subprocess_env
 from data_tools.converted_format import image_path
 from llava_vla_plugin.testing.chunk_samples import write_episodes
@@ -70,6 +72,8 @@ def test_deepspeed_two_cpu_processes(tiny_model, tmp_path, config, action_repr):
     assert np.isfinite(history[0]["loss"]) and "action_accuracy_teacher_forced" in history[0]
     for folder in (out, out / "checkpoint-1"):
         assert (folder / "vla_action_tokenizer.json").exists() and (folder / "dataset_statistics.json").exists(), folder
+    assert_same_policy(out, out / "checkpoint-1")  # ZeRO-2/3: the final save and checkpoint-N read the same
+    assert checkpoint.read(out).repr_config.name == action_repr and checkpoint.read(out).repr_config.horizon == horizon
     base = load_file(str(tiny_model.llava_dir / "model.safetensors"))["model.embed_tokens.weight"]
     saved = load_file(str(out / "model.safetensors"))["model.embed_tokens.weight"]
     mean = base[:151646].astype(np.float64).mean(axis=0)

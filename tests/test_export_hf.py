@@ -14,6 +14,7 @@ import json
 
 import pytest
 
+from policy_files_check import assert_same_policy
 from conftest import ROOT, requires_upstream, run_py, subprocess_env
 
 MAKE_CKPT = r'''
@@ -199,6 +200,7 @@ def test_export_matches_upstream_anyres(exported):
     assert cfg["architectures"] == ["LlavaOnevisionForConditionalGeneration"]
     assert cfg["vision_aspect_ratio"] == "anyres_max_9" and cfg["vision_feature_layer"] == -1
     assert (out / "vla_action_tokenizer.json").read_text() == (exported["ckpt"] / "vla_action_tokenizer.json").read_text()
+    assert_same_policy(exported["ckpt"], out)  # the export reads as its checkpoint does (one owner)
 
     r = _result(run_py(["-c", COMPARE, str(exported["ckpt"]), str(out)], env=exported["env"], timeout=1800))
     print({k: v for k, v in r.items() if "max_diff" in k or k in ("positions", "vocab", "argmax_up", "argmax_hf")})

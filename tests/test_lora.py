@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from policy_files_check import assert_same_policy
 from conftest import ROOT, UPSTREAM_REASON, requires_upstream, subprocess_env, upstream_available
 from llava_vla_plugin.testing.vla_samples import write_vla_dataset
 
@@ -141,6 +142,8 @@ def test_checkpoints_are_complete(lora_run):
     for name in ("vla_action_tokenizer.json", "dataset_statistics.json", "vla_action_repr.json", "vla_run_config.json"):
         assert (merged / name).is_file(), f"the merge lost {name}"
     assert not (merged / "adapter_config.json").exists()  # else transformers would load it as an adapter
+    for folder in (out / f"checkpoint-{STEPS // 2}", out / f"checkpoint-{STEPS}", merged):  # one owner, read the same
+        assert_same_policy(out, folder)
 
 
 def test_lora_adapts_the_language_model_only(lora_run):
@@ -359,6 +362,7 @@ def test_merge_keeps_the_action_representation(lora_run, policy_results, tmp_pat
     r = _result(subprocess.run([sys.executable, "-c", CHUNK_SCRIPT, str(ckpt), str(tmp_path / "merged"),
                                 str(lora_run["dir"] / "samples.json")],
                                env=lora_run["env"], capture_output=True, text=True, timeout=900, cwd=tmp_path))
+    assert_same_policy(ckpt, tmp_path / "merged")  # LoRA unmerged vs merged: one owner's files, read the same
     for name in ("lora", "merged"):
         assert (r[name]["repr"], r[name]["horizon"]) == ("bins_chunk", 8), r
         assert np.array(r[name]["action"]).shape == (8, 7), r

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from policy_files_check import assert_same_policy
 from conftest import ROOT, UPSTREAM_REASON, requires_upstream, subprocess_env, upstream_available
 from llava_vla_plugin.testing.vla_samples import colour_image, write_vla_dataset
 
@@ -144,6 +145,7 @@ def test_checkpoints_carry_vla_files_and_resume(overfit_run, fast_tiny):
         assert set(stats) == {"ds"}
         added = json.loads((folder / "added_tokens.json").read_text())
         assert added["<ACTION_0>"] == 151646 and added["<ACTION_255>"] == 151901
+        assert_same_policy(out, folder)  # a full fine-tune's checkpoint-N reads as its final save (one owner)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-150", "checkpoint-75"]
     # only the newest checkpoint keeps optimizer state (KEEP_OPTIMIZER=latest, the default)
     assert (out / "checkpoint-150/optimizer.pt").exists() and not (out / "checkpoint-75/optimizer.pt").exists()

@@ -74,11 +74,18 @@ def _unpadded(rows: int, cols: int, size: tuple[int, int]) -> tuple[int, int]:
     return rows, cols - 2 * pad
 
 
+# What upstream does where nothing names the mode: DataArguments.image_aspect_ratio = "square"
+# (llava/train/train.py:125 at df17966), copied into model.config by train.py:1583. The one default every
+# reader here uses (a config or data_args without the field); the launcher's own default is anyres_max_9.
+UPSTREAM_IMAGE_ASPECT_RATIO = "square"
+
+
 @dataclass(frozen=True)
 class VisualGeometry:
-    """What decides the visual-token count: the model config's fields plus the tower's tile geometry."""
+    """What decides the visual-token count: the model config's fields plus the tower's tile geometry.
+    The mode has no default here: callers name it, or read it with UPSTREAM_IMAGE_ASPECT_RATIO's rule."""
 
-    image_aspect_ratio: str = "pad"
+    image_aspect_ratio: str
     mm_patch_merge_type: str = "spatial_unpad"
     image_grid_pinpoints: Any = OV_GRID_PINPOINTS
     image_size: int = SIGLIP_IMAGE_SIZE  # the tower's input side (one tile)
@@ -94,7 +101,7 @@ class VisualGeometry:
         get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
         pinpoints = get("image_grid_pinpoints") or OV_GRID_PINPOINTS
         return cls(
-            image_aspect_ratio=str(get("image_aspect_ratio") or "square"),
+            image_aspect_ratio=str(get("image_aspect_ratio") or UPSTREAM_IMAGE_ASPECT_RATIO),
             mm_patch_merge_type=str(get("mm_patch_merge_type") or "flat"),
             image_grid_pinpoints=pinpoints,
             image_size=int(image_size or SIGLIP_IMAGE_SIZE),

@@ -26,7 +26,8 @@ from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
 from llava_vla_plugin.core.chunk_data import WindowSource
 from llava_vla_plugin.core.training_data import find_statistics, load_data
 from llava_vla_plugin.core.prompt import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX, VLAPromptBuilder
-from llava_vla_plugin.core.visual_tokens import PROMPT_TEXT_TOKENS_MIN, VisualGeometry, check_max_length, sample_budget
+from llava_vla_plugin.core.visual_tokens import (PROMPT_TEXT_TOKENS_MIN, UPSTREAM_IMAGE_ASPECT_RATIO, VisualGeometry,
+                                                 check_max_length, sample_budget)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def visual_geometry(tokenizer, data_args) -> VisualGeometry | None:
     size = getattr(processor, "size", None) or {}
     side = size.get("height") or size.get("shortest_edge") if isinstance(size, dict) else None
     return VisualGeometry.from_config(
-        {"image_aspect_ratio": getattr(data_args, "image_aspect_ratio", "pad"), "mm_patch_merge_type": merge,
+        {"image_aspect_ratio": getattr(data_args, "image_aspect_ratio", UPSTREAM_IMAGE_ASPECT_RATIO), "mm_patch_merge_type": merge,
          "image_grid_pinpoints": getattr(data_args, "image_grid_pinpoints", None)}, image_size=side)
 
 
