@@ -101,8 +101,6 @@ class VLADataset(LazySupervisedDataset):
         self.data_args = data_args
         seed = int(getattr(data_args, "vla_data_seed", 0))
         self.list_data_dict, sources = load_data(data_path, seed=seed)
-        if not is_eval:
-            data_args.dataset_paths = [str(s.path) for s in sources]
         self.dataset_statistics = find_statistics(sources)
         self.skip_bad_samples = bool(getattr(data_args, "vla_skip_bad_samples", False))
         self.skipped = 0
