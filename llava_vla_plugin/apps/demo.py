@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # (schema, episodes per split): bridge has a val split; fractal's val is train[95%:] as in OpenVLA
 DATASETS = [("bridge_orig", {"train": 5, "val": 2}), ("fractal20220817_data", {"train": 6})]
 

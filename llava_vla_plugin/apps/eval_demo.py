@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATASET = "lift_scripted"
 REGISTRY_FILE = ROOT / "configs" / "registry" / "lift_scripted.yaml"
 EVAL_CONFIG = ROOT / "configs" / "vla_eval" / "lift.yaml"

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PUBLISHED = ROOT / "configs" / "closed_loop" / "published.yaml"
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile
 

@@ -63,7 +63,7 @@ from data_tools.cli import add_common_flags, add_output, setup_logging
 from data_tools.atomic import write_text_if_changed
 from data_tools.training_mixture import MixturePlan, MixtureToolError, plan_mixture, read_weights, write_training_mixture
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_FINETUNE_SCRIPT = ROOT / "scripts" / "finetune_ov_vla.sh"
 FINAL_METRICS = "final_metrics.json"
 GRID_AXES = ("fraction", "mixture", "model", "steps", "action_repr")
