@@ -11,7 +11,9 @@ resolves only with HF_HOME set before transformers is imported).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from policy_files_check import assert_same_policy
@@ -244,3 +246,59 @@ def test_export_regression_head_travels_separately(exported, tmp_path):
     # refuses to write into a non-empty folder
     again = run_py(["-m", "llava_vla_plugin.infer.export_hf", str(exported["head_ckpt"]), str(out)], env=exported["env"])
     assert again.returncode == 2 and "not empty" in again.stderr
+
+
+CHUNK_COMPARE = r'''
+import json, sys
+import numpy as np
+from PIL import Image
+from llava_vla_plugin import VLAPolicy
+ckpt, out = sys.argv[1], sys.argv[2]
+pil = Image.fromarray(np.random.default_rng(2).integers(0, 256, (480, 640, 3), dtype=np.uint8))
+up = VLAPolicy.from_pretrained(ckpt, device="cpu", dtype="float32")
+hf = VLAPolicy.from_pretrained(out, device="cpu", dtype="float32")  # no backend named: the export says which
+res = {"backends": [type(up.backend).__name__, type(hf.backend).__name__], "repr": [hf.action_repr.name, hf.horizon]}
+for name, p in (("up", up), ("hf", hf)):
+    res[name] = p.predict_actions([pil, pil], "open the drawer", unnorm_key="bridge_orig").tolist()
+print("RESULT " + json.dumps(res))
+'''
+
+
+def _relabelled(src: Path, dst: Path, horizon: int) -> Path:
+    """`src` (symlinked) as a bins_chunk H=`horizon` checkpoint: what is decoded is the subject, not the training."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != "vla_action_repr.json":
+            (dst / f.name).symlink_to(f)
+    cfg = json.loads((src / "vla_action_repr.json").read_text()) if (src / "vla_action_repr.json").exists() else {}
+    (dst / "vla_action_repr.json").write_text(json.dumps({**cfg, "name": "bins_chunk", "horizon": horizon}))
+    return dst
+
+
+@requires_upstream
+def test_one_pipeline_serves_an_export_and_decodes_chunks_there(exported, tmp_path):
+    """VLAPolicy.from_pretrained on an export takes the transformers backend by itself (so /act, the vla-eval
+    server and offline eval serve exports), and that backend now decodes bins_chunk: the same [B, H, D]
+    actions as the upstream backend on the checkpoint it was exported from."""
+    ckpt = _relabelled(exported["ckpt"], tmp_path / "ckpt-chunk", 2)
+    out = _relabelled(exported["out"], tmp_path / "hf-chunk", 2)
+    assert_same_policy(ckpt, out)
+    r = _result(run_py(["-c", CHUNK_COMPARE, str(ckpt), str(out)], env=exported["env"], timeout=1800))
+    assert r["backends"] == ["UpstreamBackend", "TransformersBackend"] and r["repr"] == ["bins_chunk", 2], r
+    assert np.array(r["hf"]).shape == (2, 2, 7), r
+    np.testing.assert_allclose(r["hf"], r["up"], rtol=0, atol=1e-9)
+
+
+def test_transformers_backend_refuses_a_head_before_loading(exported, tmp_path):
+    """A parallel_l1 export: the head is not part of the transformers model, so the pipeline says so and what
+    to load instead, before any weight is read."""
+    from llava_vla_plugin.infer.hf_policy import HFVLAPolicy
+
+    out = tmp_path / "hf-l1"
+    out.mkdir()
+    for f in exported["out"].iterdir():
+        if f.name not in ("vla_action_repr.json", "model.safetensors"):  # no weights: a load would fail differently
+            (out / f.name).symlink_to(f)
+    (out / "vla_action_repr.json").write_text(json.dumps({"name": "parallel_l1", "horizon": 2, "action_dim": 7}))
+    with pytest.raises(ValueError, match="parallel_l1.*Load the training checkpoint"):
+        HFVLAPolicy.from_pretrained(out, device="cpu")
