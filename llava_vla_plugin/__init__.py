@@ -1,5 +1,14 @@
 """LLaVA-OneVision as a Vision-Language-Action model: an overlay on upstream LLaVA-NeXT.
 
+Layers, bottom first (imports only go down; docs/DESIGN.md draws them, tests/test_layers.py checks):
+  core/         the contracts: checkpoint files, action representations, action tokens, prompt, token
+                budget, un-normalization keys, reading converted data
+  train/        upstream registration, dataset, trainer, sparse head, LoRA (`python -m llava_vla_plugin.train`)
+  infer/        one policy pipeline (VLAPolicy) with upstream and transformers backends; servers, eval, export
+  experiments/  sweeps, scaling fits, closed-loop reports
+  apps/         demos, their tiny model and RLDS fixture builders, the simulator task
+  testing/      helpers for the tests only
+
 Importing this package only sets environment defaults (cheap, no torch). The upstream hooks are
 installed by `llava_vla_plugin.train.register.register()`, which the training entry point calls.
 `llava_vla_plugin.VLAPolicy` (inference) is imported on first use.
