@@ -89,7 +89,7 @@ out["grad_norm"] = {"vision_tower": grad_norm(model.get_vision_tower()), "projec
 model.zero_grad(set_to_none=True)
 model.eval()
 
-policy = VLAPolicy(model, tok, b.image_processor, b.action_tokenizer, example_statistics())
+policy = VLAPolicy.from_upstream_model(model, tok, b.image_processor, b.action_tokenizer, example_statistics())
 reset_peak()
 t0 = time.time()
 action = policy.predict_action(np.asarray(pil), "put the cup in the sink", unnorm_key="bridge_orig")
