@@ -7,6 +7,8 @@ before skip_unlabeled, BOUNDS_Q99 normalization, skip_unlabeled, OpenVLA's train
 JPEG bytes copied unchanged. Work is split into units (one shard file of one split); each unit writes
 to a temporary directory renamed when complete, so a killed run resumes where it stopped, and output
 is byte-identical for any --workers. A dataset directory appears under OUT only when it is complete.
+OUT/mixture.yaml turns the spec's OpenVLA weights into copy multipliers under --weighting (default
+`balanced`: OpenVLA's w x num_transitions, whatever --frames-per-episode kept; data_tools/training_mixture.py).
 
 A finished or partial conversion is reused only if its fingerprint matches: the options, the registry entry
 and the source's content (`source_digest`), so a replaced source is refused with a message, never skipped
