@@ -40,9 +40,10 @@ Weights (relative, OpenVLA's convention):
   --preset NAME    a shipped mixture, data_tools/mixtures/NAME.yaml (OpenVLA's named mixtures, `default`)
 
 n_d is the dataset's `num_transitions` from its dataset_statistics.json (manifest.json counts, then its train
-frame count, as logged fallbacks). With `download --fraction` it is the downloaded shards' count: equal
-download fractions keep OpenVLA's shares in expectation; --stats-from OpenVLA's published statistics gives
-the full datasets' counts.
+frame count, as logged fallbacks). After a `download --fraction` subset, statistics computed on it count the
+downloaded transitions; the planner scales them to the full dataset by total / downloaded episodes
+(download_manifest.json, `_download_scale`), so datasets downloaded at different fractions keep OpenVLA's
+shares. Statistics from convert --stats-from (OpenVLA's published ones) are full counts already.
 
 The written mixture gives every dataset a sampling `weight` relative to its own train frame count
 (the trainer keeps floor(weight) copies plus a seeded fraction, see llava_vla_plugin/core/training_data.py),
@@ -240,15 +241,46 @@ def _count_lines(path: Path) -> int:
     return n
 
 
+def _download_scale(folder: Path) -> tuple[float, str] | None:
+    """(full dataset's episodes / downloaded episodes, where it is recorded) when the converted dataset's source
+    was a `data_tools.download --fraction` subset; None for a complete download or published statistics.
+
+    OpenVLA's n_d counts the full dataset's transitions. Statistics computed on a downloaded fraction count
+    that fraction's, so datasets downloaded at different fractions would be balanced by their downloads, not
+    by their sizes. The full count is recorded nowhere (dataset_info.json holds episode counts, not
+    transitions): it is estimated as the downloaded transitions x total / downloaded episodes of the splits
+    read (download_manifest.json beside the source's dataset_info.json, which convert's manifest names)."""
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        if str(manifest.get("statistics", "")).startswith("--stats-from"):
+            return None  # published statistics: OpenVLA's own full-dataset count
+        from data_tools.download import MANIFEST as DOWNLOAD_MANIFEST
+
+        path = Path(manifest["source"]["data_dir"]) / DOWNLOAD_MANIFEST
+        splits = json.loads(path.read_text())["splits"]
+        read = [s for s in splits.values() if s.get("episodes")]
+        total, kept = sum(int(s["total_episodes"]) for s in read), sum(int(s["episodes"]) for s in read)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not kept or total <= kept:
+        return None
+    return total / kept, f"{path}: {kept} of {total} episodes downloaded"
+
+
 def _num_transitions(folder: Path, name: str, frames: int) -> tuple[int, str]:
-    """OpenVLA's balancing count n_d, from the statistics; each fallback is logged as a warning, because
-    balancing by another count changes every dataset's share of the mixture."""
+    """OpenVLA's balancing count n_d, from the statistics (scaled to the full dataset when only a fraction was
+    downloaded: _download_scale); each fallback is logged as a warning, because balancing by another count
+    changes every dataset's share of the mixture."""
     stats_path = folder / STATISTICS_FILE
     try:
         stats = json.loads(stats_path.read_text())
         entry = stats.get(name) if name in stats else (next(iter(stats.values())) if len(stats) == 1 else None)
         if entry and "num_transitions" in entry:
-            return int(entry["num_transitions"]), STATISTICS_FILE
+            n = int(entry["num_transitions"])
+            scale = _download_scale(folder)
+            if scale is None:
+                return n, STATISTICS_FILE
+            return round(n * scale[0]), f"{STATISTICS_FILE} ({n}) x full/downloaded episodes ({scale[1]})"
         why = f"it has no num_transitions for {name!r}"
     except (OSError, ValueError, AttributeError) as e:
         why = f"cannot read it ({type(e).__name__}: {e})"

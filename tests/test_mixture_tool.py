@@ -196,3 +196,22 @@ def test_cli(converted, tmp_path):
         {"bridge_orig": 0.5, "fractal20220817_data": 0.5})
     p = _cli("--converted", str(converted), "--weights", str(weights), "--alpha", "0.4", "-o", str(out))
     assert p.returncode == 2 and "--alpha" in p.stderr
+
+
+def test_balanced_share_uses_the_full_dataset_size_after_a_fractional_download(converted, tmp_path):
+    """OpenVLA balances by the full dataset's num_transitions. A dataset downloaded at 10 % (data_tools.download
+    --fraction; download_manifest.json beside its source) has statistics over 10 % of its transitions: the planner
+    scales them by total / downloaded episodes, so its share is the full dataset's; published statistics
+    (convert --stats-from) are already full and are not scaled."""
+    src = tmp_path / "src" / "fractal"
+    src.mkdir(parents=True)
+    (src / "download_manifest.json").write_text(json.dumps({"fraction": 0.1, "splits": {
+        "train": {"total_episodes": 300, "episodes": 30}, "val": {"total_episodes": 20, "episodes": 0}}}))
+    manifest = converted / "fractal20220817_data" / "manifest.json"
+    manifest.write_text(json.dumps({"source": {"data_dir": str(src)}, "statistics": "computed over split=\"all\""}))
+    weights = {"bridge_orig": 1, "fractal20220817_data": 1}
+    rows = _rows(plan_mixture(converted, weights))
+    assert rows["fractal20220817_data"].num_transitions == 1000  # 100 transitions in 30 of 300 episodes
+    assert rows["fractal20220817_data"].share == pytest.approx(1000 / 1400)
+    manifest.write_text(json.dumps({"source": {"data_dir": str(src)}, "statistics": "--stats-from published.json"}))
+    assert _rows(plan_mixture(converted, weights))["fractal20220817_data"].num_transitions == 100
