@@ -160,3 +160,9 @@ def test_output_rows_needs_the_rows():
     out = SimpleNamespace(targets=torch.zeros(3, dtype=torch.long), logits=torch.zeros(3, 4), target_rows=None)
     with pytest.raises(RuntimeError, match="target_rows"):
         trainer_mod.output_rows(out, torch.tensor([True, False]))
+
+
+def test_dataset_names_that_would_share_metric_keys_are_refused():
+    assert trainer_mod.validation_groups([{"dataset": "a"}, {"_source": "/c/b/val.jsonl"}, {"dataset": "a"}])[0] == ["a", "b"]
+    with pytest.raises(ValueError, match="'lang table' and 'lang_table'"):
+        trainer_mod.validation_groups([{"dataset": "lang table"}, {"dataset": "lang_table"}])

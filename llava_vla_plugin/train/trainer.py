@@ -83,6 +83,12 @@ def validation_groups(samples) -> tuple[list[str], np.ndarray]:
     whole validation set, so the per-dataset sums line up in one all_reduce."""
     names = [sample_dataset(samples[i]) for i in range(len(samples))]
     groups = sorted(set(names))
+    keys: dict[str, str] = {}
+    for g in groups:
+        other = keys.setdefault(metric_key_name(g), g)
+        if other != g:
+            raise ValueError(f"validation datasets {other!r} and {g!r} would share the metric keys "
+                             f"val_{metric_key_name(g)}_*: rename one (its samples' `dataset` field)")
     index = {g: k for k, g in enumerate(groups)}
     return groups, np.asarray([index[n] for n in names], dtype=np.int64)
 
@@ -241,6 +247,7 @@ class VLATrainer(LLaVATrainer):
             from llava_vla_plugin.train.dataset import VLADataset
 
             self.val_dataset = VLADataset(val_path, self.processing_class, data_args, is_eval=True)
+            self._val_groups = validation_groups(self.val_dataset.list_data_dict)  # at start: a clash fails now
         self.add_callback(ValidationCallback(self, int(getattr(data_args, "vla_eval_steps", 0) or 0)))
         self.add_callback(TrainingCurvesCallback())  # after ValidationCallback: the final validation is plotted
         if is_lora:
