@@ -375,8 +375,14 @@ def _skip_summary(counts: Mapping[str, Mapping[str, Any]], unit_ids: Sequence[st
 
 
 def write_top_level(out: Path) -> None:
-    """OUT/dataset_statistics.json and OUT/mixture.yaml over every finished dataset in OUT: the entries already
-    there (a convert run's weights) are kept, new datasets join with weight 1."""
+    """OUT/dataset_statistics.json and OUT/mixture.yaml over every finished dataset in OUT. The mixture keeps the
+    rule and relative weights an earlier run recorded (`vla_mixture`: convert's or this function's), new datasets
+    join with weight 1, and the multipliers are re-planned with that rule (default `balanced`; one formula,
+    data_tools/training_mixture.py), since adding a dataset changes every share. A file without the record
+    (written before it existed) or with `kept_frames` keeps its weights as the multipliers, as it always did."""
+    from data_tools.training_mixture import (DEFAULT_WEIGHTING, MixtureToolError, plan_mixture, recorded_weighting,
+                                             write_training_mixture)
+
     out = Path(out)
     combined: dict[str, Any] = {}
     for d in converted_dataset_dirs(out):
@@ -387,20 +393,39 @@ def write_top_level(out: Path) -> None:
     write_text(out / STATISTICS_FILE, json.dumps(combined, indent=2) + "\n")
     entries, seen = [], set()
     mix = out / MIXTURE_FILE
+    spec: Any = {}
     if mix.is_file():
         try:
-            for e in (yaml.safe_load(mix.read_text()) or {}).get("datasets") or []:
+            spec = yaml.safe_load(mix.read_text()) or {}
+            for e in spec.get("datasets") or []:
                 name = Path(str(e.get("json_path", ""))).parent.name
                 if name in combined and name not in seen:
                     entries.append(e)
                     seen.add(name)
         except (yaml.YAMLError, AttributeError):
-            pass
-    for name in sorted(combined):
-        if name not in seen and (out / name / TRAIN_FILE).is_file():
+            spec = {}
+    record = spec.get("vla_mixture") if isinstance(spec, dict) and isinstance(spec.get("vla_mixture"), dict) else None
+    rule = DEFAULT_WEIGHTING if not mix.is_file() else (recorded_weighting(spec).split(" ")[0] if record else None)
+    rule = None if rule == "unknown" else rule
+    trainable = [n for n in sorted(combined) if (out / n / TRAIN_FILE).is_file()]
+    if rule not in (None, "kept_frames"):
+        rows = {r.get("name"): r.get("relative_weight", 1.0) for r in (record or {}).get("datasets") or [] if isinstance(r, dict)}
+        weights = {n: float(rows.get(n, 1.0)) for n in trainable}
+        try:
+            plan = plan_mixture(out, weights, float((record or {}).get("fraction") or 1.0), seed=int((record or {}).get("seed") or 0),
+                                weights_source=str((record or {}).get("weights") or "vla-import"), weighting=rule,
+                                alpha=(record or {}).get("temperature_alpha") if rule == "temperature" else None,
+                                allow_mixed_conventions=True)  # vla-mixture is where mixed conventions are refused
+            write_training_mixture(plan, mix, made_by="`vla-import` (data_tools/byod.py)")
+            return
+        except MixtureToolError as e:  # e.g. no dataset has train frames yet: the plain list below, said why
+            log.warning("%s: written without a weighting rule (%s)", mix, e)
+    for name in trainable:
+        if name not in seen:
             entries.append({"json_path": str((out / name / TRAIN_FILE).resolve()), "sampling_strategy": "all", "weight": 1.0})
     text = "# LLaVA-NeXT --data_path file; images are relative to --image_folder " + str(out.resolve()) + "\n"
-    write_text(mix, text + yaml.safe_dump({"datasets": entries}, sort_keys=False))
+    body = {"datasets": entries, **({"vla_mixture": {"weighting": "kept_frames", "fraction": None}} if rule == "kept_frames" else {})}
+    write_text(mix, text + yaml.safe_dump(body, sort_keys=False))
 
 
 # ---- orchestration ------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ before skip_unlabeled, BOUNDS_Q99 normalization, skip_unlabeled, OpenVLA's train
 JPEG bytes copied unchanged. Work is split into units (one shard file of one split); each unit writes
 to a temporary directory renamed when complete, so a killed run resumes where it stopped, and output
 is byte-identical for any --workers. A dataset directory appears under OUT only when it is complete.
+OUT/mixture.yaml turns the spec's OpenVLA weights into copy multipliers under --weighting (default
+`balanced`: OpenVLA's w x num_transitions, whatever --frames-per-episode kept; data_tools/training_mixture.py).
 
 A finished or partial conversion is reused only if its fingerprint matches: the options, the registry entry
 and the source's content (`source_digest`), so a replaced source is refused with a message, never skipped
@@ -66,6 +68,7 @@ from data_tools.registry import Registry, RegistryError, UnknownDatasetError, pa
 from data_tools.rlds_io import CorruptRecordError, LeafSpec, iter_tfrecord, parse_episode
 from data_tools.transforms import Episode, standardize
 from data_tools.weights import parse_weight
+from data_tools.training_mixture import DEFAULT_WEIGHTING, MixtureToolError, add_weighting_flags, check_weighting
 
 TOOL_VERSION = "data_tools.convert 1"
 WORK_DIR = ".work"
@@ -798,18 +801,28 @@ def _what_changed(recorded: Mapping[str, Any], plan: DatasetPlan) -> str | None:
     return " and ".join(what)
 
 
-def _write_top_level(out_dir: Path, requests: Sequence[DatasetRequest]) -> None:
+def _write_top_level(out_dir: Path, requests: Sequence[DatasetRequest], weighting: str = DEFAULT_WEIGHTING,
+                     alpha: float | None = None) -> None:
+    """OUT/dataset_statistics.json and OUT/mixture.yaml. The mixture's multipliers come from the one share rule
+    (training_mixture.mixture_shares) at fraction 1: by default OpenVLA's w x num_transitions, which the kept
+    frames alone cannot give once --frames-per-episode subsamples. `kept_frames` writes the spec's weights as
+    the multipliers themselves (the file convert wrote before the rule was recorded), plus the record."""
+    from data_tools.training_mixture import plan_mixture, write_training_mixture
+
     combined = {}
-    entries = []
     for req in requests:
         combined.update(json.loads((out_dir / req.name / STATISTICS_FILE).read_text()))
-        entries.append(
-            {"json_path": str((out_dir / req.name / TRAIN_FILE).resolve()), "sampling_strategy": "all",
-             "weight": req.weight}
-        )
     _write_json_atomic(out_dir / STATISTICS_FILE, combined)
+    if weighting != "kept_frames":
+        plan = plan_mixture(out_dir, {r.name: r.weight for r in requests}, 1.0, weighting=weighting, alpha=alpha,
+                            weights_source="convert --mixture/--datasets")
+        write_training_mixture(plan, out_dir / MIXTURE_FILE, made_by="`python -m data_tools.convert`")
+        return
+    entries = [{"json_path": str((out_dir / req.name / TRAIN_FILE).resolve()), "sampling_strategy": "all",
+                "weight": req.weight} for req in requests]
     text = "# LLaVA-NeXT --data_path file; images are relative to --image_folder " + str(out_dir.resolve()) + "\n"
-    text += yaml.safe_dump({"datasets": entries}, sort_keys=False)
+    text += yaml.safe_dump({"datasets": entries, "vla_mixture": {"weighting": "kept_frames", "fraction": None}},
+                           sort_keys=False)
     write_text(out_dir / MIXTURE_FILE, text)
 
 
@@ -822,8 +835,11 @@ def convert(
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    weighting: str = DEFAULT_WEIGHTING,
+    alpha: float | None = None,
 ) -> dict[str, str]:
-    """Convert every requested dataset; returns {dataset: error} for the ones that failed."""
+    """Convert every requested dataset; returns {dataset: error} for the ones that failed. `weighting`/`alpha`:
+    the share rule of OUT/mixture.yaml (data_tools/training_mixture.py)."""
     from tqdm import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -945,7 +961,12 @@ def convert(
     if failures:
         log.error("not written: %s and %s (failed: %s)", MIXTURE_FILE, STATISTICS_FILE, ", ".join(sorted(failures)))
     else:
-        _write_top_level(out_dir, requests)
+        try:
+            _write_top_level(out_dir, requests, weighting, alpha)
+        except MixtureToolError as e:  # e.g. no dataset has a train frame: nothing to train on, said by name
+            log.error("not written: %s (%s)", out_dir / MIXTURE_FILE, e)
+            failures[MIXTURE_FILE] = f"{out_dir / MIXTURE_FILE}: {e}"
+            return failures
         log.info("wrote %s and %s", out_dir / MIXTURE_FILE, out_dir / STATISTICS_FILE)
         try:
             (out_dir / WORK_DIR).rmdir()
@@ -980,6 +1001,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="discard earlier output / partial runs of these datasets")
     p.add_argument("--registry", action="append", default=[], type=Path,
                    help="extra registry YAML with custom datasets (repeatable)")
+    add_weighting_flags(p)  # OUT/mixture.yaml's share rule
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -1036,6 +1058,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--frames-per-episode must be >= 1")
         if args.stats_from is not None and not args.stats_from.is_file():
             raise ValueError(f"--stats-from {args.stats_from}: no such file")
+        if args.balance and args.weighting not in (None, "balanced"):
+            raise ValueError(f"--balance contradicts --weighting {args.weighting}")
+        weighting = args.weighting or DEFAULT_WEIGHTING
+        alpha = check_weighting(weighting, args.alpha)
     except (RegistryError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1048,7 +1074,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     try:
         failures = convert(args.data_dir, requests, args.out, registry, opts, args.workers, args.overwrite,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, weighting=weighting, alpha=alpha)
     except OSError as e:  # writing the work directory or the top-level files; names the output path
         print(f"error: writing under --out {args.out} failed: {e}", file=sys.stderr)
         return 1

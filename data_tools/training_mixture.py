@@ -1,7 +1,7 @@
 """Make a training mixture from converted datasets: relative weights + a data fraction -> mixture.yaml.
 
     python -m data_tools.mixture --converted OUT (--weights FILE | --preset NAME)
-        [--fraction F] [--balance] [--seed S] -o mixture.yaml
+        [--fraction F] [--weighting balanced|kept_frames|weights|temperature [--alpha A]] [--seed S] -o mixture.yaml
 
 The project has two mixture concepts, named apart: the download spec (data_tools/download_spec.py, presets
 in data_tools/mixtures/: what to fetch and convert) and the training mixture (this module plans it,
@@ -9,16 +9,29 @@ llava_vla_plugin/core/training_data.py reads it: upstream's --data_path YAML of 
 
 What `weight` means (docs/DESIGN.md 2.8 cites this; tests/test_mixture_weight.py checks it):
   - In a download spec, a preset or a --weights file it is OpenVLA's sampling weight w_d. OpenVLA trains
-    with `balance_weights=True` (openvla/openvla prismatic/vla/datasets/rlds/dataset.py,
+    with `balance_weights=True` (openvla/openvla c8f03f4 prismatic/vla/datasets/rlds/dataset.py:518-520,
     make_interleaved_dataset): dataset d is sampled with probability w_d * n_d / sum(w * n), n_d = its
     num_transitions (dataset_statistics.json).
-  - In a training mixture it is a per-file copy multiplier: the loader keeps floor(w) copies of the file's
-    f_d train frames plus a seeded fraction w - floor(w) of them, so dataset d's share of the samples is
-    w_d * f_d / sum(w * f).
-  - So convert's OUT/mixture.yaml, which copies the spec's weights, gives OpenVLA's share with the train
-    frames in place of num_transitions: the same while every frame is kept (train frames ~ a fixed share of
-    the transitions), not with --frames-per-episode. This tool with --balance writes multipliers that give
-    OpenVLA's share with num_transitions, to one frame, at any --fraction.
+  - In a training mixture it is a per-file copy multiplier: the loader keeps floor(m) copies of the file's
+    f_d train frames plus a seeded fraction m - floor(m) of them, so dataset d's share of the samples is
+    m_d * f_d / sum(m * f).
+  - Every writer of a training mixture (convert's OUT/mixture.yaml, this tool, the sweep) turns the weights
+    into shares with ONE rule, `mixture_shares` below, and then into multipliers m_d = share_d x target / f_d,
+    so the trained share is the rule's share to one frame whatever --frames-per-episode kept and at any
+    --fraction. The file records the rule (`vla_mixture.weighting`); the trainer logs it.
+
+Weighting rules (`--weighting`; WEIGHTING_RULES; one formula each, all in `mixture_shares`):
+  balanced     (default) OpenVLA's: share_d = w_d * n_d / sum(w * n), n_d = num_transitions of the dataset
+               as converted (dataset_statistics.json; with convert --stats-from, the published full-dataset
+               count). Independent of how many frames --frames-per-episode kept, since n_d counts every
+               transition.
+  kept_frames  the rule convert used before the rule was recorded: the weight is the copy multiplier itself,
+               share_d = w_d * f_d / sum(w * f), f_d = kept train frames. Equals `balanced` only while every
+               frame is kept; with --frames-per-episode it favours datasets with short episodes.
+  weights      the weights alone: share_d = w_d / sum(w) (this tool's default before `balanced`).
+  temperature  share_d proportional to (w_d * n_d) ** alpha (--alpha, default 0.43: pi0's, "we weight each
+               task-robot combination by n^0.43", Black et al. 2024, pi0 paper, Sec. V-A). alpha = 1 is
+               `balanced`, alpha = 0 gives every dataset the same share; in between it lifts small datasets.
 
 Weights (relative, OpenVLA's convention):
   --weights FILE   a YAML mapping {dataset: weight}; or a data_tools mixture file (`datasets:` list of
@@ -26,9 +39,11 @@ Weights (relative, OpenVLA's convention):
                    the converter's OUT/mixture.yaml); or a YAML list of dataset names (equal weights)
   --preset NAME    a shipped mixture, data_tools/mixtures/NAME.yaml (OpenVLA's named mixtures, `default`)
 
-Shares: without --balance the share of dataset d is w_d / sum(w); with --balance (what OpenVLA does
-when it trains, `balance_weights=True`) it is w_d * n_d / sum(w * n), n_d = the dataset's
-`num_transitions` from its dataset_statistics.json (manifest.json or its train frame count as fallbacks).
+n_d is the dataset's `num_transitions` from its dataset_statistics.json (manifest.json counts, then its train
+frame count, as logged fallbacks). After a `download --fraction` subset, statistics computed on it count the
+downloaded transitions; the planner scales them to the full dataset by total / downloaded episodes
+(download_manifest.json, `_download_scale`), so datasets downloaded at different fractions keep OpenVLA's
+shares. Statistics from convert --stats-from (OpenVLA's published ones) are full counts already.
 
 The written mixture gives every dataset a sampling `weight` relative to its own train frame count
 (the trainer keeps floor(weight) copies plus a seeded fraction, see llava_vla_plugin/core/training_data.py),
@@ -61,6 +76,11 @@ log = logging.getLogger("data_tools.training_mixture")
 
 __all__ = [
     "MixtureToolError",
+    "WEIGHTING_RULES",
+    "DEFAULT_WEIGHTING",
+    "PI0_TEMPERATURE_ALPHA",
+    "mixture_shares",
+    "recorded_weighting",
     "ConvertedDataset",
     "MixtureRow",
     "MixturePlan",
@@ -76,6 +96,70 @@ __all__ = [
 
 class MixtureToolError(ValueError):
     """A user error (bad weights, missing datasets, bad fraction); the message says what to fix."""
+
+
+# The weighting rules (module docstring: what each means and why). `balanced` is OpenVLA's and the default of
+# every writer of a training mixture: convert's OUT/mixture.yaml, this tool, the sweep.
+WEIGHTING_RULES = ("balanced", "kept_frames", "weights", "temperature")
+DEFAULT_WEIGHTING = "balanced"
+PI0_TEMPERATURE_ALPHA = 0.43  # pi0 (Black et al. 2024, Sec. V-A): each task-robot combination weighted by n^0.43
+# The `vla_mixture.weighting` record's absence, in words: what files written before it existed meant.
+UNRECORDED_WEIGHTING = ("unknown (written before the mixture file recorded its weighting rule: convert's files of "
+                        "that time used kept_frames, the weight being a per-kept-frame copy multiplier)")
+
+
+def check_weighting(weighting: str, alpha: float | None) -> float | None:
+    """The validated alpha of a rule (None unless temperature); MixtureToolError names the bad value."""
+    if weighting not in WEIGHTING_RULES:
+        raise MixtureToolError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTING_RULES)}")
+    if weighting != "temperature":
+        if alpha is not None:
+            raise MixtureToolError(f"--alpha is the temperature rule's exponent; it means nothing with --weighting {weighting}")
+        return None
+    alpha = PI0_TEMPERATURE_ALPHA if alpha is None else alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha >= 0):
+        raise MixtureToolError(f"--alpha must be a number >= 0 (1 = balanced, 0 = uniform, pi0: 0.43), got {alpha!r}")
+    return float(alpha)
+
+
+def mixture_shares(weights: Mapping[str, float], num_transitions: Mapping[str, int], kept_frames: Mapping[str, int],
+                   weighting: str = DEFAULT_WEIGHTING, alpha: float | None = None) -> dict[str, float]:
+    """{dataset: share of the trained frames} under a weighting rule: THE formula (module docstring), imported by
+    every writer of a training mixture so that they cannot disagree. Datasets must have weight > 0."""
+    alpha = check_weighting(weighting, alpha)
+    names = list(weights)
+    bad = [n for n in names if not weights[n] > 0]
+    if bad:
+        raise MixtureToolError(f"shares need weights > 0; {', '.join(bad)} have {[weights[n] for n in bad]}")
+    if weighting == "weights":
+        mass = {n: float(weights[n]) for n in names}
+    elif weighting == "kept_frames":
+        mass = {n: weights[n] * float(kept_frames[n]) for n in names}
+    else:
+        mass = {n: weights[n] * float(num_transitions[n]) for n in names}
+        if weighting == "temperature":
+            # 0 ** 0 = 1 would give an empty dataset a share; it has nothing to give
+            mass = {n: (m ** alpha if m > 0 else 0.0) for n, m in mass.items()}
+    total = sum(mass.values())
+    if not total > 0:
+        sizes = kept_frames if weighting == "kept_frames" else num_transitions
+        raise MixtureToolError(f"--weighting {weighting}: every dataset has size 0 "
+                               f"({', '.join(f'{n}: {sizes[n]}' for n in names)})")
+    return {n: mass[n] / total for n in names}
+
+
+def recorded_weighting(spec: Any) -> str:
+    """The rule a training mixture file records, in words, for the training log: `weighting` (+ alpha) of its
+    `vla_mixture:` section; an older data_tools.mixture file's `balance` flag; else UNRECORDED_WEIGHTING."""
+    record = spec.get("vla_mixture") if isinstance(spec, Mapping) else None
+    if not isinstance(record, Mapping):
+        return UNRECORDED_WEIGHTING
+    rule = record.get("weighting")
+    if rule is None and isinstance(record.get("balance"), bool):  # data_tools.mixture before the rule was recorded
+        return "balanced" if record["balance"] else "weights"
+    if rule == "temperature":
+        return f"temperature (alpha {record.get('temperature_alpha')})"
+    return str(rule) if rule is not None else UNRECORDED_WEIGHTING
 
 
 @dataclass(frozen=True)
@@ -103,11 +187,17 @@ class MixturePlan:
     converted: Path
     weights_source: str
     fraction: float
-    balance: bool
+    weighting: str  # one of WEIGHTING_RULES
     seed: int
     rows: tuple[MixtureRow, ...]
     excluded: dict[str, str] = field(default_factory=dict)  # dataset -> why it is not in the mixture
     action_conventions: dict[str, str] = field(default_factory=dict)  # dataset -> its declared action convention
+    alpha: float | None = None  # the temperature rule's exponent
+
+    @property
+    def balance(self) -> bool:
+        """OpenVLA's balance_weights (the `balance` key readers of older files know)."""
+        return self.weighting == "balanced"
 
     @property
     def total_frames(self) -> int:
@@ -126,6 +216,8 @@ class MixturePlan:
             "converted": str(self.converted),
             "weights": self.weights_source,
             "fraction": self.fraction,
+            "weighting": self.weighting,
+            "temperature_alpha": self.alpha,
             "balance": self.balance,
             "seed": self.seed,
             "total_frames": self.total_frames,
@@ -149,15 +241,46 @@ def _count_lines(path: Path) -> int:
     return n
 
 
+def _download_scale(folder: Path) -> tuple[float, str] | None:
+    """(full dataset's episodes / downloaded episodes, where it is recorded) when the converted dataset's source
+    was a `data_tools.download --fraction` subset; None for a complete download or published statistics.
+
+    OpenVLA's n_d counts the full dataset's transitions. Statistics computed on a downloaded fraction count
+    that fraction's, so datasets downloaded at different fractions would be balanced by their downloads, not
+    by their sizes. The full count is recorded nowhere (dataset_info.json holds episode counts, not
+    transitions): it is estimated as the downloaded transitions x total / downloaded episodes of the splits
+    read (download_manifest.json beside the source's dataset_info.json, which convert's manifest names)."""
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        if str(manifest.get("statistics", "")).startswith("--stats-from"):
+            return None  # published statistics: OpenVLA's own full-dataset count
+        from data_tools.download import MANIFEST as DOWNLOAD_MANIFEST
+
+        path = Path(manifest["source"]["data_dir"]) / DOWNLOAD_MANIFEST
+        splits = json.loads(path.read_text())["splits"]
+        read = [s for s in splits.values() if s.get("episodes")]
+        total, kept = sum(int(s["total_episodes"]) for s in read), sum(int(s["episodes"]) for s in read)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not kept or total <= kept:
+        return None
+    return total / kept, f"{path}: {kept} of {total} episodes downloaded"
+
+
 def _num_transitions(folder: Path, name: str, frames: int) -> tuple[int, str]:
-    """OpenVLA's balancing count n_d, from the statistics; each fallback is logged as a warning, because
-    balancing by another count changes every dataset's share of the mixture."""
+    """OpenVLA's balancing count n_d, from the statistics (scaled to the full dataset when only a fraction was
+    downloaded: _download_scale); each fallback is logged as a warning, because balancing by another count
+    changes every dataset's share of the mixture."""
     stats_path = folder / STATISTICS_FILE
     try:
         stats = json.loads(stats_path.read_text())
         entry = stats.get(name) if name in stats else (next(iter(stats.values())) if len(stats) == 1 else None)
         if entry and "num_transitions" in entry:
-            return int(entry["num_transitions"]), STATISTICS_FILE
+            n = int(entry["num_transitions"])
+            scale = _download_scale(folder)
+            if scale is None:
+                return n, STATISTICS_FILE
+            return round(n * scale[0]), f"{STATISTICS_FILE} ({n}) x full/downloaded episodes ({scale[1]})"
         why = f"it has no num_transitions for {name!r}"
     except (OSError, ValueError, AttributeError) as e:
         why = f"cannot read it ({type(e).__name__}: {e})"
@@ -327,11 +450,20 @@ def plan_mixture(
     converted: str | Path,
     weights: Mapping[str, float],
     fraction: float = 1.0,
-    balance: bool = False,
+    balance: bool | None = None,
     seed: int = 0,
     weights_source: str = "inline",
     allow_mixed_conventions: bool = False,
+    weighting: str | None = None,
+    alpha: float | None = None,
 ) -> MixturePlan:
+    """The multipliers that give `weighting`'s shares (mixture_shares) of fraction x the train frames.
+    `balance` is the older spelling: True = balanced, False = weights; None (and weighting None) = the default."""
+    if weighting is None:
+        weighting = DEFAULT_WEIGHTING if balance is None or balance else "weights"
+    elif balance is not None and balance != (weighting == "balanced"):
+        raise MixtureToolError(f"--balance contradicts --weighting {weighting} (--balance is --weighting balanced)")
+    alpha = check_weighting(weighting, alpha)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (math.isfinite(fraction) and fraction > 0):
         raise MixtureToolError(f"--fraction must be a number > 0 (1 = every train frame once), got {fraction!r}")
     weights = _weights_from_data(dict(weights), weights_source)
@@ -348,21 +480,18 @@ def plan_mixture(
     if not used:
         raise MixtureToolError(f"no dataset left to train on ({', '.join(f'{k}: {v}' for k, v in excluded.items())})")
     conventions = check_action_conventions(Path(converted).resolve(), list(used), allow_mixed_conventions)
-    mass = {n: weights[n] * (d.num_transitions if balance else 1.0) for n, d in used.items()}
-    if balance and not sum(mass.values()) > 0:
-        raise MixtureToolError("--balance: every dataset has num_transitions 0")
-    total_mass = sum(mass.values())
+    shares = mixture_shares({n: weights[n] for n in used}, {n: d.num_transitions for n, d in used.items()},
+                            {n: d.frames for n, d in used.items()}, weighting, alpha)
     total_frames = sum(d.frames for d in used.values())
     target = fraction * total_frames
-    shares = {n: mass[n] / total_mass for n in used}
     counts = _apportion({n: shares[n] * target for n in used}, round(target))
     rows = []
     for name, d in used.items():
         mult = counts[name] / d.frames
         eff = effective_frames(d.frames, mult)  # == counts[name]: the reader's rounding recovers it
         rows.append(MixtureRow(name, weights[name], d.frames, d.num_transitions, shares[name], mult, eff))
-    return MixturePlan(Path(converted).resolve(), weights_source, float(fraction), bool(balance), int(seed), tuple(rows),
-                       excluded, conventions)
+    return MixturePlan(Path(converted).resolve(), weights_source, float(fraction), weighting, int(seed), tuple(rows),
+                       excluded, conventions, alpha)
 
 
 def format_table(plan: MixturePlan) -> str:
@@ -376,14 +505,22 @@ def format_table(plan: MixturePlan) -> str:
     lines = [fmt(head), "  ".join("-" * w for w in widths), *map(fmt, body)]
     lines.append(
         f"fraction {plan.fraction:g} of {plan.total_frames:,} train frames -> {plan.effective_total:,} effective frames; "
-        f"shares {'balanced by num_transitions' if plan.balance else 'from the weights alone'}; seed {plan.seed}"
+        f"shares: {describe_weighting(plan.weighting, plan.alpha)}; seed {plan.seed}"
     )
     for name, why in plan.excluded.items():
         lines.append(f"excluded: {name} ({why})")
     return "\n".join(lines)
 
 
-def mixture_yaml_text(plan: MixturePlan) -> str:
+def describe_weighting(weighting: str, alpha: float | None = None) -> str:
+    return {"balanced": "balanced (OpenVLA: weight x num_transitions)",
+            "kept_frames": "kept_frames (weight x kept train frames)",
+            "weights": "from the weights alone",
+            "temperature": f"temperature ((weight x num_transitions) ^ {alpha:g})" if alpha is not None else "temperature",
+            }[weighting]
+
+
+def mixture_yaml_text(plan: MixturePlan, made_by: str = "`python -m data_tools.mixture`") -> str:
     spec = {
         "datasets": [
             {"json_path": str(plan.converted / r.name / TRAIN_FILE), "sampling_strategy": "all", "weight": r.weight}
@@ -392,22 +529,33 @@ def mixture_yaml_text(plan: MixturePlan) -> str:
         "vla_mixture": plan.to_dict(),
     }
     header = (
-        "# Training mixture made by `python -m data_tools.mixture`; usable as --data_path.\n"
+        f"# Training mixture made by {made_by}; usable as --data_path.\n"
         f"# Images are relative to --image_folder {plan.converted}\n"
         + "".join(f"# {line}\n" for line in format_table(plan).splitlines())
     )
     return header + yaml.safe_dump(spec, sort_keys=False)
 
 
-def write_training_mixture(plan: MixturePlan, path: str | Path) -> Path:
+def write_training_mixture(plan: MixturePlan, path: str | Path, made_by: str = "`python -m data_tools.mixture`") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = mixture_yaml_text(plan)
+    text = mixture_yaml_text(plan, made_by)
     write_text_if_changed(path, text)  # keeps mtimes of unchanged files
     return path
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+def add_weighting_flags(p: argparse.ArgumentParser) -> None:
+    """--weighting/--alpha/--balance, shared by this tool and convert (one spelling, one help text)."""
+    p.add_argument("--weighting", choices=WEIGHTING_RULES, default=None,
+                   help=f"how weights become shares (default {DEFAULT_WEIGHTING}: OpenVLA's weight x num_transitions; "
+                        "kept_frames: weight x kept train frames, the old rule; weights: the weights alone; "
+                        "temperature: (weight x num_transitions)^alpha)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help=f"temperature's exponent (default {PI0_TEMPERATURE_ALPHA}, pi0's; 1 = balanced, 0 = uniform)")
+    p.add_argument("--balance", action="store_true", help="= --weighting balanced (the default; kept for old commands)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -419,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--weights", help="YAML {dataset: weight}, a data_tools mixture file, or a training mixture")
     src.add_argument("--preset", help="a shipped mixture name (data_tools/mixtures/NAME.yaml), e.g. bridge_rt_1")
     p.add_argument("--fraction", type=float, default=1.0, help="effective frames / train frames of the mixture's datasets (default 1)")
-    p.add_argument("--balance", action="store_true", help="multiply weights by each dataset's num_transitions (OpenVLA)")
+    add_weighting_flags(p)
     p.add_argument("--seed", type=int, default=0, help="recorded in the mixture; pass the same to the trainer's --vla_data_seed")
     p.add_argument("--allow-mixed-action-conventions", action="store_true",
                    help="mix datasets whose declared action conventions differ (delta/absolute EEF, gripper range or "
@@ -434,8 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args)
     try:
         label, weights = read_weights(args.weights, args.preset)
-        plan = plan_mixture(args.data_dir, weights, args.fraction, args.balance, args.seed, weights_source=label,
-                            allow_mixed_conventions=args.allow_mixed_action_conventions)
+        plan = plan_mixture(args.data_dir, weights, args.fraction, True if args.balance else None, args.seed,
+                            weights_source=label, allow_mixed_conventions=args.allow_mixed_action_conventions,
+                            weighting=args.weighting, alpha=args.alpha)
     except MixtureToolError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

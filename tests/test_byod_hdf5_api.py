@@ -192,3 +192,36 @@ def test_mixture_refuses_mixed_action_conventions(tmp_path):
     p = subprocess.run(cmd + [str(weights), "--out", str(tmp_path / "m.yaml"), "--allow-mixed-action-conventions"],
                        env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
+
+
+def test_imported_datasets_join_the_mixture_under_its_recorded_rule(tmp_path):
+    """vla-import writes OUT/mixture.yaml with the mixture tool's formula: a fresh OUT gets the default rule
+    (balanced: shares ~ num_transitions), a later import re-plans with the recorded rule and weights, and the
+    loader yields those shares; a file from before the record keeps its multipliers (and stays unrecorded)."""
+    import yaml
+
+    from data_tools.training_mixture import converted_datasets
+    from llava_vla_plugin.core.training_data import load_data
+
+    write_episodes(tmp_path, "short", _episodes(3, steps=3), val_fraction=0.0, progress=False)
+    spec = yaml.safe_load((tmp_path / "mixture.yaml").read_text())
+    assert spec["vla_mixture"]["weighting"] == "balanced" and spec["datasets"][0]["weight"] == 1.0
+    write_episodes(tmp_path, "long", _episodes(3, seed=1, steps=9), val_fraction=0.0, progress=False)
+    spec = yaml.safe_load((tmp_path / "mixture.yaml").read_text())
+    assert spec["vla_mixture"]["weighting"] == "balanced"
+    n = {k: d.num_transitions for k, d in converted_datasets(tmp_path).items()}
+    assert n == {"short": 9, "long": 27}
+    samples, _ = load_data(str(tmp_path / "mixture.yaml"))
+    counts = {"short": 0, "long": 0}
+    for s in samples:
+        counts[s["dataset"]] += 1
+    total = sum(counts.values())
+    assert total == 36 and all(abs(counts[k] - n[k] / 36 * total) < 1 for k in n), counts
+    # an OUT whose mixture.yaml predates the record: entries kept as they were, the new dataset joins with weight 1
+    old = tmp_path / "old"
+    write_episodes(old, "short", _episodes(3, steps=3), val_fraction=0.0, progress=False)
+    (old / "mixture.yaml").write_text(yaml.safe_dump({"datasets": [
+        {"json_path": str((old / "short/train.jsonl").resolve()), "sampling_strategy": "all", "weight": 2.5}]}))
+    write_episodes(old, "long", _episodes(3, seed=1, steps=9), val_fraction=0.0, progress=False)
+    spec = yaml.safe_load((old / "mixture.yaml").read_text())
+    assert "vla_mixture" not in spec and [e["weight"] for e in spec["datasets"]] == [2.5, 1.0]

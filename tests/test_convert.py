@@ -303,9 +303,17 @@ def test_manifest_reports_drops(converted):
     mix = (out / "mixture.yaml").read_text()
     import yaml
 
-    entries = yaml.safe_load(mix)["datasets"]
+    spec = yaml.safe_load(mix)
+    entries = spec["datasets"]
     assert [Path(e["json_path"]).parent.name for e in entries] == names
-    assert all(e["sampling_strategy"] == "all" and e["weight"] == 1.0 for e in entries)
+    # weight 1 each, OpenVLA's balanced rule: multipliers m_d with m_d * f_d proportional to num_transitions
+    assert spec["vla_mixture"]["weighting"] == "balanced"
+    rows = {r["name"]: r for r in spec["vla_mixture"]["datasets"]}
+    n_total = sum(r["num_transitions"] for r in rows.values())
+    assert all(e["sampling_strategy"] == "all" for e in entries)
+    for e in entries:
+        r = rows[Path(e["json_path"]).parent.name]
+        assert r["share"] == pytest.approx(r["num_transitions"] / n_total) and e["weight"] == pytest.approx(r["effective_frames"] / r["frames"])
 
 
 def test_enough_schemas_covered(converted):

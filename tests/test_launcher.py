@@ -103,6 +103,12 @@ def test_defaults_from_outside_the_repo(work, default_run):
     for key in ("val_action_loss", "val_action_accuracy_teacher_forced", "val_action_accuracy_teacher_forced_constrained", "val_action_l1"):
         assert 0 <= final[key] < 100, (key, final)
     assert "val_action_accuracy" not in final
+    # per-dataset validation on the real model: VAL_DATA holds one dataset, `ds`, so its numbers are the mixture's
+    for key in ("action_loss", "action_accuracy_teacher_forced", "action_accuracy_teacher_forced_constrained", "action_l1"):
+        assert final[f"val_ds_{key}"] == pytest.approx(final[f"val_{key}"], rel=1e-6), key
+    assert final["val_ds_action_tokens"] == final["val_action_tokens"] > 0 and final["val_ds_frames"] == 4
+    rows = [json.loads(line) for line in (out / "vla_metrics.jsonl").read_text().splitlines()]
+    assert all("val_ds_action_accuracy_teacher_forced" in r for r in rows)
     hist = _history(out)
     assert "action_accuracy_teacher_forced" in hist[-1] and "action_accuracy_teacher_forced_constrained" in hist[-1]
     tokens = [h["train_tokens_seen"] for h in hist]

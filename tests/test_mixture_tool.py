@@ -42,7 +42,7 @@ def _rows(plan):
 
 
 def test_shares_from_weights_alone(converted):
-    plan = plan_mixture(converted, {"bridge_orig": 3, "fractal20220817_data": 1})
+    plan = plan_mixture(converted, {"bridge_orig": 3, "fractal20220817_data": 1}, weighting="weights")
     rows = _rows(plan)
     assert rows["bridge_orig"].share == pytest.approx(0.75) and rows["fractal20220817_data"].share == pytest.approx(0.25)
     # fraction 1: total effective frames = total train frames of the mixture's datasets (60), split 3:1
@@ -64,6 +64,7 @@ def test_balance_multiplies_by_num_transitions(converted):
 def test_fraction_scales_total_and_keeps_shares(converted):
     weights = {"bridge_orig": 1, "fractal20220817_data": 1, "tiny_set": 2}
     full = plan_mixture(converted, weights)
+    assert full.weighting == "balanced"  # the default: OpenVLA's
     quarter = plan_mixture(converted, weights, fraction=0.25)
     assert full.effective_total == 70 and quarter.effective_total == round(0.25 * 70)
     for a, b in zip(full.rows, quarter.rows):
@@ -74,6 +75,38 @@ def test_fraction_scales_total_and_keeps_shares(converted):
     # fraction > 1 upsamples
     double = plan_mixture(converted, weights, fraction=2.0)
     assert double.effective_total == 140
+
+
+def test_temperature_shares_on_numbers(converted):
+    """(w * n) ** alpha, normalized: pi0's alpha 0.43 by default; alpha 1 is OpenVLA's balanced share, alpha 0
+    gives each dataset the same share. DATASETS: n = 400, 100, 10; weights 1, 2, 1 -> w * n = 400, 200, 10."""
+    from data_tools.training_mixture import mixture_shares
+
+    weights = {"bridge_orig": 1, "fractal20220817_data": 2, "tiny_set": 1}
+    shares = lambda **kw: {r.name: r.share for r in plan_mixture(converted, weights, **kw).rows}  # noqa: E731
+    pi0 = shares(weighting="temperature")
+    mass = {"bridge_orig": 400 ** 0.43, "fractal20220817_data": 200 ** 0.43, "tiny_set": 10 ** 0.43}
+    assert pi0 == pytest.approx({n: m / sum(mass.values()) for n, m in mass.items()})
+    assert pi0["tiny_set"] == pytest.approx(2.6915 / (13.1557 + 9.7590 + 2.6915), abs=1e-4)  # ~0.105 vs balanced 0.016
+    assert shares(weighting="temperature", alpha=1.0) == pytest.approx(shares(weighting="balanced"))
+    assert shares(weighting="temperature", alpha=1.0) == pytest.approx({"bridge_orig": 400 / 610, "fractal20220817_data": 200 / 610,
+                                                                        "tiny_set": 10 / 610})
+    assert shares(weighting="temperature", alpha=0.0) == pytest.approx({n: 1 / 3 for n in weights})
+    # the kept-frames rule: w x train frames (40, 20, 10) -> 40 : 40 : 10
+    assert shares(weighting="kept_frames") == pytest.approx({"bridge_orig": 4 / 9, "fractal20220817_data": 4 / 9, "tiny_set": 1 / 9})
+    # the one formula, called directly, agrees with the planner
+    assert mixture_shares(weights, {"bridge_orig": 400, "fractal20220817_data": 100, "tiny_set": 10},
+                          {"bridge_orig": 40, "fractal20220817_data": 20, "tiny_set": 10}, "temperature", 0.43) == pytest.approx(pi0)
+    plan = plan_mixture(converted, weights, weighting="temperature", alpha=0.5)
+    assert plan.to_dict()["weighting"] == "temperature" and plan.to_dict()["temperature_alpha"] == 0.5
+    with pytest.raises(MixtureToolError, match="alpha"):
+        plan_mixture(converted, weights, weighting="temperature", alpha=-1)
+    with pytest.raises(MixtureToolError, match="alpha"):
+        plan_mixture(converted, weights, weighting="balanced", alpha=0.5)
+    with pytest.raises(MixtureToolError, match="unknown weighting 'nope'"):
+        plan_mixture(converted, weights, weighting="nope")
+    with pytest.raises(MixtureToolError, match="contradicts"):
+        plan_mixture(converted, weights, balance=True, weighting="weights")
 
 
 def test_written_mixture_is_read_by_the_trainer_with_those_frames(converted, tmp_path):
@@ -90,6 +123,7 @@ def test_written_mixture_is_read_by_the_trainer_with_those_frames(converted, tmp
     # shares of what the trainer reads follow the balanced shares (400:100:10)
     assert counts["bridge_orig"] / len(samples) == pytest.approx(400 / 510, abs=0.02)
     assert spec["vla_mixture"]["balance"] is True and spec["vla_mixture"]["fraction"] == 0.5
+    assert spec["vla_mixture"]["weighting"] == "balanced"
 
 
 def test_effective_frames_matches_reader_rule():
@@ -151,3 +185,33 @@ def test_cli(converted, tmp_path):
     assert p.returncode == 2 and "not converted" in p.stderr and "Converted datasets there" in p.stderr
     assert not (tmp_path / "x.yaml").exists()
     assert np.isclose(sum(shares.values()), 1.0)
+    # the default is the balanced rule (no --balance needed); --weighting temperature --alpha on the command line
+    p = _cli("--converted", str(converted), "--weights", str(weights), "-o", str(out))
+    assert p.returncode == 0, p.stderr
+    assert yaml.safe_load(out.read_text())["vla_mixture"]["weighting"] == "balanced" and "balanced (OpenVLA" in p.stdout
+    p = _cli("--converted", str(converted), "--weights", str(weights), "--weighting", "temperature", "--alpha", "0", "-o", str(out))
+    assert p.returncode == 0, p.stderr
+    spec = yaml.safe_load(out.read_text())["vla_mixture"]
+    assert spec["weighting"] == "temperature" and {d["name"]: d["share"] for d in spec["datasets"]} == pytest.approx(
+        {"bridge_orig": 0.5, "fractal20220817_data": 0.5})
+    p = _cli("--converted", str(converted), "--weights", str(weights), "--alpha", "0.4", "-o", str(out))
+    assert p.returncode == 2 and "--alpha" in p.stderr
+
+
+def test_balanced_share_uses_the_full_dataset_size_after_a_fractional_download(converted, tmp_path):
+    """OpenVLA balances by the full dataset's num_transitions. A dataset downloaded at 10 % (data_tools.download
+    --fraction; download_manifest.json beside its source) has statistics over 10 % of its transitions: the planner
+    scales them by total / downloaded episodes, so its share is the full dataset's; published statistics
+    (convert --stats-from) are already full and are not scaled."""
+    src = tmp_path / "src" / "fractal"
+    src.mkdir(parents=True)
+    (src / "download_manifest.json").write_text(json.dumps({"fraction": 0.1, "splits": {
+        "train": {"total_episodes": 300, "episodes": 30}, "val": {"total_episodes": 20, "episodes": 0}}}))
+    manifest = converted / "fractal20220817_data" / "manifest.json"
+    manifest.write_text(json.dumps({"source": {"data_dir": str(src)}, "statistics": "computed over split=\"all\""}))
+    weights = {"bridge_orig": 1, "fractal20220817_data": 1}
+    rows = _rows(plan_mixture(converted, weights))
+    assert rows["fractal20220817_data"].num_transitions == 1000  # 100 transitions in 30 of 300 episodes
+    assert rows["fractal20220817_data"].share == pytest.approx(1000 / 1400)
+    manifest.write_text(json.dumps({"source": {"data_dir": str(src)}, "statistics": "--stats-from published.json"}))
+    assert _rows(plan_mixture(converted, weights))["fractal20220817_data"].num_transitions == 100

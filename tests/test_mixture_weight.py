@@ -11,10 +11,12 @@ in a download spec, and count what the loader yields per dataset.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from data_tools.converted_format import STATISTICS_FILE, TRAIN_FILE
 from llava_vla_plugin.apps.rlds_fixture import write_rlds_dataset
@@ -70,7 +72,7 @@ def _yielded(data_path: Path) -> dict[str, int]:
 
 
 def test_planned_mixture_yields_openvla_balanced_share(converted, tmp_path):
-    """`python -m data_tools.mixture --balance` (the planner's main) turns OpenVLA weights into copy multipliers
+    """`python -m data_tools.mixture --balance` (the planner's main; --balance is now the default's old spelling) turns OpenVLA weights into copy multipliers
     whose yield is OpenVLA's share, w * num_transitions / sum(w * num_transitions), to one frame."""
     from data_tools.training_mixture import main
 
@@ -89,12 +91,51 @@ def test_planned_mixture_yields_openvla_balanced_share(converted, tmp_path):
     assert min(max(abs(want[n] - other[n]) for n in WEIGHTS) for other in (alone, by_frames)) > 0.05
 
 
-def test_converter_mixture_weight_is_a_copy_multiplier(converted):
-    """convert's OUT/mixture.yaml carries the spec's OpenVLA weight as the copy multiplier, so dataset d yields
-    floor(w)*f + round(frac(w)*f) of its f train frames: OpenVLA's balanced formula with the train frames as
-    the sizes. That is OpenVLA's share only while the train frames are proportional to num_transitions (every
-    frame kept); with --frames-per-episode, as here, it is not, and `data_tools.mixture --balance` is the way."""
+def test_converter_mixture_yields_openvla_balanced_share(converted):
+    """convert's OUT/mixture.yaml (default rule `balanced`) yields OpenVLA's share w * num_transitions / sum(w * n)
+    to one frame, though --frames-per-episode 2 kept 12 / 6 / 16 train frames of 44 / 12 / 63 transitions. On this
+    fixture OpenVLA's share is 0.442 / 0.241 / 0.317, weight x kept frames (convert's old file) 0.375 / 0.375 / 0.25."""
     out, _ = converted
+    spec = yaml.safe_load((out / "mixture.yaml").read_text())
+    assert spec["vla_mixture"]["weighting"] == "balanced"
+    counts = _yielded(out / "mixture.yaml")
+    total = sum(counts.values())
+    assert total == sum(_train_frames(out).values())
+    want = openvla_balanced_share(WEIGHTS, _num_transitions(out))
+    assert [round(want[n], 3) for n in WEIGHTS] == [0.442, 0.241, 0.317]
+    for name, share in want.items():
+        assert abs(counts[name] - share * total) < 1, (name, counts, want)
+    by_frames = openvla_balanced_share(WEIGHTS, _train_frames(out))
+    assert [round(by_frames[n], 3) for n in WEIGHTS] == [0.375, 0.375, 0.25]
+
+
+def test_planned_mixture_at_a_fraction_keeps_openvla_share(converted, tmp_path):
+    """The default rule of `data_tools.mixture` at --fraction 0.5: half the frames, OpenVLA's shares to one frame."""
+    from data_tools.training_mixture import main
+
+    out, spec = converted
+    mix = tmp_path / "half.yaml"
+    assert main(["--data-dir", str(out), "--weights", str(spec), "--fraction", "0.5", "--out", str(mix)]) == 0
+    counts = _yielded(mix)
+    total = sum(counts.values())
+    assert total == round(0.5 * sum(_train_frames(out).values()))
+    for name, share in openvla_balanced_share(WEIGHTS, _num_transitions(out)).items():
+        assert abs(counts[name] - share * total) < 1, (name, counts)
+
+
+def test_kept_frames_rule_writes_the_old_copy_multipliers(converted, tmp_path):
+    """convert --weighting kept_frames keeps the old file: the spec's OpenVLA weight is the copy multiplier, so
+    dataset d yields floor(w)*f + round(frac(w)*f) of its f kept frames (share w * f / sum(w * f)), and the file
+    records the rule."""
+    import shutil
+
+    from data_tools.convert import _write_top_level, requests_from_mixture
+
+    src, spec = converted
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    _write_top_level(out, requests_from_mixture(spec), "kept_frames")
+    assert yaml.safe_load((out / "mixture.yaml").read_text())["vla_mixture"]["weighting"] == "kept_frames"
     frames = _train_frames(out)
     counts = _yielded(out / "mixture.yaml")
     for name, w in WEIGHTS.items():
@@ -102,5 +143,22 @@ def test_converter_mixture_weight_is_a_copy_multiplier(converted):
     total = sum(counts.values())
     for name, share in openvla_balanced_share(WEIGHTS, frames).items():
         assert abs(counts[name] - share * total) < 1, (name, counts)
-    openvla = openvla_balanced_share(WEIGHTS, _num_transitions(out))
-    assert max(abs(counts[n] / total - openvla[n]) for n in WEIGHTS) > 0.05  # the documented caveat
+
+
+def test_old_mixture_file_still_loads_and_the_log_names_the_rule(converted, tmp_path, caplog):
+    """A mixture.yaml written by convert before the rule was recorded (no `vla_mixture:`) trains as before, and the
+    training log says its rule is unknown and what such files meant; a recorded rule is logged by name."""
+    out, _ = converted
+    old = tmp_path / "old_mixture.yaml"
+    old.write_text("# LLaVA-NeXT --data_path file\n" + yaml.safe_dump({"datasets": [
+        {"json_path": str(out / n / TRAIN_FILE), "sampling_strategy": "all", "weight": w} for n, w in WEIGHTS.items()]}))
+    with caplog.at_level(logging.WARNING, logger="llava_vla_plugin.core.training_data"):
+        counts = _yielded(old)
+    frames = _train_frames(out)
+    assert counts == {n: int(np.floor(w)) * frames[n] + round((w - np.floor(w)) * frames[n]) for n, w in WEIGHTS.items()}
+    assert "weighting rule unknown (written before the mixture file recorded its weighting rule" in caplog.text
+    assert "kept_frames" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llava_vla_plugin.core.training_data"):
+        _yielded(out / "mixture.yaml")
+    assert "weighting rule balanced" in caplog.text

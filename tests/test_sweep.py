@@ -285,3 +285,30 @@ def test_tiny_sweep_end_to_end(tmp_path):
     p = subprocess.run([sys.executable, "-m", "llava_vla_plugin.experiments.sweep", str(spec_path), "-o", str(runs), "--launch"],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "nothing to run" in p.stderr
+
+
+def test_weighting_rule_per_sweep_and_per_mixture(tmp_path):
+    """The sweep plans with the mixture tool's one share formula: its default is OpenVLA's balanced rule; a
+    sweep-wide `weighting` and a mixture entry's own rule (temperature with alpha) reach plan_mixture, and a bad
+    rule is an error naming the spec."""
+    converted = _write_converted(tmp_path / "converted")  # bridge 400, fractal 100 transitions
+    base = {"converted": str(converted), "grid": {"fraction": [1.0], "model": ["m"], "steps": 1, "mixture": [
+        {"name": "flat", "weights": {"bridge_orig": 1, "fractal20220817_data": 1}, "weighting": "temperature", "alpha": 0},
+        {"name": "default", "weights": {"bridge_orig": 1, "fractal20220817_data": 1}}]}}
+
+    def shares(spec):
+        path = tmp_path / "s.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        runs, _ = plan_sweep(load_spec(path), tmp_path / "runs")
+        return {r.config["mixture"]: (r.config["weighting"], r.config["mixture_shares"]) for r in runs}
+
+    got = shares(base)
+    assert got["flat"] == ("temperature", pytest.approx({"bridge_orig": 0.5, "fractal20220817_data": 0.5}))
+    assert got["default"] == ("balanced", pytest.approx({"bridge_orig": 0.8, "fractal20220817_data": 0.2}))
+    got = shares({**base, "weighting": "weights"})
+    assert got["default"] == ("weights", pytest.approx({"bridge_orig": 0.5, "fractal20220817_data": 0.5}))
+    assert got["flat"][0] == "temperature"  # the entry's own rule wins
+    got = shares({**base, "weighting": "temperature", "alpha": 1.0})
+    assert got["default"] == ("temperature", pytest.approx({"bridge_orig": 0.8, "fractal20220817_data": 0.2}))
+    with pytest.raises(SweepError, match="unknown weighting 'bogus'"):
+        shares({**base, "weighting": "bogus"})

@@ -42,3 +42,23 @@ def test_png_with_and_without_validation_and_the_cli(tmp_path, capsys):
     assert "checkpoint-10" in training_curves.find_trainer_state(tmp_path / "live").parent.name
     assert training_curves.main([str(tmp_path / "nothing")]) == 2
     assert "no trainer_state.json" in capsys.readouterr().err
+
+
+def test_per_dataset_validation_accuracy_lines():
+    """Per-dataset accuracies (trainer.validation_metrics' val_<dataset>_action_accuracy_teacher_forced) become
+    curves of their own, drawn in the validation panel; other per-dataset keys and the mixture-wide key do not."""
+    import io
+
+    import numpy as np
+
+    per = [dict(HISTORY[2], step=s, val_bridge_orig_action_accuracy_teacher_forced=0.1 * s,
+                val_fractal20220817_data_action_accuracy_teacher_forced=0.9 - 0.1 * s,
+                val_bridge_orig_action_loss=3.0, val_bridge_orig_action_tokens=70) for s in (2, 4)]
+    history = HISTORY[:2] + per
+    _, val = training_curves.curves(history)
+    assert val["val_bridge_orig_action_accuracy_teacher_forced"] == [(2, 0.2), (4, 0.4)]
+    assert val["val_fractal20220817_data_action_accuracy_teacher_forced"] == [(2, 0.7), (4, 0.5)]
+    assert "val_bridge_orig_action_loss" not in val and "val_bridge_orig_action_tokens" not in val
+    without = [{k: v for k, v in h.items() if "bridge" not in k and "fractal" not in k} for h in history]
+    pixels = [np.asarray(Image.open(io.BytesIO(training_curves.render_png(h))).convert("RGB"), np.int16) for h in (history, without)]
+    assert pixels[0].shape == pixels[1].shape and np.abs(pixels[0] - pixels[1]).sum(-1).astype(bool).sum() > 500

@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 from data_tools.converted_format import STATISTICS_FILE
+from data_tools.training_mixture import recorded_weighting
 from data_tools.weights import at_line, entry_lines, parse_weight
 
 log = logging.getLogger(__name__)
@@ -200,8 +201,21 @@ def apply_weight(samples: list, weight: float, rng: np.random.Generator) -> list
     return out
 
 
+def mixture_weighting(data_path: str) -> str | None:
+    """The weighting rule a mixture YAML records, in words (None for a plain data file): which rule turned
+    OpenVLA's weights into its multipliers, since the same weights give other shares under each rule
+    (data_tools/training_mixture.py); files written before the record existed say so."""
+    p = Path(data_path)
+    if p.suffix not in (".yaml", ".yml"):
+        return None
+    return recorded_weighting(yaml.safe_load(p.read_text()) or {})
+
+
 def load_data(data_path: str, seed: int = 0) -> tuple[SampleStore, list[DataSource]]:
     sources = parse_sources(data_path)
+    rule = mixture_weighting(data_path)
+    if rule is not None:  # once per loaded mixture, in the training log
+        log.warning("mixture %s: weighting rule %s", data_path, rule)
     buf = bytearray()
     offsets, line_source, text_len, has_media, index = [0], [], [], [], []
     for k, src in enumerate(sources):

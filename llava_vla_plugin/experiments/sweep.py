@@ -12,7 +12,9 @@ SPEC (see configs/sweeps/example.yaml; relative paths resolve against the curren
                                          # mixtures use, one RUNS/val_mixture.yaml shared by all runs;
                                          # or a jsonl / mixture path; or null (no validation)
     val_per_dataset: 2000                # optional, with auto: a fixed random subset per dataset
-    balance: true                        # OpenVLA's balance_weights (shares x num_transitions)
+    weighting: balanced                  # default: OpenVLA's balance_weights (shares ~ weight x num_transitions);
+                                         # kept_frames, weights, temperature (+ alpha: 0.43): data_tools/training_mixture.py
+                                         # (`balance: true|false`, the older spelling: balanced | weights)
     seed: 0                              # data seed: data_tools.mixture --seed and --vla_data_seed
     finetune_script: scripts/finetune_ov_vla.sh    # optional
     env: {NUM_GPUS: 8, BATCH_SIZE: 8, LR: 2e-5, EVAL_STEPS: 500}   # finetune_ov_vla.sh variables
@@ -26,7 +28,7 @@ SPEC (see configs/sweeps/example.yaml; relative paths resolve against the curren
                                          # optional: ACTION_REPR / HORIZON / WINDOW_MODE (llava_vla_plugin/core/representations.py)
 
 A mixture is a preset name (data_tools/mixtures/NAME.yaml), a weights file, or a mapping
-{name, weights: FILE or {dataset: weight}, balance}. A model is a hub id or path, or a mapping
+{name, weights: FILE or {dataset: weight}, weighting, alpha, balance}: its own rule, else the sweep's. A model is a hub id or path, or a mapping
 {name, path, vision_tower, env, args}. An action representation is a name (H = 1) or a mapping
 {name, repr, horizon, window_mode}; without the axis, runs use the env's (default: bins, H = 1) and their
 names and configs are as before.
@@ -67,7 +69,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_FINETUNE_SCRIPT = ROOT / "scripts" / "finetune_ov_vla.sh"
 FINAL_METRICS = "final_metrics.json"
 GRID_AXES = ("fraction", "mixture", "model", "steps", "action_repr")
-SPEC_KEYS = {"name", "converted", "image_folder", "val_data", "val_per_dataset", "balance", "seed", "finetune_script",
+SPEC_KEYS = {"name", "converted", "image_folder", "val_data", "val_per_dataset", "balance", "weighting", "alpha", "seed", "finetune_script",
              "env", "args", "grid", "description"}
 # Set by the sweep itself; the spec sets them through `grid`, `converted`, `image_folder` and `val_data`.
 RESERVED_ENV = {"MODEL", "DATA", "OUTPUT_DIR", "MAX_STEPS", "IMAGE_FOLDER", "VAL_DATA"}
@@ -169,14 +171,16 @@ def _mixture_entries(raw: Any) -> list[dict[str, Any]]:
             p = Path(item)
             if p.is_file():
                 label, weights = read_weights(weights=p)
-                entries.append({"label": _label(p.stem), "source": str(p.resolve()), "weights": weights, "balance": None})
+                entries.append({"label": _label(p.stem), "source": str(p.resolve()), "weights": weights, "balance": None,
+                                "weighting": None, "alpha": None})
             else:
                 label, weights = read_weights(preset=item)  # error lists the shipped presets
-                entries.append({"label": _label(item), "source": f"preset:{item}", "weights": weights, "balance": None})
+                entries.append({"label": _label(item), "source": f"preset:{item}", "weights": weights, "balance": None,
+                                "weighting": None, "alpha": None})
         elif isinstance(item, Mapping):
-            unknown = set(item) - {"name", "weights", "preset", "balance"}
+            unknown = set(item) - {"name", "weights", "preset", "balance", "weighting", "alpha"}
             if unknown:
-                raise SweepError(f"grid.mixture entry {dict(item)}: unknown key(s) {sorted(unknown)} (name, weights, preset, balance)")
+                raise SweepError(f"grid.mixture entry {dict(item)}: unknown key(s) {sorted(unknown)} (name, weights, preset, balance, weighting, alpha)")
             if ("weights" in item) == ("preset" in item):
                 raise SweepError(f"grid.mixture entry {dict(item)}: give exactly one of `weights` and `preset`")
             if "preset" in item:
@@ -195,7 +199,8 @@ def _mixture_entries(raw: Any) -> list[dict[str, Any]]:
             if balance is not None and not isinstance(balance, bool):
                 raise SweepError(f"grid.mixture entry {dict(item)}: `balance` must be true or false")
             entries.append({"label": _label(str(item.get("name") or default_name)), "source": source,
-                            "weights": weights, "balance": balance})
+                            "weights": weights, "balance": balance, "weighting": item.get("weighting"),
+                            "alpha": item.get("alpha")})
         else:
             raise SweepError(f"grid.mixture: expected a preset name, a weights file or a mapping, got {item!r}")
     return entries
@@ -223,6 +228,21 @@ def _model_entries(raw: Any) -> list[dict[str, Any]]:
         entries.append({"label": _label(str(item.get("name") or Path(path.rstrip("/")).name)), "path": path,
                         "env": env, "args": [str(a) for a in item.get("args") or []]})
     return entries
+
+
+def _weighting_rule(entry: Mapping[str, Any], weighting: Any, balance: Any, alpha: Any) -> tuple[Any, Any, Any]:
+    """(weighting, balance, alpha) for plan_mixture: a mixture entry's own rule (`weighting`, or the older
+    `balance`) wins over the sweep's; the sweep's alpha only reaches a temperature rule. plan_mixture checks the
+    values (an unknown rule, a bad alpha, balance contradicting weighting) and names them."""
+    own = entry.get("weighting") is not None or entry.get("balance") is not None
+    if own:
+        weighting, balance = entry.get("weighting"), entry.get("balance")
+    rule = weighting if weighting is not None else ("weights" if balance is False else "balanced")
+    if entry.get("alpha") is not None:
+        alpha = entry["alpha"]
+    elif rule != "temperature":
+        alpha = None
+    return weighting, balance, alpha
 
 
 def _fractions(raw: Any) -> list[float]:
@@ -318,8 +338,8 @@ def plan_sweep(spec: Mapping[str, Any], runs_dir: str | Path) -> tuple[list[Run]
     if actions != [None]:
         _unique([a["label"] for a in actions], "action_repr")
 
-    balance_default = spec.get("balance", True)
-    if not isinstance(balance_default, bool):
+    balance_default = spec.get("balance")
+    if balance_default is not None and not isinstance(balance_default, bool):
         raise SweepError(f"{where}: `balance` must be true or false")
     seed = spec.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -341,8 +361,9 @@ def plan_sweep(spec: Mapping[str, Any], runs_dir: str | Path) -> tuple[list[Run]
     plans: dict[tuple[str, float], MixturePlan] = {}
     try:
         for m, f in itertools.product(mixtures, fractions):
-            balance = balance_default if m["balance"] is None else m["balance"]
-            plans[m["label"], f] = plan_mixture(converted, m["weights"], f, balance, seed, weights_source=m["source"])
+            weighting, balance, alpha = _weighting_rule(m, spec.get("weighting"), balance_default, spec.get("alpha"))
+            plans[m["label"], f] = plan_mixture(converted, m["weights"], f, balance, seed, weights_source=m["source"],
+                                                weighting=weighting, alpha=alpha)
     except MixtureToolError as e:
         raise SweepError(f"{where}: mixture: {e}") from None
 
@@ -379,7 +400,7 @@ def plan_sweep(spec: Mapping[str, Any], runs_dir: str | Path) -> tuple[list[Run]
         config = {
             "sweep": spec.get("name"), "spec": spec.get("_path"), "run": name,
             "fraction": f, "mixture": m["label"], "mixture_source": m["source"], "mixture_weights": m["weights"],
-            "balance": plan.balance, "model": model["label"], "model_path": model["path"], "steps": s, "seed": seed,
+            "balance": plan.balance, "weighting": plan.weighting, "temperature_alpha": plan.alpha, "model": model["label"], "model_path": model["path"], "steps": s, "seed": seed,
             "converted": str(converted), "val_data": val_info["path"],
             "planned_train_frames": plan.effective_total,
             "mixture_shares": {r.name: r.share for r in plan.rows},

@@ -27,6 +27,7 @@ class SparseHeadOutput(CausalLMOutputWithPast):
     number of attended sequence positions (`num_tokens`) and sequences (`num_sequences`) of the batch."""
 
     targets: Optional[torch.LongTensor] = None
+    target_rows: Optional[torch.LongTensor] = None  # the batch row of each labelled position (per-dataset metrics)
     action_pred: Optional[torch.FloatTensor] = None  # a representation's ActionHead (parallel_l1): [n, H, D]
     action_targets: Optional[torch.FloatTensor] = None
     num_tokens: Optional[int] = None
@@ -72,18 +73,25 @@ def install(model_cls) -> None:
         if head is not None:  # placeholder positions go to the head, not the LM head
             labels, action_pred, action_targets = head.training_outputs(outputs.last_hidden_state, labels, action_targets)
         targets, logits = labelled_logits(self.lm_head, outputs.last_hidden_state, labels)
+        target_rows = labelled_rows(labels)
         loss = F.cross_entropy(logits.float(), targets) if targets.numel() else logits.sum() * 0.0
         if action_pred is not None:
             loss = loss + head.loss(action_pred, action_targets)
         counted = attention_mask is not None
         return SparseHeadOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-                                targets=targets, action_pred=action_pred, action_targets=action_targets if action_pred is not None else None,
+                                targets=targets, target_rows=target_rows, action_pred=action_pred, action_targets=action_targets if action_pred is not None else None,
                                 num_tokens=int(attention_mask.sum()) if counted else None,
                                 num_sequences=int(attention_mask.shape[0]) if counted else None)
 
     forward.__doc__ = upstream_forward.__doc__
     forward.__wrapped_upstream__ = upstream_forward  # for benchmarks and tests that compare the two
     model_cls.forward = forward
+
+
+def labelled_rows(labels: torch.Tensor) -> torch.Tensor:
+    """The batch row of each position labelled_logits selects, in its order (row-major boolean indexing): what
+    lets validation split one batch's metrics by the dataset of each sample (trainer.run_validation)."""
+    return (labels[:, 1:] != IGNORE_INDEX).nonzero()[:, 0]
 
 
 def labelled_logits(lm_head, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

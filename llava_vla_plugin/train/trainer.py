@@ -46,11 +46,91 @@ Action metrics and what they measure (all over the action-token positions of the
   action_l1                                   |bin centre of that constrained pick - label's bin centre|,
                                               normalized units.
   val_action_loss                             cross-entropy of the action tokens (validation only).
+Validation also reports each of these per dataset of VAL_DATA, as val_<dataset>_<metric> (e.g.
+val_bridge_orig_action_accuracy_teacher_forced), with val_<dataset>_action_tokens and val_<dataset>_frames:
+the same sums over that dataset's samples only, so the token-weighted mean of the per-dataset numbers is the
+mixture-wide one. A sample's dataset is its `dataset` field, else the folder of its data file.
 Eval (`llava_vla_plugin.infer.eval`) reports `action_accuracy_generated`: constrained greedy generation as a
 robot runs it, each token conditioned on the model's own previous picks. It is at most as high as the
 teacher-forced constrained accuracy's first token and usually a little below it for later tokens.
 Renamed from `action_accuracy` / `val_action_accuracy` (the full-vocabulary teacher-forced one).
 """
+
+
+_METRIC_FIELDS = ("ce_sum", "correct", "constrained_correct", "l1_sum", "total")
+
+
+def sample_dataset(sample: dict) -> str:
+    """The dataset a validation sample belongs to: its `dataset` field (convert and vla-import write it), else the
+    folder of its data file (convert's OUT/<dataset>/val.jsonl; training_data.SampleStore's `_source`)."""
+    name = sample.get("dataset")
+    if isinstance(name, str) and name:
+        return name
+    source = sample.get("_source")
+    if not source:
+        return "unknown"
+    return os.path.basename(os.path.dirname(source)) or os.path.basename(source)
+
+
+def metric_key_name(dataset: str) -> str:
+    """A dataset name as it appears in metric keys (val_<name>_...): characters other than letters, digits,
+    '.', '-' and '_' become '_', so the keys stay valid for loggers (wandb, tensorboard) and CSV headers."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in dataset)
+
+
+def validation_groups(samples) -> tuple[list[str], np.ndarray]:
+    """(sorted dataset names, the name's index for every sample): the same on every rank, which all hold the
+    whole validation set, so the per-dataset sums line up in one all_reduce."""
+    names = [sample_dataset(samples[i]) for i in range(len(samples))]
+    groups = sorted(set(names))
+    keys: dict[str, str] = {}
+    for g in groups:
+        other = keys.setdefault(metric_key_name(g), g)
+        if other != g:
+            raise ValueError(f"validation datasets {other!r} and {g!r} would share the metric keys "
+                             f"val_{metric_key_name(g)}_*: rename one (its samples' `dataset` field)")
+    index = {g: k for k, g in enumerate(groups)}
+    return groups, np.asarray([index[n] for n in names], dtype=np.int64)
+
+
+def output_rows(out, keep: torch.Tensor):
+    """The part of a forward's output (sparse_head.SparseHeadOutput) that belongs to the batch rows where `keep`
+    (bool [batch]) is true, with the fields every representation's metrics read (update_output)."""
+    from types import SimpleNamespace
+
+    part = SimpleNamespace(targets=None, logits=None, action_pred=None, action_targets=None)
+    targets, logits = getattr(out, "targets", None), getattr(out, "logits", None)
+    if targets is not None and logits is not None:
+        rows = getattr(out, "target_rows", None)
+        if rows is None:
+            raise RuntimeError("per-dataset validation needs the forward's target_rows (sparse_head.SparseHeadOutput); "
+                               "this model's forward does not return them")
+        sel = keep.to(rows.device)[rows]
+        part.targets, part.logits = targets[sel], logits[sel]
+    pred = getattr(out, "action_pred", None)
+    if pred is not None:
+        if pred.shape[0] != keep.shape[0]:
+            raise RuntimeError(f"per-dataset validation: {pred.shape[0]} action predictions for a batch of {keep.shape[0]} "
+                               "samples (every validation sample must carry an action)")
+        k = keep.to(pred.device)
+        part.action_pred, part.action_targets = pred[k], out.action_targets[k]
+    return part
+
+
+def validation_metrics(sums: torch.Tensor, groups: list[str]) -> dict:
+    """Metric dict from the rank-reduced sums: row 0 the mixture-wide ones (the keys validation always had), row
+    1 + k dataset k's as val_<dataset>_<metric> plus its action tokens and frames. Columns: _METRIC_FIELDS, frames."""
+    def named(prefix: str, row) -> dict:
+        count = max(float(row[4]), 1.0)
+        return {f"{prefix}action_loss": float(row[0]) / count, f"{prefix}action_accuracy_teacher_forced": float(row[1]) / count,
+                f"{prefix}action_accuracy_teacher_forced_constrained": float(row[2]) / count,
+                f"{prefix}action_l1": float(row[3]) / count, f"{prefix}action_tokens": int(row[4])}
+    metrics = named("val_", sums[0])
+    for k, name in enumerate(groups):
+        key = f"val_{metric_key_name(name)}_"
+        metrics.update(named(key, sums[1 + k]))
+        metrics[f"{key}frames"] = int(sums[1 + k][5])
+    return metrics
 
 
 class ValidationCallback(TrainerCallback):
@@ -167,6 +247,7 @@ class VLATrainer(LLaVATrainer):
             from llava_vla_plugin.train.dataset import VLADataset
 
             self.val_dataset = VLADataset(val_path, self.processing_class, data_args, is_eval=True)
+            self._val_groups = validation_groups(self.val_dataset.list_data_dict)  # at start: a clash fails now
         self.add_callback(ValidationCallback(self, int(getattr(data_args, "vla_eval_steps", 0) or 0)))
         self.add_callback(TrainingCurvesCallback())  # after ValidationCallback: the final validation is plotted
         if is_lora:
@@ -270,27 +351,39 @@ class VLATrainer(LLaVATrainer):
             return {}
         rank, world = self.args.process_index, self.args.world_size
         indices = list(range(rank, len(self.val_dataset), world))
+        if getattr(self, "_val_groups", None) is None:  # once: which dataset each validation sample is from
+            self._val_groups = validation_groups(self.val_dataset.list_data_dict)
+        groups, group_of = self._val_groups
+        group_of = group_of[np.asarray(indices, dtype=np.int64)]
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.val_dataset, indices),
                                              batch_size=self.args.per_device_eval_batch_size, shuffle=False,
                                              collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers)
         model = self.model
         was_training = model.training
         model.eval()
-        val = self.action_repr.metrics()
+        val = self.action_repr.metrics()  # mixture-wide: fed whole batches, as always
+        per = [self.action_repr.metrics() for _ in groups]  # one instance per dataset, fed its rows of each batch
+        frames = np.zeros(len(groups), dtype=np.int64)
+        start = 0
         for batch in loader:
             batch = self._prepare_inputs(batch)
             out = model(**{k: v for k, v in batch.items() if k not in ("prompts", "ids")})
             val.update_output(out, with_loss=True)
+            rows = group_of[start:start + len(batch["input_ids"])]
+            start += len(rows)
+            for g in np.unique(rows):
+                frames[g] += int((rows == g).sum())
+                part = out if (rows == g).all() else output_rows(out, torch.as_tensor(rows == g))
+                per[g].update_output(part, with_loss=True)
         if was_training:
             model.train()
-        sums = torch.tensor([val.ce_sum, val.correct, val.constrained_correct, val.l1_sum, val.total],
-                            dtype=torch.float64, device=self.args.device)
+        # one all_reduce of every sum (row 0 mixture-wide, then one row per dataset): per-dataset numbers are
+        # reduced exactly as the mixture-wide ones always were (sums, then one division)
+        sums = torch.tensor([[getattr(m, f) for f in _METRIC_FIELDS] + [n] for m, n in
+                             [(val, int(frames.sum())), *zip(per, frames.tolist())]], dtype=torch.float64, device=self.args.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
-        count = max(float(sums[4]), 1.0)
-        metrics = {"val_action_loss": float(sums[0]) / count, "val_action_accuracy_teacher_forced": float(sums[1]) / count,
-                   "val_action_accuracy_teacher_forced_constrained": float(sums[2]) / count,
-                   "val_action_l1": float(sums[3]) / count, "val_action_tokens": int(sums[4])}
+        metrics = validation_metrics(sums, groups)
         self.last_val_metrics = metrics
         self.log(dict(metrics))
         if self.args.should_save:

@@ -4,7 +4,8 @@ Every finished training run writes it (VLATrainer, on the saving rank, at the en
 Hugging Face trainer's log history, the same records `trainer_state.json` keeps:
   * left: the training loss per logged step;
   * right, when the run had VAL_DATA: the held-out action loss and the teacher-forced accuracies per
-    validation (docs: trainer.METRIC_DOC).
+    validation (docs: trainer.METRIC_DOC), and, dashed, each dataset's teacher-forced accuracy when the log
+    has them (val_<dataset>_action_accuracy_teacher_forced): which dataset of a mixture gains or lags.
 
 Plot an unfinished run, or a checkpoint, from its trainer_state.json:
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -31,9 +33,13 @@ VAL_KEYS = (  # (log key, label, axis): loss on the left axis, accuracies on the
     ("val_action_accuracy_teacher_forced_constrained", "held-out accuracy, teacher-forced, action tokens only", "acc"),
 )
 
+# a dataset's validation accuracy (trainer.validation_metrics); the mixture-wide key has no <dataset> part
+PER_DATASET_ACC = re.compile(r"val_(.+)_action_accuracy_teacher_forced")
+
 
 def curves(log_history: Iterable[Mapping]) -> tuple[list[tuple[int, float]], dict[str, list[tuple[int, float]]]]:
-    """(step, train loss) per logged step, and (step, value) per validation for each VAL_KEYS key."""
+    """(step, train loss) per logged step, and (step, value) per validation for each VAL_KEYS key and each
+    per-dataset accuracy key (PER_DATASET_ACC) the log holds."""
     train: list[tuple[int, float]] = []
     val: dict[str, list[tuple[int, float]]] = {key: [] for key, _, _ in VAL_KEYS}
     for record in log_history:
@@ -42,9 +48,9 @@ def curves(log_history: Iterable[Mapping]) -> tuple[list[tuple[int, float]], dic
             continue
         if isinstance(record.get("loss"), (int, float)):
             train.append((int(step), float(record["loss"])))
-        for key in val:
-            if isinstance(record.get(key), (int, float)):
-                val[key].append((int(step), float(record[key])))
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and (key in val or PER_DATASET_ACC.fullmatch(key)):
+                val.setdefault(key, []).append((int(step), float(value)))
     return train, {k: v for k, v in val.items() if v}
 
 
@@ -75,6 +81,10 @@ def render_png(log_history: Iterable[Mapping], title: str = "") -> bytes:
                 steps, values = zip(*val[key])
                 target = ax_loss if axis == "loss" else ax_acc
                 target.plot(steps, values, marker="o", label=label, color=f"C{i}")
+        for i, key in enumerate(sorted(k for k in val if PER_DATASET_ACC.fullmatch(k))):
+            steps, values = zip(*val[key])
+            ax_acc.plot(steps, values, marker=".", linestyle="--", linewidth=1, color=f"C{len(VAL_KEYS) + i}",
+                        label=f"{PER_DATASET_ACC.fullmatch(key).group(1)}: accuracy, teacher-forced")
         ax_loss.set(xlabel="optimizer step", ylabel="held-out action loss", title="validation (VAL_DATA)")
         ax_acc.set(ylabel="accuracy", ylim=(-0.02, 1.02))
         ax_loss.grid(alpha=0.3)
