@@ -254,6 +254,49 @@ def test_blind_model_stays_at_the_marginal(quality_runs):
     assert seeing >= blind + 0.25, f"seeing {seeing:.2f} vs blind {blind:.2f}: the image made little difference"
 
 
+# ---- fast (issue 23): FAST tokens, fitted with the CLI on the task's training windows ----------------------
+# Its bar differs from the bins' one: FAST rounds DCT coefficients at scale 10, so even a perfect model's chunk is
+# only within the codec's round_trip_bound (0.125 for H = 4, in normalized units) of the data, 16 bins wide.
+# Scored: held-out values within that bound plus one bin of the target, against the same 0.7.
+FAST_RUN = (100, 5e-3, ("--lr_scheduler_type", "constant"))
+
+
+@pytest.fixture(scope="module")
+def fast_run(fast_tiny, chunk_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast_run")
+    tok = root / "fast_tok"
+    fit = subprocess.run([os.sys.executable, "-m", "llava_vla_plugin.train.fit_fast", "--data_path",
+                          str(chunk_data / "chunks/train.jsonl"), "--horizon", str(H), "--out", str(tok), "--no-progress"],
+                         env=subprocess_env(fast_tiny.env()), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert fit.returncode == 0, fit.stdout + fit.stderr
+    out = root / "run-fast-qwen"
+    steps, lr, extra = FAST_RUN
+    job = _job(fast_tiny, chunk_data, out, "fast", *extra, "--vla_repr_options", f"tokenizer={tok}", steps=steps, lr=lr)
+    job["predict"] = {"val": str(chunk_data / "chunks/val.jsonl"), "folder": str(chunk_data), "max_step": 0}
+    return tok, out, run_jobs(fast_tiny, [job])
+
+
+@pytest.mark.slow
+def test_fast_learns_image_conditioned_chunks_and_round_trips(fast_run):
+    from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
+    from llava_vla_plugin.core.fast_codec import FILE_NAME, round_trip_bound
+
+    tok, out, proc = fast_run
+    result = result_of(out, proc)
+    cfg = json.loads((out / "vla_action_repr.json").read_text())
+    assert (cfg["name"], cfg["horizon"], cfg["options"]) == ("fast", H, {"tokenizer": str(tok)})
+    assert (result["repr"], result["horizon"], result["one_shape"]) == ("fast", H, [H, 7])
+    # the checkpoint carries the codec it trained with, byte for byte (the policy above decoded with it)
+    assert (out / FILE_NAME).read_bytes() == (tok / FILE_NAME).read_bytes()
+    pred = np.asarray(result["normalized"])
+    want = np.stack([trajectory(e % 3)[t:t + H] for e, t in zip(result["episodes"], result["steps"])])
+    tol = round_trip_bound(H, 10.0).max_abs + 2.0 / ActionTokenizer().n_bins
+    score = float((np.abs(pred - want) <= tol).mean())
+    print(f"fast: {score:.2f} of held-out values within {tol:.3f}; {result['decode_failures']} invalid decodes; "
+          f"mean abs error {np.abs(pred - want).mean():.4f}")
+    assert score >= 0.7, f"fast: {score:.2f} of held-out values within {tol:.3f} ({result['decode_failures']} invalid)"
+
+
 # ---- item 7: the combinations whose code paths parallel_l1 does not share (docs/WHERE_TO_CHANGE.md) ----------
 @pytest.mark.slow
 def test_parallel_l1_validation_resume_and_lora_refusal(fast_tiny, chunk_data, tmp_path):

@@ -4,6 +4,7 @@ read and carried here and nowhere else (issue 21).
     vla_action_tokenizer.json    action bins, token ids, prompt template          (action_tokenizer.py)
     vla_action_repr.json         representation, H, D, window rule                (action_repr.py)
     vla_action_head.safetensors  the parallel_l1 head's weights, where it has one (action_repr.py)
+    vla_fast_tokenizer.json      the fast representation's FAST tokenizer (fast_codec.py; representations/fast.py)
     vla_run_config.json          the settings that define the run (resume check)  (run_config.py)
     dataset_statistics.json      per-dataset q01/q99/mask to un-normalize actions (data_tools' contract)
     vla_export.json              only in a transformers export: what the export changed (infer/export_hf.py);
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_tools.atomic import write_json
+from llava_vla_plugin.core.fast_codec import FILE_NAME as FAST_TOKENIZER_FILE
 from llava_vla_plugin.core.representations import HEAD_FILE, REPR_FILE, ActionReprConfig
 from llava_vla_plugin.core.action_tokenizer import CONFIG_NAME as ACTION_TOKENIZER_FILE
 from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
@@ -35,7 +37,7 @@ EXPORT_INFO_FILE = "vla_export.json"
 
 # Every file that travels with a policy (a merge or an export copies those present); the first two are required.
 REQUIRED_FILES = (ACTION_TOKENIZER_FILE, STATS_FILE)
-POLICY_FILES = (ACTION_TOKENIZER_FILE, STATS_FILE, REPR_FILE, HEAD_FILE, RUN_CONFIG_FILE)
+POLICY_FILES = (ACTION_TOKENIZER_FILE, STATS_FILE, REPR_FILE, HEAD_FILE, FAST_TOKENIZER_FILE, RUN_CONFIG_FILE)
 
 
 class CheckpointError(FileNotFoundError):

@@ -51,15 +51,18 @@ class ImageInputError(ValueError):
 
 
 class ActionConstraint(LogitsProcessor):
-    """Only action tokens for the first `action_dim` new tokens, then only `end_id`.
+    """The representation's TokenPlan as a logits processor: ids first..first+n_bins-1 for the first `action_dim`
+    new tokens, then only `end_id`. exact=True (bins): exactly `action_dim` of them; exact=False (fast): from the
+    second step on the end may come instead (variable-length answers), and after `action_dim` only the end.
 
     The step is counted from the length of `input_ids` at the first call, so it works whether
     generate() was given input ids or (as upstream LLaVA does) only embeddings. One instance per
     generate() call.
     """
 
-    def __init__(self, first_action_id: int, n_bins: int, end_id: int, action_dim: int):
+    def __init__(self, first_action_id: int, n_bins: int, end_id: int, action_dim: int, exact: bool = True):
         self.first, self.n_bins, self.end_id, self.action_dim = first_action_id, n_bins, end_id, action_dim
+        self.exact = exact
         self.start_len: int | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -69,6 +72,8 @@ class ActionConstraint(LogitsProcessor):
         out = torch.full_like(scores, float("-inf"))
         if step < self.action_dim:
             out[:, self.first:self.first + self.n_bins] = scores[:, self.first:self.first + self.n_bins]
+            if not self.exact and step > 0:
+                out[:, self.end_id] = scores[:, self.end_id]
         else:
             out[:, self.end_id] = scores[:, self.end_id]
         return out
@@ -142,11 +147,15 @@ class VLAPolicy:
         self.checkpoint = checkpoint
         self.action_tokenizer = files.action_tokenizer
         self.norm_stats = files.statistics
-        self.action_repr = action_repr or make_representation(files.repr_config, files.action_tokenizer)
+        self.action_repr = action_repr or make_representation(files.repr_config, files.action_tokenizer,
+                                                               directory=files.path)
         self.horizon = self.action_repr.horizon
         self.action_dim = self.action_tokenizer.action_dim
-        self.n_action_tokens = getattr(self.action_repr, "n_action_tokens", 0)  # 0: no tokens generated (parallel_l1)
         tokenizer = backend.tokenizer
+        # what generation may pick (the representation's TokenPlan); None: no tokens generated (parallel_l1)
+        self.token_plan = self.action_repr.token_plan(tokenizer) if self.action_repr.decoding == "tokens" else None
+        self.n_action_tokens = self.token_plan.max_tokens if self.token_plan is not None else 0
+        self.decode_failures = 0  # invalid generated sequences (fast), answered with the representation's fallback
         self.prompt_builder = VLAPromptBuilder(tokenizer, self.action_tokenizer)
         self.end_id = self.prompt_builder.im_end
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.end_id
@@ -183,7 +192,7 @@ class VLAPolicy:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         check_device(device)
         files = vla_checkpoint.read(path)  # the VLA files, as every kind of checkpoint carries them
-        action_repr = make_representation(files.repr_config, files.action_tokenizer)
+        action_repr = make_representation(files.repr_config, files.action_tokenizer, directory=path)
         impl = registry[kind]
         impl.check_supports(path, action_repr)  # before any weight loads
         loaded = impl.load(path, action_repr, device=str(device), dtype=resolve_dtype(dtype, device), **options)
@@ -241,8 +250,8 @@ class VLAPolicy:
 
     # ---- the model -----------------------------------------------------------------------------
     def logits_processor(self) -> LogitsProcessorList:
-        at = self.action_tokenizer
-        return LogitsProcessorList([ActionConstraint(int(at.token_ids[0]), at.n_bins, self.end_id, self.n_action_tokens)])
+        plan = self.token_plan
+        return LogitsProcessorList([ActionConstraint(plan.first_id, plan.n_ids, self.end_id, plan.max_tokens, plan.exact)])
 
     def generate_ids(self, inputs) -> torch.Tensor:
         """Constrained greedy generation; the new tokens [B, H * action_dim + 1]."""
@@ -255,13 +264,15 @@ class VLAPolicy:
         if not n:
             raise RuntimeError(f"the {self.action_repr.name} representation predicts no action tokens: use predict_normalized")
         new = self.generate_ids(inputs).cpu().numpy()
+        if not self.token_plan.exact:  # variable length (fast): the ids as generated, the end and padding included
+            return new
         ids = new[:, :n]
         if new.shape[1] != n + 1 or not self.action_tokenizer.is_action_id(ids).all():
             raise RuntimeError(f"constrained generation returned {new.tolist()}: not {n} action tokens")
         return ids
 
     def predict_action_ids(self, images: Sequence, instructions: Sequence[str] | str) -> np.ndarray:
-        """[B, H * action_dim] action token ids (token representations only)."""
+        """[B, H * action_dim] action token ids (token representations only; fast: [B, max tokens + 1] as generated)."""
         return self.action_ids_from_inputs(self.prepare(images, instructions))
 
     def slot_actions(self, inputs, n_slots: int) -> np.ndarray:

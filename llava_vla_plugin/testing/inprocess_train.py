@@ -79,7 +79,8 @@ def predict(out: Path, val: Path, folder: Path, max_step: int) -> dict:
     norm = policy.predict_normalized(images, [r["instruction"] for r in rows])
     one = policy.predict_action(images[0], rows[0]["instruction"])
     return {"episodes": [r["episode"] for r in rows], "steps": [r["step"] for r in rows], "normalized": norm.tolist(),
-            "one_shape": list(one.shape), "repr": policy.action_repr.name}
+            "one_shape": list(one.shape), "repr": policy.action_repr.name, "horizon": policy.horizon,
+            "decode_failures": policy.decode_failures}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,8 @@ class DataArguments(upstream_train.DataArguments):
                                                                     + " (llava_vla_plugin/core/representations.py; described at the top of "
                                                                     "this help)"})
     vla_horizon: int = field(default=1, metadata={"help": "chunk length H (future actions per prediction; bins needs 1)"})
+    vla_repr_options: str = field(default="", metadata={"help": "representation-specific settings, key=value,key=value "
+                                                                 "(fast: tokenizer=DIR, the folder vla-fit-fast wrote)"})
     vla_window_mode: str = field(default="oft", metadata={"help": "how H-step windows are cut (data_tools/action_windows.py): "
                                                                    "oft (drop each episode's last H-1 frames) or openvla "
                                                                    "(goal = last step; relative dims 0, gripper repeated past it)"})

@@ -34,6 +34,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for flag in LAUNCHER_NAMES:
         p.add_argument(flag, default=None)
+    p.add_argument("--vla_repr_options", default=None)
     known, _ = p.parse_known_args(list(argv))
     return known
 
@@ -87,16 +88,26 @@ def action_problems(args: argparse.Namespace) -> list[str]:
     except ValueError:
         found.append(f"{_name('--vla_horizon')} {horizon!r} is not an integer (the chunk length H, e.g. 1 or 8)")
         h = None
-    from llava_vla_plugin.core.representations import REPRESENTATIONS, ActionReprConfig, ActionReprError
+    from llava_vla_plugin.core.representations import (REPRESENTATIONS, ActionReprConfig, ActionReprError, parse_options,
+                                                       representation_class)
 
     name = args.vla_action_repr if args.vla_action_repr is not None else "bins"
     mode = args.vla_window_mode if args.vla_window_mode is not None else "oft"
+    try:
+        options = parse_options(args.vla_repr_options or "")
+    except ActionReprError as e:
+        return found + [str(e)]
     try:  # the registry's own checks (a horizon that is not a number: checked as H = 1 for the rest)
-        ActionReprConfig(name=name, horizon=1 if h is None else h, window_mode=mode)
+        config = ActionReprConfig(name=name, horizon=1 if h is None else h, window_mode=mode, options=options)
     except ActionReprError as e:
         which = ("--vla_action_repr" if name not in REPRESENTATIONS else
                  "--vla_window_mode" if "window mode" in str(e) else "--vla_horizon")
         found.append(f"{_name(which)}: {e}")
+        return found
+    try:  # the class's own options (fast: the FAST tokenizer, fitted for this H and D)
+        representation_class(name).check_options(config)
+    except ActionReprError as e:
+        found.append(f"{_name('--vla_action_repr')} {name}: {e}")
     return found
 
 

@@ -37,6 +37,6 @@ representation in this package (base.py: the interface, bins.py, parallel_l1.py)
 """
 from llava_vla_plugin.core.representations.base import (HEAD_FILE, PROMPT_FRAMING_TOKENS, REPR_FILE, SLOT_TOKEN,  # noqa: F401
                                                         ActionHead, ActionRepresentation, ActionReprConfig,
-                                                        ActionReprError, make_representation, metric_summary,
-                                                        with_horizon)
+                                                        ActionReprError, TokenPlan, make_representation, metric_summary,
+                                                        parse_options, with_horizon)
 from llava_vla_plugin.core.representations.registry import REPRESENTATIONS, representation_class  # noqa: F401

@@ -4,7 +4,7 @@ parallel_l1.py; the registry: registry.py; the overview: this package's docstrin
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
@@ -39,6 +39,9 @@ class ActionReprConfig:
     n_bins: int = 256
     head_width: Optional[int] = None  # parallel_l1: MLP width (None: the LM's hidden size)
     version: int = 1
+    # Representation-specific settings (`--vla_repr_options key=value,...`), e.g. fast's `tokenizer=DIR`; checked
+    # by the class's `check_options` (preflight, and the class when it is made). Files written before it: {}.
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.name not in REPRESENTATIONS:
@@ -47,13 +50,17 @@ class ActionReprConfig:
             raise ActionReprError(f"horizon and action_dim must be >= 1 (got H={self.horizon}, D={self.action_dim})")
         if self.window_mode not in WINDOW_MODES:
             raise ActionReprError(f"unknown window mode {self.window_mode!r}: use one of {', '.join(WINDOW_MODES)}")
+        if not isinstance(self.options, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                          for k, v in self.options.items()):
+            raise ActionReprError(f"representation options must map names to strings, got {self.options!r}")
         if self.name == "bins" and self.horizon != 1:
             raise ActionReprError(f"`bins` predicts one step (H=1), got H={self.horizon}: use bins_chunk or parallel_l1 for chunks")
 
     @classmethod
     def from_args(cls, data_args) -> "ActionReprConfig":
         return cls(name=str(getattr(data_args, "vla_action_repr", "bins")), horizon=int(getattr(data_args, "vla_horizon", 1)),
-                   window_mode=str(getattr(data_args, "vla_window_mode", "oft")))
+                   window_mode=str(getattr(data_args, "vla_window_mode", "oft")),
+                   options=parse_options(getattr(data_args, "vla_repr_options", None) or ""))
 
     def save(self, directory) -> Path:
         path = Path(directory) / REPR_FILE
@@ -76,6 +83,33 @@ class ActionReprConfig:
         except TypeError as e:
             raise ActionReprError(f"{path}: {e} (written by a newer llava_vla_plugin?)") from None
 
+
+
+def parse_options(text: str) -> dict[str, str]:
+    """`--vla_repr_options "key=value,key=value"` -> {key: value} (values are strings; the class checks them)."""
+    options: dict[str, str] = {}
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ActionReprError(f"--vla_repr_options: {part!r} is not key=value (e.g. --vla_repr_options tokenizer=DIR)")
+        if key.strip() in options:
+            raise ActionReprError(f"--vla_repr_options: {key.strip()!r} is given twice")
+        options[key.strip()] = value.strip()
+    return options
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    """What the pipeline's generation constraint (infer/pipeline.ActionConstraint) allows for a token
+    representation: ids first_id .. first_id + n_ids - 1, at most max_tokens of them, then the end token.
+    exact=True: exactly max_tokens of them (bins); False: the end may come after the first one (fast)."""
+
+    first_id: int
+    n_ids: int
+    max_tokens: int
+    exact: bool = True
 
 
 # ---- a head the model carries (parallel_l1's; a new head implements the same four methods) --------
@@ -133,11 +167,22 @@ class ActionRepresentation:
     # --lora_enable True: the adapter, its action-token rows and lora.py's save/merge/load know token heads only
     supports_lora: ClassVar[bool] = True
 
-    def __init__(self, config: ActionReprConfig, action_tokenizer: Optional[ActionTokenizer] = None):
+    def __init__(self, config: ActionReprConfig, action_tokenizer: Optional[ActionTokenizer] = None,
+                 directory: Optional[str] = None):
+        """`directory`: where the representation's own checkpoint files are (a checkpoint being read), if any."""
         self.config = config
+        self.directory = directory
         self.action_tokenizer = action_tokenizer or ActionTokenizer(n_bins=config.n_bins, action_dim=config.action_dim)
         if self.action_tokenizer.action_dim != config.action_dim:
             raise ActionReprError(f"action tokenizer has D={self.action_tokenizer.action_dim}, representation D={config.action_dim}")
+
+    @classmethod
+    def check_options(cls, config: ActionReprConfig) -> None:
+        """Raise ActionReprError (what is wrong and what to do) if `config.options` does not suit this class
+        (preflight calls it before anything loads). Default: no options."""
+        if config.options:
+            raise ActionReprError(f"--vla_action_repr {config.name} takes no --vla_repr_options "
+                                  f"(got {', '.join(config.options)})")
 
     @property
     def horizon(self) -> int:
@@ -172,6 +217,10 @@ class ActionRepresentation:
         raise NotImplementedError
 
     # -- decoding --
+    def token_plan(self, tokenizer) -> Optional[TokenPlan]:
+        """The ids generation may pick for `decoding = "tokens"` (None: no tokens are generated)."""
+        return None
+
     def predict_normalized(self, policy, inputs) -> np.ndarray:
         """Normalized actions [B, H, D] for prepared policy inputs."""
         raise NotImplementedError
@@ -186,8 +235,11 @@ class ActionRepresentation:
 
 
 
-def make_representation(config: ActionReprConfig, action_tokenizer: Optional[ActionTokenizer] = None) -> ActionRepresentation:
-    return representation_class(config.name)(config, action_tokenizer)
+def make_representation(config: ActionReprConfig, action_tokenizer: Optional[ActionTokenizer] = None,
+                        directory=None) -> ActionRepresentation:
+    """The configured representation; `directory`: the checkpoint it is read from (its own files, e.g. fast's
+    vla_fast_tokenizer.json), None when training from options."""
+    return representation_class(config.name)(config, action_tokenizer, directory=None if directory is None else str(directory))
 
 
 def with_horizon(config: ActionReprConfig, horizon: int) -> ActionReprConfig:

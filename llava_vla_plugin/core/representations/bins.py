@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
-from llava_vla_plugin.core.representations.base import ActionRepresentation, ActionReprError, metric_summary
+from llava_vla_plugin.core.representations.base import ActionRepresentation, ActionReprError, TokenPlan, metric_summary
 
 
 class ActionMetrics:
@@ -81,6 +81,11 @@ class BinsRepresentation(ActionRepresentation):
 
     def metrics(self):
         return ActionMetrics(self.action_tokenizer)
+
+    def token_plan(self, tokenizer) -> TokenPlan:
+        """Exactly H x D of the 256 action tokens, then the end."""
+        at = self.action_tokenizer
+        return TokenPlan(int(at.token_ids[0]), at.n_bins, self.n_action_tokens, exact=True)
 
     def predict_normalized(self, policy, inputs) -> np.ndarray:
         ids = policy.action_ids_from_inputs(inputs)

@@ -13,6 +13,7 @@ REPRESENTATIONS: dict[str, str] = {
     "bins": "bins:BinsRepresentation",
     "bins_chunk": "bins:BinsChunkRepresentation",
     "parallel_l1": "parallel_l1:ParallelL1Representation",
+    "fast": "fast:FastRepresentation",
 }
 
 
