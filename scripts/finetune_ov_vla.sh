@@ -21,7 +21,8 @@
 #   every EVAL_STEPS and at the end -> OUTPUT_DIR/vla_metrics.jsonl, OUTPUT_DIR/final_metrics.json
 #   CONFIG=run.yaml: settings from a file (scripts/launch_config.py); every launch writes the resolved
 #   settings to OUTPUT_DIR/launch_config.yaml, so CONFIG=OUTPUT_DIR/launch_config.yaml replays a run.
-#   ACTION_REPR=bins (bins_chunk, parallel_l1: llava_vla_plugin/core/representations.py) HORIZON=1 (chunk length H)
+#   ACTION_REPR=bins (bins_chunk, parallel_l1, fast: llava_vla_plugin/core/representations/) HORIZON=1 (chunk length H)
+#   REPR_OPTIONS= the representation's own settings, key=value,... (fast: tokenizer=DIR from vla-fit-fast)
 #   WINDOW_MODE=oft (openvla): how H-step windows are cut from each episode (data_tools/action_windows.py)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -76,10 +77,18 @@ KEEP_OPTIMIZER=${KEEP_OPTIMIZER:-latest}
 ACTION_REPR=${ACTION_REPR:-bins}
 HORIZON=${HORIZON:-1}
 WINDOW_MODE=${WINDOW_MODE:-oft}
+REPR_OPTIONS=${REPR_OPTIONS:-}
 
 # User paths: against the caller's directory (the launcher used to cd to the repository first).
 DATA=$(abspath "$DATA"); IMAGE_FOLDER=$(abspath "$IMAGE_FOLDER"); OUTPUT_DIR=$(abspath "$OUTPUT_DIR")
 VAL_DATA=$(abspath "$VAL_DATA")
+opts=""  # REPR_OPTIONS' tokenizer=DIR (fast) is a user path too
+IFS=',' read -ra _opts <<< "$REPR_OPTIONS"
+for o in "${_opts[@]}"; do
+  case "$o" in tokenizer=*) o="tokenizer=$(abspath "${o#tokenizer=}")" ;; esac
+  opts+="${opts:+,}$o"
+done
+REPR_OPTIONS=$opts
 if [ -e "$MODEL" ]; then MODEL=$(abspath "$MODEL"); fi  # else a hub id
 case "$RESUME" in auto|never) ;; *) RESUME=$(abspath "$RESUME") ;; esac
 case "$DEEPSPEED" in
@@ -158,6 +167,7 @@ ARGS=(
   --vla_action_repr "$ACTION_REPR"
   --vla_horizon "$HORIZON"
   --vla_window_mode "$WINDOW_MODE"
+  --vla_repr_options "$REPR_OPTIONS"
 )
 
 if [ -n "$VAL_DATA" ]; then ARGS+=(--vla_val_data "$VAL_DATA" --vla_eval_steps "$EVAL_STEPS" --per_device_eval_batch_size "$BATCH_SIZE"); fi
@@ -181,7 +191,7 @@ if [ "$NODE_RANK" = "0" ]; then
     NUM_WORKERS="$NUM_WORKERS" REPORT_TO="$REPORT_TO" VAL_DATA="$VAL_DATA" EVAL_STEPS="$EVAL_STEPS" SEED="$SEED" \
     GRADIENT_CHECKPOINTING="$GRADIENT_CHECKPOINTING" RESUME="$RESUME" SAVE_TOTAL_LIMIT="$SAVE_TOTAL_LIMIT" \
     KEEP_OPTIMIZER="$KEEP_OPTIMIZER" ACTION_REPR="$ACTION_REPR" HORIZON="$HORIZON" WINDOW_MODE="$WINDOW_MODE" \
-    -- "${CONFIG_ARGS[@]}" "$@"
+    REPR_OPTIONS="$REPR_OPTIONS" -- "${CONFIG_ARGS[@]}" "$@"
   echo "[finetune] resolved settings -> $OUTPUT_DIR/launch_config.yaml (once training starts)"
 fi
 if [ "$NUM_GPUS" = "0" ]; then

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, subprocess_env
@@ -128,6 +129,17 @@ def test_launcher_refuses_bad_data_and_options_before_anything(user_dir):
     # an extra trainer argument wins over the launcher's variable, so the check reads the final arguments
     proc, _ = _launch(user_dir, "--vla_window_mode", "sideways", ACTION_REPR="bins_chunk", HORIZON="4")
     assert proc.returncode == 2 and "WINDOW_MODE (--vla_window_mode): unknown window mode 'sideways'" in proc.stderr
+
+    # fast without its tokenizer, and with one fitted for another H (a relative REPR_OPTIONS path is the caller's)
+    proc, _ = _launch(user_dir, ACTION_REPR="fast", HORIZON="4")
+    assert proc.returncode == 2 and "REPR_OPTIONS=tokenizer=DIR" in proc.stderr and "vla-fit-fast" in proc.stderr
+    from llava_vla_plugin.core.fast_codec import FastCodec
+    rng = np.random.default_rng(0)
+    FastCodec.fit([rng.uniform(-1, 1, (8, 7)) for _ in range(50)], vocab_size=300).save(user_dir / "fast_tok")
+    proc, _ = _launch(user_dir, ACTION_REPR="fast", HORIZON="4", REPR_OPTIONS="tokenizer=fast_tok")
+    assert proc.returncode == 2, proc.stderr
+    assert f"tokenizer {user_dir}/fast_tok" in proc.stderr and "fitted for H=8, D=7" in proc.stderr
+    assert not (user_dir / "runs").exists()
 
 
 def test_launch_stopped_in_the_trainer_removes_what_it_wrote(user_dir):

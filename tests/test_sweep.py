@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -183,6 +184,33 @@ def test_action_representation_and_horizon_are_a_grid_axis(sweep):
             plan_sweep({**spec, "grid": {**spec["grid"], "action_repr": [bad]}}, runs.parent / "bad")
     with pytest.raises(SweepError, match="set them in one place"):
         plan_sweep({**spec, "env": {**spec["env"], "HORIZON": 8}}, runs.parent / "bad")
+
+
+def test_fast_and_its_vocabulary_size_are_swept_like_any_representation(sweep, tmp_path):
+    """fast's vocabulary size is one fitted tokenizer per entry (options.tokenizer -> REPR_OPTIONS); a tokenizer
+    fitted for another H, or a missing one, fails when the sweep is planned, not on the cluster."""
+    from llava_vla_plugin.core.fast_codec import FastCodec
+
+    spec_path, runs, env, _ = sweep
+    rng = np.random.default_rng(0)
+    windows = [np.cumsum(rng.normal(0, 0.05, (4, 7)), axis=0) for _ in range(200)]
+    for v in (200, 300):
+        FastCodec.fit(windows, vocab_size=v).save(tmp_path / f"fast_v{v}")
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["grid"].update(fraction=[0.5], mixture=[{"name": "b", "weights": {"bridge_orig": 1}}],
+                        action_repr=[{"repr": "fast", "horizon": 4, "options": {"tokenizer": str(tmp_path / f"fast_v{v}")}}
+                                     for v in (200, 300)])
+    planned, _ = plan_sweep(spec, runs)
+    assert [r.name.rsplit("action_", 1)[1] for r in planned] == ["fast-H4-fast_v200", "fast-H4-fast_v300"]
+    for run, v in zip(planned, (200, 300)):
+        assert run.env["REPR_OPTIONS"] == f"tokenizer={tmp_path / f'fast_v{v}'}" and run.env["ACTION_REPR"] == "fast"
+        assert run.config["action_repr_config"]["options"] == {"tokenizer": str(tmp_path / f"fast_v{v}")}
+    for entry, match in (({"repr": "fast", "horizon": 8, "options": {"tokenizer": str(tmp_path / "fast_v200")}},
+                          "fitted for H=4"),
+                         ({"repr": "fast", "horizon": 4}, "vla-fit-fast"),
+                         ({"repr": "bins", "options": {"tokenizer": "x"}}, "takes no --vla_repr_options")):
+        with pytest.raises(SweepError, match=match):
+            plan_sweep({**spec, "grid": {**spec["grid"], "action_repr": [entry]}}, runs.parent / "bad")
 
 
 def test_spec_errors(tmp_path):

@@ -24,13 +24,16 @@ SPEC (see configs/sweeps/example.yaml; relative paths resolve against the curren
       mixture: [bridge, my_weights.yaml, {name: bridge_heavy, weights: {bridge_orig: 3, fractal20220817_data: 1}}]
       model: [lmms-lab/llava-onevision-qwen2-0.5b-ov, {name: tiny, path: /models/tiny-qwen, vision_tower: tiny-vla/siglip-tiny}]
       steps: [2000]                      # MAX_STEPS (-1: EPOCHS epochs)
-      action_repr: [bins, {repr: bins_chunk, horizon: 8}, {repr: parallel_l1, horizon: 8, window_mode: oft}]
-                                         # optional: ACTION_REPR / HORIZON / WINDOW_MODE (llava_vla_plugin/core/representations.py)
+      action_repr: [bins, {repr: bins_chunk, horizon: 8}, {repr: parallel_l1, horizon: 8, window_mode: oft},
+                    {name: fast-v1024, repr: fast, horizon: 8, options: {tokenizer: fast_tok_1024/}}]
+                                         # optional: ACTION_REPR / HORIZON / WINDOW_MODE / REPR_OPTIONS
+                                         # (llava_vla_plugin/core/representations/; fast's vocabulary size: one
+                                         # vla-fit-fast --vocab_size V tokenizer per entry)
 
 A mixture is a preset name (data_tools/mixtures/NAME.yaml), a weights file, or a mapping
 {name, weights: FILE or {dataset: weight}, weighting, alpha, balance}: its own rule, else the sweep's. A model is a hub id or path, or a mapping
 {name, path, vision_tower, env, args}. An action representation is a name (H = 1) or a mapping
-{name, repr, horizon, window_mode}; without the axis, runs use the env's (default: bins, H = 1) and their
+{name, repr, horizon, window_mode, options}; without the axis, runs use the env's (default: bins, H = 1) and their
 names and configs are as before.
 
 RUNS gets, per grid point, RUNS/<run>/ with mixture.yaml (data_tools.mixture), config.json (the grid
@@ -73,7 +76,7 @@ SPEC_KEYS = {"name", "converted", "image_folder", "val_data", "val_per_dataset",
              "env", "args", "grid", "description"}
 # Set by the sweep itself; the spec sets them through `grid`, `converted`, `image_folder` and `val_data`.
 RESERVED_ENV = {"MODEL", "DATA", "OUTPUT_DIR", "MAX_STEPS", "IMAGE_FOLDER", "VAL_DATA"}
-ACTION_ENV = ("ACTION_REPR", "HORIZON", "WINDOW_MODE")  # set by the `action_repr` axis where the spec has one
+ACTION_ENV = ("ACTION_REPR", "HORIZON", "WINDOW_MODE", "REPR_OPTIONS")  # set by the `action_repr` axis where the spec has one
 
 __all__ = ["SweepError", "Run", "load_spec", "plan_sweep", "write_sweep", "run_status", "main"]
 
@@ -266,7 +269,7 @@ def _steps(raw: Any) -> list[int]:
 def _action_entries(raw: Any) -> list[dict[str, Any]]:
     """grid.action_repr: each entry -> {label, env} with the launcher's ACTION_REPR / HORIZON / WINDOW_MODE,
     checked by the representation's own config (a bad name or `bins` with H > 1 fails here, not on the cluster)."""
-    from llava_vla_plugin.core.representations import ActionReprConfig, ActionReprError
+    from llava_vla_plugin.core.representations import ActionReprConfig, ActionReprError, representation_class
 
     entries = []
     for item in _as_list(raw):
@@ -274,14 +277,25 @@ def _action_entries(raw: Any) -> list[dict[str, Any]]:
             item = {"repr": item}
         if not isinstance(item, Mapping) or "repr" not in item:
             raise SweepError(f"grid.action_repr: expected a representation name or a mapping with `repr`, got {item!r}")
-        unknown = set(item) - {"name", "repr", "horizon", "window_mode"}
+        unknown = set(item) - {"name", "repr", "horizon", "window_mode", "options"}
         if unknown:
-            raise SweepError(f"grid.action_repr entry {dict(item)}: unknown key(s) {sorted(unknown)} (name, repr, horizon, window_mode)")
+            raise SweepError(f"grid.action_repr entry {dict(item)}: unknown key(s) {sorted(unknown)} "
+                             "(name, repr, horizon, window_mode, options)")
         horizon = item.get("horizon", 1)
         if isinstance(horizon, bool) or not isinstance(horizon, int):
             raise SweepError(f"grid.action_repr entry {dict(item)}: `horizon` must be an integer")
-        try:
-            cfg = ActionReprConfig(name=str(item["repr"]), horizon=horizon, window_mode=str(item.get("window_mode", "oft")))
+        options = item.get("options", {})
+        if not isinstance(options, Mapping):
+            raise SweepError(f"grid.action_repr entry {dict(item)}: `options` must be a mapping, e.g. "
+                             "{tokenizer: fast_tok_1024/} for fast")
+        options = {str(k): str(v) for k, v in options.items()}
+        if any("," in k + v or "=" in k for k, v in options.items()):
+            raise SweepError(f"grid.action_repr entry {dict(item)}: option names and values cannot contain ',' "
+                             "(and names not '=')")
+        try:  # the registry's checks, then the class's own (fast: its tokenizer exists and was fitted for this H)
+            cfg = ActionReprConfig(name=str(item["repr"]), horizon=horizon, window_mode=str(item.get("window_mode", "oft")),
+                                   options=options)
+            representation_class(cfg.name).check_options(cfg)
         except ActionReprError as e:
             raise SweepError(f"grid.action_repr entry {dict(item)}: {e}") from None
         env = {"ACTION_REPR": cfg.name, "HORIZON": str(cfg.horizon)}
@@ -289,6 +303,10 @@ def _action_entries(raw: Any) -> list[dict[str, Any]]:
         if "window_mode" in item:
             env["WINDOW_MODE"] = cfg.window_mode
             default_label += f"-{cfg.window_mode}"
+        if options:  # a relative path in an option is the launcher's to resolve (against the run's folder)
+            env["REPR_OPTIONS"] = ",".join(f"{k}={v}" for k, v in options.items())
+            if "name" not in item:
+                default_label += "-" + "-".join(Path(v).name or v for v in options.values())
         entries.append({"label": _label(str(item.get("name") or default_label)), "env": env, "config": cfg})
     return entries
 

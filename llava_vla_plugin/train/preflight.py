@@ -23,6 +23,7 @@ from typing import Sequence
 # trainer flag -> the launcher variable that sets it (messages name both)
 LAUNCHER_NAMES = {"--data_path": "DATA", "--image_folder": "IMAGE_FOLDER", "--vla_val_data": "VAL_DATA",
                   "--vla_action_repr": "ACTION_REPR", "--vla_horizon": "HORIZON", "--vla_window_mode": "WINDOW_MODE",
+                  "--vla_repr_options": "REPR_OPTIONS",
                   "--model_name_or_path": "MODEL", "--vla_resume": "RESUME", "--output_dir": "OUTPUT_DIR"}
 
 
@@ -34,7 +35,6 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for flag in LAUNCHER_NAMES:
         p.add_argument(flag, default=None)
-    p.add_argument("--vla_repr_options", default=None)
     known, _ = p.parse_known_args(list(argv))
     return known
 
@@ -96,7 +96,7 @@ def action_problems(args: argparse.Namespace) -> list[str]:
     try:
         options = parse_options(args.vla_repr_options or "")
     except ActionReprError as e:
-        return found + [str(e)]
+        return found + [f"{_name('--vla_repr_options')}: {e}"]
     try:  # the registry's own checks (a horizon that is not a number: checked as H = 1 for the rest)
         config = ActionReprConfig(name=name, horizon=1 if h is None else h, window_mode=mode, options=options)
     except ActionReprError as e:

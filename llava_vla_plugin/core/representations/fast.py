@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 FIT_HINT = ("fit one with `vla-fit-fast --data_path MIXTURE.yaml --horizon H --out DIR` (python -m "
             "llava_vla_plugin.train.fit_fast, the training mixture and HORIZON / WINDOW_MODE of this run) and pass "
-            "`--vla_repr_options tokenizer=DIR`")
+            "`--vla_repr_options tokenizer=DIR` (launcher: REPR_OPTIONS=tokenizer=DIR)")
 
 
 def _load_codec(config: ActionReprConfig, directory: Optional[str]) -> tuple[FastCodec, str]:
