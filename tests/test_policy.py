@@ -138,6 +138,23 @@ for i, ((p, instr, key), (prompt, ids, action), pil) in enumerate(zip(cases, han
         case["policy_ids"] = policy.predict_action_ids([pil], [instr])[0].tolist()
     res["cases"].append(case)
 res["last_logits_only"] = policy.backend.last_logits_only
+# the restricted LM head (default) against the full one: the same ids for every case, in one batch
+res["head_restricted"] = policy.head_restricted
+ids_restricted = policy.predict_action_ids(images, [c[1] for c in cases]).tolist()
+policy.restrict_head = False
+res["full_vs_restricted_ids"] = [policy.predict_action_ids(images, [c[1] for c in cases]).tolist(), ids_restricted]
+res["head_restricted_when_off"] = policy.head_restricted
+policy.restrict_head = True
+from llava_vla_plugin.infer.restricted_head import RestrictedHead
+allowed = torch.tensor(policy.allowed_ids())
+hidden = torch.randn(3, 5, policy.model.lm_head.in_features, generator=torch.Generator().manual_seed(0))
+with torch.inference_mode():
+    full, sub = policy.model.lm_head(hidden), RestrictedHead(policy.model.lm_head, allowed)(hidden)
+res["restricted_logits_max_diff"] = float((full[..., allowed] - sub[..., allowed]).abs().max())
+keep = torch.zeros(full.shape[-1], dtype=torch.bool)
+keep[allowed] = True
+res["restricted_others_all_inf"] = bool(torch.isneginf(sub[..., ~keep]).all())
+res["restricted_n_allowed"] = len(allowed)
 prepared = policy.prepare(images[:1], [cases[0][1]])
 with torch.inference_mode():
     embeds = policy.model.prepare_inputs_labels_for_multimodal(prepared.input_ids, None, prepared.attention_mask, None, None,
@@ -200,6 +217,13 @@ def test_predict_action_equals_hand_decoded_greedy_tokens(results):
     # the training layout (pad + spatial_unpad: 729 patches + the image-newline token), and the policy's
     # last-position LM head (default) agrees with upstream's forward used by the hand path
     assert results["visual_tokens"] == 730 and results["last_logits_only"] is True
+    # issue 23 item 2: those actions came from the restricted LM head (257 rows: 256 bins + the end), the hand
+    # path's from the full one; the full head in the policy gives the same ids, and the allowed logits agree
+    assert results["head_restricted"] is True and results["head_restricted_when_off"] is False
+    full_ids, restricted_ids = results["full_vs_restricted_ids"]
+    assert full_ids == restricted_ids and len(full_ids) == 4
+    assert results["restricted_n_allowed"] == 257 and results["restricted_others_all_inf"]
+    assert results["restricted_logits_max_diff"] <= 1e-5, results["restricted_logits_max_diff"]
 
 
 @requires_upstream

@@ -38,6 +38,7 @@ from llava_vla_plugin.core import checkpoint as vla_checkpoint
 from llava_vla_plugin.core.normalization import action_stats, resolve_unnorm_key, unnormalize_actions
 from llava_vla_plugin.core.prompt import VLAPromptBuilder
 from llava_vla_plugin.core.representations import ActionReprConfig, ActionRepresentation, make_representation
+from llava_vla_plugin.infer.restricted_head import restricted_lm_head
 from llava_vla_plugin.infer.transformers_backend import TransformersBackend
 from llava_vla_plugin.infer.upstream_backend import UpstreamBackend
 
@@ -141,8 +142,12 @@ class VLAPolicy:
     """
 
     def __init__(self, backend, files: vla_checkpoint.VLACheckpoint, checkpoint: str | None = None,
-                 action_repr: ActionRepresentation | None = None):
+                 action_repr: ActionRepresentation | None = None, restrict_head: bool = True):
         self.backend = backend
+        # decode steps compute only the LM head rows the constraint allows (infer/restricted_head.py); False: the
+        # full head, as before (benchmarks compare the two). `head_restricted`: whether the last generate() did.
+        self.restrict_head = restrict_head
+        self.head_restricted = False
         self.files = files
         self.checkpoint = checkpoint
         self.action_tokenizer = files.action_tokenizer
@@ -173,11 +178,12 @@ class VLAPolicy:
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike, device: str | None = None, dtype=None,
-                        backend: str = "auto", **options) -> "VLAPolicy":
+                        backend: str = "auto", restrict_head: bool = True, **options) -> "VLAPolicy":
         """Load a checkpoint directory; device defaults to cuda when present.
 
         backend="auto" takes `transformers` for an export and `upstream` otherwise; `options` go to the
         backend's loader (upstream: attn_implementation, last_logits_only, base_model, merge_lora).
+        `restrict_head=False` decodes with the full LM head (infer/restricted_head.py; same actions, slower).
         A LoRA checkpoint (adapter_config.json: OUTPUT_DIR or checkpoint-N of a `--lora_enable True` run)
         loads its base model plus the adapter, merged in memory unless `merge_lora=False` (train/lora.py);
         OUTPUT_DIR/merged loads like a full checkpoint.
@@ -196,18 +202,18 @@ class VLAPolicy:
         impl = registry[kind]
         impl.check_supports(path, action_repr)  # before any weight loads
         loaded = impl.load(path, action_repr, device=str(device), dtype=resolve_dtype(dtype, device), **options)
-        return cls(loaded, files, checkpoint=str(path), action_repr=action_repr)
+        return cls(loaded, files, checkpoint=str(path), action_repr=action_repr, restrict_head=restrict_head)
 
     @classmethod
     def from_upstream_model(cls, model, tokenizer, image_processor, action_tokenizer, statistics: dict,
                             action_repr: ActionRepresentation | None = None, last_logits_only: bool = True,
-                            checkpoint: str | None = None) -> "VLAPolicy":
+                            checkpoint: str | None = None, restrict_head: bool = True) -> "VLAPolicy":
         """A policy over an upstream model already in memory (benchmarks, tests: no checkpoint directory)."""
         action_repr = action_repr or make_representation(
             ActionReprConfig(action_dim=action_tokenizer.action_dim, n_bins=action_tokenizer.n_bins), action_tokenizer)
         files = vla_checkpoint.VLACheckpoint(Path(checkpoint or "."), action_tokenizer, action_repr.config, statistics)
         backend = UpstreamBackend(model, tokenizer, image_processor, last_logits_only=last_logits_only)
-        return cls(backend, files, checkpoint=checkpoint, action_repr=action_repr)
+        return cls(backend, files, checkpoint=checkpoint, action_repr=action_repr, restrict_head=restrict_head)
 
     # ---- what callers read ----------------------------------------------------------------------
     @property
@@ -253,10 +259,21 @@ class VLAPolicy:
         plan = self.token_plan
         return LogitsProcessorList([ActionConstraint(plan.first_id, plan.n_ids, self.end_id, plan.max_tokens, plan.exact)])
 
+    def allowed_ids(self) -> list[int]:
+        """Every id the constraint can let through: the plan's ids and the end token."""
+        plan = self.token_plan
+        return [*range(plan.first_id, plan.first_id + plan.n_ids), self.end_id]
+
     def generate_ids(self, inputs) -> torch.Tensor:
-        """Constrained greedy generation; the new tokens [B, H * action_dim + 1]."""
+        """Constrained greedy generation; the new tokens [B, H * action_dim + 1]. The LM head computes only the
+        allowed rows unless `restrict_head` is False (infer/restricted_head.py: the same ids)."""
         with self._lock, torch.inference_mode():
-            out = self.backend.generate(inputs, self.n_action_tokens + 1, self.logits_processor)
+            if self.restrict_head:
+                with restricted_lm_head(self.backend.model, self.allowed_ids()) as self.head_restricted:
+                    out = self.backend.generate(inputs, self.n_action_tokens + 1, self.logits_processor)
+            else:
+                self.head_restricted = False
+                out = self.backend.generate(inputs, self.n_action_tokens + 1, self.logits_processor)
         return out[:, -(self.n_action_tokens + 1):]
 
     def action_ids_from_inputs(self, inputs) -> np.ndarray:
