@@ -248,6 +248,10 @@ def test_each_representation_learns_image_conditioned_chunks(quality_runs, repr_
     assert cfg["name"] == repr_name and cfg["horizon"] == (1 if repr_name == "bins" else H)
     assert (out / "vla_action_head.safetensors").exists() == (repr_name == "parallel_l1")
     assert result["one_shape"] == ([7] if repr_name == "bins" else [H, 7])
+    # token representations decoded with the restricted LM head; the full head gives the same actions
+    assert result["head_restricted"] == (repr_name != "parallel_l1")
+    if repr_name != "parallel_l1":
+        assert result["normalized_full_head"] == result["normalized"]
     score = held_out_score(result)  # bins: every held-out frame's own step (H = 1); chunks: the whole chunk
     assert score >= 0.7, f"{repr_name}: {score:.2f} of held-out values within one bin"
 
@@ -279,6 +283,7 @@ def test_fast_learns_image_conditioned_chunks_and_round_trips(quality_runs):
     assert (result["repr"], result["horizon"], result["one_shape"]) == ("fast", H, [H, 7])
     # the checkpoint carries the codec it trained with, byte for byte (the policy above decoded with it)
     assert (out / FILE_NAME).read_bytes() == (tok / FILE_NAME).read_bytes()
+    assert result["head_restricted"] and result["normalized_full_head"] == result["normalized"]  # issue 23 item 2
     pred = np.asarray(result["normalized"])
     want = np.stack([trajectory(e % 3)[t:t + H] for e, t in zip(result["episodes"], result["steps"])])
     tol = round_trip_bound(H, 10.0).max_abs + 2.0 / ActionTokenizer().n_bins

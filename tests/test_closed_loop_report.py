@@ -90,6 +90,25 @@ def test_cli_writes_the_report(results, tmp_path):
     assert "published, not re-run" in (out / "report.md").read_text()
     bad = run_py(["-m", "llava_vla_plugin.experiments.closed_loop_report", str(tmp_path / "nothing_here"), "--out", str(out)])
     assert bad.returncode == 2 and "aggregate" in bad.stderr
+    # --checkpoint: the evaluated checkpoint's representation is named in every row of ours (issue 23 item 4)
+    from llava_vla_plugin.core.representations import ActionReprConfig
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    ActionReprConfig(name="bins_chunk", horizon=8).save(ckpt)
+    proc = run_py(["-m", "llava_vla_plugin.experiments.closed_loop_report", str(results / "libero_spatial"),
+                   "--out", str(out), "--checkpoint", str(ckpt)])
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["actions"] == "bins_chunk H=8 (oft windows)" == report["suites"]["libero_spatial"]["actions"]
+    md = (out / "report.md").read_text().splitlines()
+    ours = [l for l in md if l.startswith("| Spatial |") or l.startswith("| **ours")]
+    assert len(ours) == 2 and all(l.endswith("| bins_chunk H=8 (oft windows) |") for l in ours), ours
+    openvla = next(l for l in md if l.startswith("| OpenVLA 7B (published"))
+    assert openvla.endswith("| bins H=1 (256 bins, autoregressive) |")
+    bad = run_py(["-m", "llava_vla_plugin.experiments.closed_loop_report", str(results / "libero_spatial"),
+                  "--out", str(out), "--checkpoint", str(tmp_path / "gone")])
+    assert bad.returncode == 2 and "--checkpoint" in bad.stderr and "gone" in bad.stderr
 
 
 def test_scaling_takes_closed_loop_success_as_y(results, tmp_path):

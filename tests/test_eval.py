@@ -57,7 +57,8 @@ def test_eval_writes_report_and_figure(tiny_model, tmp_path_factory):
     report = json.loads((report_dir / "report.json").read_text())
     assert set(report["datasets"]) == {"ds_a", "ds_b"}
     for name, s in report["datasets"].items():
-        assert set(s) == SUMMARY_KEYS | {"unnorm_key"} and s["n"] == 2 and s["unnorm_key"] == name
+        assert set(s) == SUMMARY_KEYS | {"unnorm_key", "action_repr"} and s["n"] == 2 and s["unnorm_key"] == name
+        assert s["action_repr"] == "bins"  # every row names the representation (issue 23 item 4)
         for key in ("action_accuracy_generated_per_dim", "l1_normalized_per_dim", "l1_unnormalized_per_dim"):
             assert len(s[key]) == 7
         assert 0 <= s["action_accuracy_generated"] <= 1 and 0 <= s["gripper_accuracy"] <= 1 and s["samples_per_s"] > 0
@@ -67,7 +68,9 @@ def test_eval_writes_report_and_figure(tiny_model, tmp_path_factory):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     # the predictions are VLAPolicy's (batched, left-padded) and the metrics follow from them
     rows = [json.loads(line) for line in (report_dir / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 4
+    assert len(rows) == 4 and {r["action_repr"] for r in rows} == {"bins"}
+    assert report["action_repr"]["name"] == "bins" and report["action_repr"]["horizon"] == 1
+    assert "\nbins: 4 samples" in proc.stdout and "  ds_a (bins): n=2" in proc.stdout
     by_id = {r["id"]: r for r in rows}
     first_a = by_id["ds_a/val/000000/0000"]
     case = results["cases"][0]

@@ -143,8 +143,17 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}"
 
 
+def checkpoint_actions(checkpoint: Path) -> str:
+    """The checkpoint's action representation in one line (core/representations' describe()), from its files."""
+    from llava_vla_plugin.core.representations import ActionReprConfig, make_representation
+
+    if not Path(checkpoint).is_dir():
+        raise FileNotFoundError(f"{checkpoint} is not a folder")
+    return make_representation(ActionReprConfig.load(checkpoint), directory=checkpoint).describe()
+
+
 def render(results: dict[str, SuiteResult], published: dict[str, Any], label: str, train_seed: int | None,
-           inputs: str) -> tuple[str, dict[str, Any]]:
+           inputs: str, actions: str = "not given (--checkpoint)") -> tuple[str, dict[str, Any]]:
     suites_meta = published["suites"]
     order = [s for s in suites_meta if s in results] + sorted(set(results) - set(suites_meta))
     summaries = {s: results[s].summary() for s in order}
@@ -158,38 +167,42 @@ def render(results: dict[str, SuiteResult], published: dict[str, Any], label: st
                              "pooled_wilson95_pct": [round(100 * lo, 2), round(100 * hi, 2)]}
     seed = "not given (--train-seed)" if train_seed is None else str(train_seed)
     lines = [f"# Closed-loop success: {label}", "",
-             f"Training seed: {seed}. Our inputs: {inputs}.",
+             f"Training seed: {seed}. Our inputs: {inputs}. Our actions: {actions}.",
              "Published numbers are **published, not re-run** (each from its authors' protocol).", "",
              "## Ours", "",
-             "| suite | success % | successes / trials | Wilson 95 % | tasks | trials per task | errored episodes |",
-             "|---|---|---|---|---|---|---|"]
+             "| suite | success % | successes / trials | Wilson 95 % | tasks | trials per task | errored episodes | actions |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in order:
         r = summaries[s]
         tpt = r["trials_per_task_range"]
         tpt_s = "-" if not tpt else (str(tpt[0]) if tpt[0] == tpt[1] else f"{tpt[0]}-{tpt[1]}")
         lines.append(f"| {suites_meta.get(s, {}).get('label', s)} | {_pct(r['success_pct'])} | {r['successes']} / "
                      f"{r['trials']} | {r['wilson95_pct'][0]:.1f}-{r['wilson95_pct'][1]:.1f} | {r['tasks']} | {tpt_s} | "
-                     f"{r['errors']} |")
+                     f"{r['errors']} | {actions} |")
     for avg, a in averages.items():
         lines.append(f"| **{avg} average** | {a['success_pct']:.1f} | (equal weight per suite) | "
-                     f"{a['pooled_wilson95_pct'][0]:.1f}-{a['pooled_wilson95_pct'][1]:.1f} (pooled) | | | |")
+                     f"{a['pooled_wilson95_pct'][0]:.1f}-{a['pooled_wilson95_pct'][1]:.1f} (pooled) | | | | {actions} |")
     cols = order + list(averages)
     lines += ["", "## Beside the published anchors (published, not re-run)", "",
-              "| model | " + " | ".join(suites_meta.get(c, {}).get("label", c) for c in cols) + " | trials per task | inputs |",
-              "|---|" + "---|" * len(cols) + "---|---|"]
+              "| model | " + " | ".join(suites_meta.get(c, {}).get("label", c) for c in cols) + " | trials per task | inputs | actions |",
+              "|---|" + "---|" * len(cols) + "---|---|---|"]
     ours = [_pct(summaries[c]["success_pct"]) if c in summaries else _pct(averages[c]["success_pct"]) for c in cols]
-    lines.append(f"| **ours: {label}** | " + " | ".join(ours) + f" | {_ours_tpt(summaries)} | {inputs} |")
+    lines.append(f"| **ours: {label}** | " + " | ".join(ours) + f" | {_ours_tpt(summaries)} | {inputs} | {actions} |")
     rows = []
     for m in published["models"]:
         vals = [m["success"].get(c) for c in cols]
         if all(v is None for v in vals):
             continue
         rows.append({"model": m["model"], **{c: v for c, v in zip(cols, vals)}, "trials_per_task": m.get("trials_per_task"),
-                     "inputs": m.get("inputs"), "source": m.get("source"), "published_not_rerun": True})
+                     "inputs": m.get("inputs"), "actions": m.get("actions"), "source": m.get("source"),
+                     "published_not_rerun": True})
         lines.append(f"| {m['model']} (published, not re-run) | " + " | ".join(_pct(v) for v in vals) +
-                     f" | {m.get('trials_per_task') or 'not stated'} | {m.get('inputs', '')} |")
-    report = {"label": label, "train_seed": train_seed, "inputs": inputs, "suites": summaries, "averages": averages,
-              "published": rows}
+                     f" | {m.get('trials_per_task') or 'not stated'} | {m.get('inputs', '')} | "
+                     f"{m.get('actions') or 'not recorded'} |")
+    for r in summaries.values():
+        r["actions"] = actions
+    report = {"label": label, "train_seed": train_seed, "inputs": inputs, "actions": actions, "suites": summaries,
+              "averages": averages, "published": rows}
     return "\n".join(lines) + "\n", report
 
 
@@ -208,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", default="this checkpoint", help="name of our row")
     p.add_argument("--inputs", default="third-person image only; no wrist camera, no proprio",
                    help="what our policy saw (default: what vla_eval_server sends the model)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="the checkpoint that was evaluated: its action representation is named in every row of ours")
     p.add_argument("--published", type=Path, default=PUBLISHED, help=f"anchors file (default {PUBLISHED.relative_to(ROOT)})")
     args = p.parse_args(argv)
     try:
@@ -221,7 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         print("error: no result file matched a suite", file=sys.stderr)
         return 2
-    md, report = render(results, published, args.label, args.train_seed, args.inputs)
+    actions = "not given (--checkpoint)"
+    if args.checkpoint is not None:
+        try:
+            actions = checkpoint_actions(args.checkpoint)
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is bad input, said in one line
+            print(f"error: --checkpoint {args.checkpoint}: cannot read its action representation ({e})", file=sys.stderr)
+            return 2
+    md, report = render(results, published, args.label, args.train_seed, args.inputs, actions)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.md").write_text(md)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))

@@ -31,6 +31,7 @@ import os
 import sys
 import time
 from collections import defaultdict
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def plot_report(report: dict, arrays: dict, path: Path) -> None:
         ax.bar(dims + 0.2, 1 - np.asarray(r["action_accuracy_generated_per_dim"]), width=0.4, label="token error rate")
         ax.set_xticks(dims)
         ax.set_xlabel("action dimension")
-        ax.set_title(f"{name}: per-dimension error (n={r['n']})")
+        ax.set_title(f"{name}, {r['action_repr']}: per-dimension error (n={r['n']})")
         ax.legend()
         ax = row[1]
         for d in dims:
@@ -183,10 +184,10 @@ def evaluate(policy, samples: list[dict], batch_size: int = 8, progress: bool = 
         pred_raw = policy.unnormalize(pred_norm, key)
         true_raw = np.stack([s["action_raw"] if s["action_raw"] is not None else policy.unnormalize(s["action"], key)
                              for s in group])
-        summaries[name] = {"unnorm_key": key, **summarize(pred_bins, true_bins, pred_norm, true_norm, pred_raw, true_raw, seconds)}
+        summaries[name] = {"unnorm_key": key, "action_repr": policy.action_repr.describe(), **summarize(pred_bins, true_bins, pred_norm, true_norm, pred_raw, true_raw, seconds)}
         arrays[name] = {"pred_norm": pred_norm, "true_norm": true_norm}
         for s, i, pn, pr, tr in zip(group, ids, pred_norm, pred_raw, true_raw):
-            rows.append({"id": s["id"], "dataset": name, "pred_token_ids": i.tolist(), "pred_normalized": pn.tolist(),
+            rows.append({"id": s["id"], "dataset": name, "action_repr": policy.action_repr.describe(), "pred_token_ids": i.tolist(), "pred_normalized": pn.tolist(),
                          "pred_action": pr.tolist(), "true_normalized": s["action"].tolist(), "true_action": tr.tolist()})
     bar.close()
     return summaries, arrays, rows
@@ -257,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": str(args.checkpoint),
         "data": [str(p) for p in args.data],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "action_repr": {**asdict(policy.action_repr.config), "describe": policy.action_repr.describe()},
         "device": str(policy.device), "dtype": str(policy.dtype), "batch_size": args.batch_size,
         "gripper_threshold": GRIPPER_THRESHOLD,
         "overall": overall(summaries),
@@ -268,10 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     plot_report(report, arrays, out / "report.png")
     o = report["overall"]
-    print(f"{o['n']} samples, {o['samples_per_s']:.2f} samples/s: generated token accuracy {o['action_accuracy_generated']:.3f}, "
+    print(f"{report['action_repr']['describe']}: {o['n']} samples, {o['samples_per_s']:.2f} samples/s: generated token accuracy {o['action_accuracy_generated']:.3f}, "
           f"L1 normalized {o['l1_normalized']:.4f}, L1 {o['l1_unnormalized']:.4f}, gripper accuracy {o['gripper_accuracy']:.3f}")
     for name, s in summaries.items():
-        print(f"  {name}: n={s['n']} token acc {s['action_accuracy_generated']:.3f}  L1n {s['l1_normalized']:.4f}  "
+        print(f"  {name} ({s['action_repr']}): n={s['n']} token acc {s['action_accuracy_generated']:.3f}  L1n {s['l1_normalized']:.4f}  "
               f"L1 {s['l1_unnormalized']:.4f}  gripper {s['gripper_accuracy']:.3f}")
     print(f"report: {out / 'report.json'}  figure: {out / 'report.png'}")
     return 0

@@ -77,10 +77,15 @@ def predict(out: Path, val: Path, folder: Path, max_step: int) -> dict:
     rows = [r for r in rows if r["step"] <= max_step]
     images = [Image.open(folder / r["image"]).convert("RGB") for r in rows]
     norm = policy.predict_normalized(images, [r["instruction"] for r in rows])
+    restricted = policy.head_restricted
     one = policy.predict_action(images[0], rows[0]["instruction"])
+    full = None
+    if policy.action_repr.decoding == "tokens":  # the same held-out batch with the full LM head (issue 23 item 2)
+        policy.restrict_head = False
+        full = policy.predict_normalized(images, [r["instruction"] for r in rows]).tolist()
     return {"episodes": [r["episode"] for r in rows], "steps": [r["step"] for r in rows], "normalized": norm.tolist(),
             "one_shape": list(one.shape), "repr": policy.action_repr.name, "horizon": policy.horizon,
-            "decode_failures": policy.decode_failures}
+            "decode_failures": policy.decode_failures, "head_restricted": restricted, "normalized_full_head": full}
 
 
 def main(argv: list[str] | None = None) -> int:

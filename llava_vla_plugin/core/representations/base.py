@@ -225,6 +225,12 @@ class ActionRepresentation:
         """Normalized actions [B, H, D] for prepared policy inputs."""
         raise NotImplementedError
 
+    def describe(self) -> str:
+        """The representation in one line, as every report row names it (offline eval, closed-loop report,
+        benchmarks): `bins`, `bins_chunk H=8 (oft windows)`, ..."""
+        c = self.config
+        return c.name if c.horizon == 1 else f"{c.name} H={c.horizon} ({c.window_mode} windows)"
+
     # -- checkpoint --
     def save(self, directory, model=None, state_dict: Optional[dict] = None) -> None:
         self.config.save(directory)

@@ -286,6 +286,9 @@ class FastRepresentation(ActionRepresentation):
             out[row] = result.actions
         return np.clip(out, -1.0, 1.0)
 
+    def describe(self) -> str:
+        return f"{super().describe()}, {self.codec.n_tokens} FAST tokens"
+
     # -- checkpoint --
     def save(self, directory, model=None, state_dict=None) -> None:
         """The config and the codec (`vla_fast_tokenizer.json`), so the checkpoint decodes on its own."""
