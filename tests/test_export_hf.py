@@ -302,3 +302,20 @@ def test_transformers_backend_refuses_a_head_before_loading(exported, tmp_path):
     (out / "vla_action_repr.json").write_text(json.dumps({"name": "parallel_l1", "horizon": 2, "action_dim": 7}))
     with pytest.raises(ValueError, match="parallel_l1.*Load the training checkpoint"):
         HFVLAPolicy.from_pretrained(out, device="cpu")
+
+
+def test_export_refuses_a_fast_checkpoint_before_loading(exported, tmp_path):
+    """fast's <FAST_i> rows and <image>/<video> would both need rows past the embedding; the export does not
+    resize yet, so it says so (and what to serve with) before any weight is read."""
+    from llava_vla_plugin.infer.export_hf import ExportError, export
+
+    src = tmp_path / "fast-ckpt"
+    src.mkdir()
+    for f in exported["out"].iterdir():
+        if f.name not in ("vla_action_repr.json", "model.safetensors"):
+            (src / f.name).symlink_to(f)
+    (src / "vla_action_repr.json").write_text(json.dumps({"name": "fast", "horizon": 4, "action_dim": 7,
+                                                           "options": {"tokenizer": "gone"}}))
+    with pytest.raises(ExportError, match="`fast` checkpoint.*upstream backend"):
+        export(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

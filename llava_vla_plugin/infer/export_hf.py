@@ -210,6 +210,11 @@ def export(ckpt: str | Path, out: str | Path, image_aspect_ratio: str | None = N
                           "(config.json, weights, tokenizer, vla_action_tokenizer.json, dataset_statistics.json)")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} exists and is not empty: choose a new folder or pass --overwrite")
+    repr_name = checkpoint.read(ckpt).repr_config.name
+    if repr_name == "fast":  # not built yet: say so before anything loads
+        raise ExportError(f"{ckpt} is a `fast` checkpoint: its <FAST_i> tokens usually sit past the embedding's spare "
+                          "rows, where <image>/<video> would need rows too, and the export does not resize yet; "
+                          "serve it with the upstream backend (VLAPolicy.from_pretrained, serve, vla_eval_server)")
     cfg = json.loads((ckpt / "config.json").read_text())
     trained_mode = cfg.get("image_aspect_ratio", "pad")
     mode = image_aspect_ratio or (trained_mode if "anyres" in str(trained_mode) else "anyres_max_9")
