@@ -140,6 +140,8 @@ def test_invalid_sequences_do_not_raise_and_are_counted(tok_dir, caplog):
     assert out.shape == (3, H, D) and policy.decode_failures == 2
     assert np.abs(out[0] - window).max() <= round_trip_bound(H, 10.0).max_abs + 1e-6
     assert (out[1:] == 0).all()  # the reference's answer to an invalid sequence
+    assert rep.clipped_predictions == 0
+
     assert "invalid FAST sequence" in caplog.text
     # the plan as a constraint: step 0 FAST only, then FAST or end, after max_tokens only the end
     proc = ActionConstraint(first, n, end, 3, exact=False)
@@ -148,6 +150,24 @@ def test_invalid_sequences_do_not_raise_and_are_counted(tok_dir, caplog):
     assert not allowed[0][end] and allowed[0][first:first + n].all() and allowed[0].sum() == n
     assert allowed[1][end] and allowed[2][first:first + n].all() and allowed[2].sum() == n + 1
     assert allowed[3].sum() == 1 and allowed[3][end]
+
+
+def test_decoded_values_past_the_normalized_range_are_clipped_and_counted(tmp_path):
+    """Rounding the DCT coefficients can decode a window near 1 to a little more than 1: clipped to the range
+    the statistics un-normalize, counted and logged, never silent."""
+    rng = np.random.default_rng(0)
+    FastCodec.fit([rng.uniform(-1, 1, (H, D)) for _ in range(300)], vocab_size=300).save(tmp_path)
+    rep = make_representation(_config(tmp_path))
+    first, end = 1000, 7
+    for _ in range(3000):  # a seeded search for a window whose round trip leaves [-1, 1]
+        window = rng.uniform(0.85, 1.0, (H, D))
+        over = int((np.abs(rep.codec.decode(rep.codec.encode(window), H, D).actions) > 1).sum())
+        if over:
+            break
+    assert over, "no window near 1 decodes past 1 with this codec: the test needs another seed"
+    policy = _FakePolicy([[first + t for t in rep.codec.encode(window)] + [end]], _FakeTokenizer(first, rep.codec.n_tokens), end)
+    out = rep.predict_normalized(policy, None)
+    assert out.max() == 1.0 and rep.clipped_predictions == over and policy.decode_failures == 0
 
 
 def test_metrics_spans_and_l1(tok_dir):

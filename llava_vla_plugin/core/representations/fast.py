@@ -152,6 +152,7 @@ class FastRepresentation(ActionRepresentation):
         self._new_rows: list[int] = []  # ids this instance added to a tokenizer: prepare_model initialises them
         self.clipped_windows = 0
         self.clipped_coefficients = 0
+        self.clipped_predictions = 0  # decoded values outside [-1, 1] (predict_normalized)
 
     @classmethod
     def check_options(cls, config: ActionReprConfig) -> None:
@@ -284,6 +285,12 @@ class FastRepresentation(ActionRepresentation):
                 log.warning("fast: invalid FAST sequence (%s); answering zeros (%d invalid so far)", result.reason,
                             policy.decode_failures)
             out[row] = result.actions
+        # a valid sequence can still decode a little past the normalized range (the rounding of the coefficients);
+        # the statistics un-normalize [-1, 1], so values outside are clipped, counted and logged
+        outside = int((np.abs(out) > 1.0).sum())
+        if outside:
+            self.clipped_predictions += outside
+            log.warning("fast: %d decoded value(s) outside [-1, 1] clipped (%d so far)", outside, self.clipped_predictions)
         return np.clip(out, -1.0, 1.0)
 
     def describe(self) -> str:
