@@ -18,6 +18,7 @@ from conftest import ROOT, subprocess_env
 TOOLS = [
     "data_tools.download", "data_tools.convert", "data_tools.validate", "data_tools.stats", "data_tools.mixture",
     "llava_vla_plugin.infer.eval", "llava_vla_plugin.experiments.sweep", "llava_vla_plugin.experiments.scaling",
+    "llava_vla_plugin.experiments.mixture_compare",
 ]
 
 # (tool, old spelling, new spelling): both must parse to the same arguments

@@ -253,6 +253,20 @@ def test_example_spec_is_valid(tmp_path):
     assert "frac0.125-mix_bridge_rt_1-steps5000-model_ov-0.5b" in [r.name for r in runs]
 
 
+def test_mixture_study_spec_is_valid(tmp_path):
+    """configs/sweeps/mixture_study.yaml (the README's mixture study): 3 mixtures x 3 training seeds at one budget,
+    each mixture's shares by its own rule, the same shares for every seed of a mixture."""
+    spec = load_spec(ROOT / "configs/sweeps/mixture_study.yaml")
+    spec["converted"] = str(_write_converted(tmp_path / "converted"))  # bridge 400, fractal 100 transitions
+    runs, _ = plan_sweep(spec, tmp_path / "runs")
+    assert len(runs) == 9 and {r.config["steps"] for r in runs} == {5000}
+    shares = {r.config["mixture"]: r.config["mixture_shares"] for r in runs}
+    assert shares["balanced"]["bridge_orig"] == pytest.approx(0.8)
+    assert shares["temperature"]["bridge_orig"] == pytest.approx(400 ** 0.43 / (400 ** 0.43 + 100 ** 0.43))
+    assert shares["bridge_heavy"]["bridge_orig"] == pytest.approx(0.75)
+    assert sorted(r.env["SEED"] for r in runs if r.config["mixture"] == "balanced") == ["0", "1", "2"]
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end on CPU: the tiny model, two data fractions, real training with validation, the report.
 
@@ -309,6 +323,18 @@ def test_tiny_sweep_end_to_end(tmp_path):
     result = json.loads((report / "scaling.json").read_text())
     assert result["n_points"] == 2 and result["groups"][0]["fit"] is None and "need at least 3" in p.stdout
     assert (report / "scaling.png").stat().st_size > 0 and len((report / "scaling.csv").read_text().splitlines()) == 3
+    # the comparison report reads the same real runs (per-dataset validation), here compared by fraction
+    p = subprocess.run([sys.executable, "-m", "llava_vla_plugin.experiments.mixture_compare", str(runs), "--by", "fraction",
+                        "--out", str(runs / "compare")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    compare = json.loads((runs / "compare/mixture_compare.json").read_text())
+    entries = compare["sets"][0]["entries"]
+    assert [e["fraction"] for e in entries] == ["0.5", "1.0"] and all("colours" in e["datasets"] for e in entries)
+    for e, name in zip(entries, names):
+        final = json.loads((runs / name / "out/final_metrics.json").read_text())
+        assert e["datasets"]["colours"]["accuracy"] == final["val_colours_action_accuracy_teacher_forced_constrained"]
+        assert e["datasets"]["colours"]["tokens"] == final["val_colours_action_tokens"] == 6 * 7
+    assert (runs / "compare/mixture_compare.png").stat().st_size > 0
     # relaunching the finished sweep trains nothing
     p = subprocess.run([sys.executable, "-m", "llava_vla_plugin.experiments.sweep", str(spec_path), "-o", str(runs), "--launch"],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -340,3 +366,23 @@ def test_weighting_rule_per_sweep_and_per_mixture(tmp_path):
     assert got["default"] == ("temperature", pytest.approx({"bridge_orig": 0.8, "fractal20220817_data": 0.2}))
     with pytest.raises(SweepError, match="unknown weighting 'bogus'"):
         shares({**base, "weighting": "bogus"})
+
+
+def test_train_seed_axis_repeats_runs_on_the_same_frames(sweep):
+    """grid.train_seed: one run per seed (SEED in its launcher, train_seed in config.json, -seedN in its name), the
+    same mixture plan (the data seed stays the spec's `seed`); SEED set elsewhere is refused."""
+    spec_path, runs, env, _ = sweep
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["grid"].update(fraction=[0.5], mixture=[{"name": "b", "weights": {"bridge_orig": 1}}], train_seed=[0, 1])
+    with pytest.raises(SweepError, match="--seed from args"):  # the fixture's args pass --seed 0
+        plan_sweep(spec, runs)
+    spec["args"] = []
+    planned, _ = plan_sweep(spec, runs)
+    assert [r.name for r in planned] == [f"frac0.5-mix_b-steps3-model_tiny-seed{i}" for i in (0, 1)]
+    assert [r.env["SEED"] for r in planned] == ["0", "1"] and [r.config["train_seed"] for r in planned] == [0, 1]
+    assert planned[0].config["mixture_shares"] == planned[1].config["mixture_shares"]
+    assert "--vla_data_seed" in planned[0].args and planned[0].args == planned[1].args
+    with pytest.raises(SweepError, match="drop SEED"):
+        plan_sweep({**spec, "env": {**spec["env"], "SEED": 3}}, runs.parent / "bad")
+    with pytest.raises(SweepError, match="non-negative integer"):
+        plan_sweep({**spec, "grid": {**spec["grid"], "train_seed": ["x"]}}, runs.parent / "bad")

@@ -29,6 +29,8 @@ SPEC (see configs/sweeps/example.yaml; relative paths resolve against the curren
                                          # optional: ACTION_REPR / HORIZON / WINDOW_MODE / REPR_OPTIONS
                                          # (llava_vla_plugin/core/representations/; fast's vocabulary size: one
                                          # vla-fit-fast --vocab_size V tokenizer per entry)
+      train_seed: [0, 1, 2]              # optional: the launcher's SEED per run (repeats to compare against noise;
+                                         # `python -m llava_vla_plugin.experiments.mixture_compare RUNS` pools them)
 
 A mixture is a preset name (data_tools/mixtures/NAME.yaml), a weights file, or a mapping
 {name, weights: FILE or {dataset: weight}, weighting, alpha, balance}: its own rule, else the sweep's. A model is a hub id or path, or a mapping
@@ -71,7 +73,7 @@ from data_tools.training_mixture import MixturePlan, MixtureToolError, plan_mixt
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_FINETUNE_SCRIPT = ROOT / "scripts" / "finetune_ov_vla.sh"
 FINAL_METRICS = "final_metrics.json"
-GRID_AXES = ("fraction", "mixture", "model", "steps", "action_repr")
+GRID_AXES = ("fraction", "mixture", "model", "steps", "action_repr", "train_seed")
 SPEC_KEYS = {"name", "converted", "image_folder", "val_data", "val_per_dataset", "balance", "weighting", "alpha", "seed", "finetune_script",
              "env", "args", "grid", "description"}
 # Set by the sweep itself; the spec sets them through `grid`, `converted`, `image_folder` and `val_data`.
@@ -317,9 +319,22 @@ def _unique(labels: list[str], axis: str) -> None:
         raise SweepError(f"grid.{axis}: duplicate label(s) {dup}; give the entries distinct `name:`s")
 
 
-def run_name(fraction: float, mixture: str, steps: int, model: str, action: str | None = None) -> str:
+def run_name(fraction: float, mixture: str, steps: int, model: str, action: str | None = None,
+             train_seed: int | None = None) -> str:
     name = f"frac{fraction:g}-mix_{mixture}-steps{'all' if steps == -1 else steps}-model_{model}"
-    return name if action is None else f"{name}-action_{action}"
+    name = name if action is None else f"{name}-action_{action}"
+    return name if train_seed is None else f"{name}-seed{train_seed}"
+
+
+def _train_seeds(raw: Any) -> list[int]:
+    """grid.train_seed: the launcher's SEED (model initialisation, data order) per run; the data seed (`seed:`,
+    which subset a fraction keeps) stays one, so runs that differ only in train_seed train on the same frames."""
+    out = []
+    for s in _as_list(raw):
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise SweepError(f"grid.train_seed: every value must be a non-negative integer, got {s!r}")
+        out.append(s)
+    return out
 
 
 def plan_sweep(spec: Mapping[str, Any], runs_dir: str | Path) -> tuple[list[Run], dict[str, Any]]:
@@ -349,12 +364,15 @@ def plan_sweep(spec: Mapping[str, Any], runs_dir: str | Path) -> tuple[list[Run]
     models = _model_entries(grid["model"])
     steps = _steps(grid.get("steps", [-1]))
     actions = _action_entries(grid["action_repr"]) if "action_repr" in grid else [None]
+    train_seeds = _train_seeds(grid["train_seed"]) if "train_seed" in grid else [None]
     _unique([f"{f:g}" for f in fractions], "fraction")
     _unique([m["label"] for m in mixtures], "mixture")
     _unique([m["label"] for m in models], "model")
     _unique([str(s) for s in steps], "steps")
     if actions != [None]:
         _unique([a["label"] for a in actions], "action_repr")
+    if train_seeds != [None]:
+        _unique([str(t) for t in train_seeds], "train_seed")
 
     balance_default = spec.get("balance")
     if balance_default is not None and not isinstance(balance_default, bool):
@@ -371,6 +389,10 @@ def plan_sweep(spec: Mapping[str, Any], runs_dir: str | Path) -> tuple[list[Run]
         clash = sorted(set(ACTION_ENV) & (set(fixed_env) | {k for m in models for k in m["env"]}))
         if clash:
             raise SweepError(f"{where}: env sets {clash} and grid.action_repr sweeps them: set them in one place")
+    if train_seeds != [None]:
+        clash = sorted({"SEED"} & (set(fixed_env) | {k for m in models for k in m["env"]}))
+        if clash or "--seed" in [str(a) for a in spec.get("args") or []]:
+            raise SweepError(f"{where}: grid.train_seed sets SEED per run; drop SEED from env and --seed from args")
     extra_args = [str(a) for a in spec.get("args") or []]
     script = spec.get("finetune_script")
     finetune_script = str(_abs(script)) if script else str(DEFAULT_FINETUNE_SCRIPT)
@@ -407,11 +429,13 @@ def plan_sweep(spec: Mapping[str, Any], runs_dir: str | Path) -> tuple[list[Run]
         val_info = {"mode": "path", "path": str(p)}
 
     runs = []
-    for f, m, model, s, action in itertools.product(fractions, mixtures, models, steps, actions):
-        name = run_name(f, m["label"], s, model["label"], action and action["label"])
+    for f, m, model, s, action, ts in itertools.product(fractions, mixtures, models, steps, actions, train_seeds):
+        name = run_name(f, m["label"], s, model["label"], action and action["label"], ts)
         plan = plans[m["label"], f]
         env = {**fixed_env, **model["env"], **(action["env"] if action else {}), "MODEL": model["path"],
                "IMAGE_FOLDER": str(image_folder), "MAX_STEPS": str(s)}
+        if ts is not None:
+            env["SEED"] = str(ts)
         if val_info["path"]:
             env["VAL_DATA"] = val_info["path"]
         args = ["--vla_data_seed", str(seed), *extra_args, *model["args"]]
@@ -426,6 +450,8 @@ def plan_sweep(spec: Mapping[str, Any], runs_dir: str | Path) -> tuple[list[Run]
         }
         if action:  # only with the axis: configs of sweeps written before it stay byte-identical
             config.update(action_repr=action["label"], action_repr_config=asdict(action["config"]))
+        if ts is not None:  # likewise
+            config["train_seed"] = ts
         runs.append(Run(name, runs_dir / name, config, plan, env, args))
     info = {"name": spec.get("name"), "spec": spec.get("_path"), "runs_dir": str(runs_dir), "val": val_info,
             "finetune_script": finetune_script, "runs": [r.name for r in runs]}
