@@ -272,3 +272,18 @@ def test_launcher_image_aug_reaches_the_trainer_arguments(tmp_path):
     from llava_vla_plugin.train.preflight import problems
 
     assert problems(["--vla_image_aug", "maybe"]) and "IMAGE_AUG (--vla_image_aug) 'maybe'" in problems(["--vla_image_aug", "maybe"])[-1]
+
+
+@requires_upstream
+def test_epoch_callback_gives_the_dataset_the_trainers_epoch():
+    """on_epoch_begin (before the epoch's workers start) sets the epoch: e at the start of epoch e, floor on a
+    resume inside an epoch (state.epoch is fractional there)."""
+    from types import SimpleNamespace
+
+    from llava_vla_plugin.train.trainer import AugmentEpochCallback
+
+    seen = []
+    cb = AugmentEpochCallback(SimpleNamespace(set_augment_epoch=seen.append))
+    for epoch in (None, 0.0, 1.0, 1.5, 2.9999999):
+        cb.on_epoch_begin(None, SimpleNamespace(epoch=epoch), None)
+    assert seen == [0, 0, 1, 1, 3]
