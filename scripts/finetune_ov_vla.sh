@@ -24,6 +24,8 @@
 #   ACTION_REPR=bins (bins_chunk, parallel_l1, fast: llava_vla_plugin/core/representations/) HORIZON=1 (chunk length H)
 #   REPR_OPTIONS= the representation's own settings, key=value,... (fast: tokenizer=DIR from vla-fit-fast)
 #   WINDOW_MODE=oft (openvla): how H-step windows are cut from each episode (data_tools/action_windows.py)
+#   IMAGE_AUG=0 (1): OpenVLA's train-time image augmentation (llava_vla_plugin/core/augment.py); the
+#   checkpoint records it and the policy then centre-crops its inputs, as OpenVLA-OFT does
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CALLER=$(pwd)
@@ -78,6 +80,11 @@ ACTION_REPR=${ACTION_REPR:-bins}
 HORIZON=${HORIZON:-1}
 WINDOW_MODE=${WINDOW_MODE:-oft}
 REPR_OPTIONS=${REPR_OPTIONS:-}
+IMAGE_AUG=${IMAGE_AUG:-0}
+case "$IMAGE_AUG" in
+  0|1) ;;
+  *) echo "IMAGE_AUG=$IMAGE_AUG: expected 0 (no augmentation) or 1 (OpenVLA's train-time image augmentation)" >&2; exit 2 ;;
+esac
 
 # User paths: against the caller's directory (the launcher used to cd to the repository first).
 DATA=$(abspath "$DATA"); IMAGE_FOLDER=$(abspath "$IMAGE_FOLDER"); OUTPUT_DIR=$(abspath "$OUTPUT_DIR")
@@ -172,6 +179,9 @@ ARGS=(
 
 if [ -n "$VAL_DATA" ]; then ARGS+=(--vla_val_data "$VAL_DATA" --vla_eval_steps "$EVAL_STEPS" --per_device_eval_batch_size "$BATCH_SIZE"); fi
 
+# Only when on: with IMAGE_AUG=0 the trainer's arguments are exactly what they were before the option existed.
+if [ "$IMAGE_AUG" = "1" ]; then ARGS+=(--vla_image_aug True); fi
+
 ARGS+=("${CONFIG_ARGS[@]}")
 
 # Bad data paths and VLA options stop the launch here, before OUTPUT_DIR is created or written and before
@@ -191,7 +201,7 @@ if [ "$NODE_RANK" = "0" ]; then
     NUM_WORKERS="$NUM_WORKERS" REPORT_TO="$REPORT_TO" VAL_DATA="$VAL_DATA" EVAL_STEPS="$EVAL_STEPS" SEED="$SEED" \
     GRADIENT_CHECKPOINTING="$GRADIENT_CHECKPOINTING" RESUME="$RESUME" SAVE_TOTAL_LIMIT="$SAVE_TOTAL_LIMIT" \
     KEEP_OPTIMIZER="$KEEP_OPTIMIZER" ACTION_REPR="$ACTION_REPR" HORIZON="$HORIZON" WINDOW_MODE="$WINDOW_MODE" \
-    REPR_OPTIONS="$REPR_OPTIONS" -- "${CONFIG_ARGS[@]}" "$@"
+    REPR_OPTIONS="$REPR_OPTIONS" IMAGE_AUG="$IMAGE_AUG" -- "${CONFIG_ARGS[@]}" "$@"
   echo "[finetune] resolved settings -> $OUTPUT_DIR/launch_config.yaml (once training starts)"
 fi
 if [ "$NUM_GPUS" = "0" ]; then

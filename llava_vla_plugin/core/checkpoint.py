@@ -5,7 +5,8 @@ read and carried here and nowhere else (issue 21).
     vla_action_repr.json         representation, H, D, window rule                (action_repr.py)
     vla_action_head.safetensors  the parallel_l1 head's weights, where it has one (action_repr.py)
     vla_fast_tokenizer.json      the fast representation's FAST tokenizer (fast_codec.py; representations/fast.py)
-    vla_run_config.json          the settings that define the run (resume check)  (run_config.py)
+    vla_run_config.json          the settings that define the run (resume check);  (run_config.py)
+                                 its vla_image_aug makes the policy centre-crop (core/augment.py)
     dataset_statistics.json      per-dataset q01/q99/mask to un-normalize actions (data_tools' contract)
     vla_export.json              only in a transformers export: what the export changed (infer/export_hf.py);
                                  its presence makes Policy.from_pretrained take the transformers backend
@@ -32,6 +33,7 @@ from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
 from llava_vla_plugin.core.normalization import STATS_NAME as STATS_FILE
 from llava_vla_plugin.core.normalization import load_statistics
 from llava_vla_plugin.core.run_config import RUN_CONFIG_NAME as RUN_CONFIG_FILE
+from llava_vla_plugin.core.run_config import image_aug_of
 
 EXPORT_INFO_FILE = "vla_export.json"
 
@@ -52,6 +54,8 @@ class VLACheckpoint:
     action_tokenizer: ActionTokenizer
     repr_config: ActionReprConfig  # a checkpoint written before representations existed reads as `bins`, H = 1
     statistics: dict
+    # trained with --vla_image_aug (OpenVLA's random crop): inputs get OFT's centre crop (core/augment.py)
+    image_aug: bool = False
 
 
 def missing_files(path: str | os.PathLike) -> list[str]:
@@ -67,7 +71,8 @@ def read(path: str | os.PathLike) -> VLACheckpoint:
                               f"OUTPUT_DIR, one of its checkpoint-N folders, or OUTPUT_DIR/merged); copy the missing "
                               "files from the run's OUTPUT_DIR")
     action_tokenizer = ActionTokenizer.load(path)
-    return VLACheckpoint(path, action_tokenizer, ActionReprConfig.load(path), load_statistics(path))
+    return VLACheckpoint(path, action_tokenizer, ActionReprConfig.load(path), load_statistics(path),
+                         image_aug=image_aug_of(path))
 
 
 def write(output_dir: str | os.PathLike, action_tokenizer: ActionTokenizer, statistics: dict, action_repr=None,

@@ -39,7 +39,9 @@ RUN_KEYS = ("model", "vision_tower", "data_path", "image_folder", "image_aspect_
             "mm_patch_merge_type", "mm_tunable_parts", "model_max_length", "per_device_train_batch_size",
             "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay",
             "seed", "vla_data_seed", "vla_blind", "lora_enable", "bf16", "fp16", "vla_action_repr", "vla_horizon",
-            "vla_window_mode")
+            "vla_window_mode", "vla_image_aug")
+# vla_image_aug is also what the policy reads from a checkpoint (image_aug_of): a checkpoint trained with
+# OpenVLA's random crop is served with OFT's centre crop (core/augment.py center_crop).
 
 
 def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -84,6 +86,23 @@ def run_config(args: Any, data_args: Any, model_config: Any) -> dict:
     cfg["model"] = getattr(model_config, "_name_or_path", None)
     cfg["vision_tower"] = getattr(model_config, "mm_vision_tower", None)
     return {k: (v if isinstance(v, (str, int, float, bool, type(None))) else str(v)) for k, v in cfg.items()}
+
+
+def image_aug_of(folder: str | os.PathLike) -> bool:
+    """Whether the checkpoint in `folder` was trained with --vla_image_aug True (its vla_run_config.json; a
+    checkpoint without the file or the key, i.e. older than the option, was not)."""
+    path = Path(folder) / RUN_CONFIG_NAME
+    if not path.is_file():
+        return False
+    try:
+        value = json.loads(path.read_text()).get("vla_image_aug", False)
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: unreadable ({e}); copy vla_run_config.json from the run's OUTPUT_DIR") from None
+    if value is None:  # written without data arguments (a run_config() caller that passed none)
+        return False
+    if not isinstance(value, bool):
+        raise ValueError(f"{path}: vla_image_aug is {value!r}, expected true or false")
+    return value
 
 
 def write_run_config(folder: str | os.PathLike, config: dict) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from llava_vla_plugin.core.augment import center_crop
 from llava_vla_plugin.infer.pipeline import VLAPolicy, to_pil
 
 
@@ -34,8 +35,10 @@ class HFVLAPolicy(VLAPolicy):
         return self.backend.image_aspect_ratio
 
     def model_inputs(self, image, instruction: str) -> dict:
-        """generate()/forward() keyword arguments for one image and instruction (batch 1)."""
-        return self.backend.model_inputs(to_pil(image), self.prompt_builder.prompt_text(instruction))
+        """generate()/forward() keyword arguments for one image and instruction (batch 1); the image as prepare()
+        gives it to the backend (centre-cropped for a checkpoint trained with --vla_image_aug)."""
+        pil = to_pil(image)
+        return self.backend.model_inputs(center_crop(pil) if self.center_crop else pil, self.prompt_builder.prompt_text(instruction))
 
     def pad_pixel_values(self, pil) -> torch.Tensor:
         return self.backend.pad_pixel_values(pil)

@@ -4,7 +4,8 @@
     policy = VLAPolicy.from_pretrained("runs/ov-vla")           # any checkpoint kind, or a transformers export
     action = policy.predict_action(image, "put the cup in the sink", unnorm_key="bridge_orig")
 
-    images, instructions                     input transforms (here): check, RGB PIL, the training prompt
+    images, instructions                     input transforms (here): check, RGB PIL (OFT's centre crop when the
+                                             checkpoint trained with --vla_image_aug), the training prompt
       -> backend.encode                      the backend's image processing and model inputs
       -> the checkpoint's representation     how normalized actions come out of the model (core/representations):
            token representations: backend.generate under ActionConstraint, then representation.extract
@@ -35,6 +36,7 @@ from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from llava_vla_plugin.core import checkpoint as vla_checkpoint
+from llava_vla_plugin.core.augment import center_crop
 from llava_vla_plugin.core.normalization import action_stats, resolve_unnorm_key, unnormalize_actions
 from llava_vla_plugin.core.prompt import VLAPromptBuilder
 from llava_vla_plugin.core.representations import ActionReprConfig, ActionRepresentation, make_representation
@@ -152,6 +154,10 @@ class VLAPolicy:
         self.checkpoint = checkpoint
         self.action_tokenizer = files.action_tokenizer
         self.norm_stats = files.statistics
+        # A checkpoint trained with OpenVLA's random crop (area 0.9) sees a centre crop of the same area, as OFT
+        # evaluates such models (openvla-oft experiments/robot/openvla_utils.py:707-708); others see the image
+        # as given. Settable, like OFT's --center_crop.
+        self.center_crop = files.image_aug
         self.action_repr = action_repr or make_representation(files.repr_config, files.action_tokenizer,
                                                                directory=files.path)
         self.horizon = self.action_repr.horizon
@@ -249,6 +255,8 @@ class VLAPolicy:
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"instruction must be a non-empty string, got {text!r}")
         pils = [to_pil(im) for im in images]
+        if self.center_crop:
+            pils = [center_crop(im) for im in pils]
         with self._prompt_lock:  # a fast tokenizer must not be entered by two threads at once
             prompt_ids = [self.prompt_builder.prompt_ids(text) for text in instructions]
         texts = [self.prompt_builder.prompt_text(text) for text in instructions]  # the same prompt, as text

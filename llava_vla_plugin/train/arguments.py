@@ -35,6 +35,10 @@ class DataArguments(upstream_train.DataArguments):
     vla_window_mode: str = field(default="oft", metadata={"help": "how H-step windows are cut (data_tools/action_windows.py): "
                                                                    "oft (drop each episode's last H-1 frames) or openvla "
                                                                    "(goal = last step; relative dims 0, gripper repeated past it)"})
+    vla_image_aug: bool = field(default=False, metadata={"help": "OpenVLA's train-time image augmentation on robot-action "
+                                                                  "training images (random crop 0.9, brightness 0.2, contrast, "
+                                                                  "saturation, hue; llava_vla_plugin/core/augment.py), recorded "
+                                                                  "in the checkpoint: the policy then centre-crops (OFT)"})
 
 
 @dataclass

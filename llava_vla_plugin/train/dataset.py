@@ -6,6 +6,12 @@ and labels come from VLAPromptBuilder (tokenizer prepared once, labels on the ac
 co-trained with ordinary LLaVA instruction data. Upstream's silent "return sample i+1 on any error"
 is replaced by an error naming the sample and file, or, with `--vla_skip_bad_samples`, a counted
 and logged skip.
+
+With `--vla_image_aug True` the training images of robot-action samples get OpenVLA's augmentation
+(core/augment.py) before upstream's image processing: the stored files are only read, validation data
+(is_eval) and non-action samples never change. Sample i's parameters come from (--vla_data_seed, the
+trainer's epoch, i), so they do not depend on the number of data-loader workers; the trainer sets the epoch
+(set_augment_epoch, from trainer.AugmentEpochCallback) before each epoch's workers start.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import torch
 from llava.train.train import LazySupervisedDataset
 
 from data_tools.converted_format import SampleFormatError, is_action_sample, sample_action, sample_instruction
+from llava_vla_plugin.core import augment
 from llava_vla_plugin.core.representations import PROMPT_FRAMING_TOKENS, ActionReprConfig, make_representation
 from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
 from llava_vla_plugin.core.chunk_data import WindowSource
@@ -107,6 +114,13 @@ class VLADataset(LazySupervisedDataset):
         self.model_max_length = int(getattr(tokenizer, "model_max_length", 0) or 0)
         self.geometry = visual_geometry(tokenizer, data_args)
         self.blind = bool(getattr(data_args, "vla_blind", False))
+        # OpenVLA's train-time augmentation (core/augment.py): training data only, never the held-out set
+        self.image_aug = bool(getattr(data_args, "vla_image_aug", False)) and not is_eval
+        self.image_aug_seed, self.image_aug_epoch = seed, 0
+        if self.image_aug:
+            log.warning("VLADataset: --vla_image_aug: robot-action training images get OpenVLA's augmentation (random "
+                        "crop 0.9, brightness, contrast, saturation, hue), parameters from seed %d, the epoch and the "
+                        "sample index", seed)
         if self.blind:
             log.warning("VLADataset: --vla_blind: the <image> token is dropped; the model will NOT see its images")
         # The tokens were added to the model's tokenizer by register.add_action_tokens; binding is idempotent.
@@ -180,6 +194,52 @@ class VLADataset(LazySupervisedDataset):
                 f"upstream would truncate the action labels away and train on nothing. Raise --model_max_length "
                 f"to at least {budget.total}, or use smaller frames or image_aspect_ratio pad "
                 f"({VisualGeometry('pad').tokens(1, 1)} visual tokens per frame)")
+
+    # ---- image augmentation (--vla_image_aug) ----------------------------------------------------
+    def set_augment_epoch(self, epoch: int) -> None:
+        """The epoch that keys the augmentation parameters (trainer.AugmentEpochCallback calls it in the main
+        process before the epoch's data-loader workers start; they copy the dataset with it)."""
+        self.image_aug_epoch = int(epoch)
+
+    def augment_params(self, i: int, view: int = 0) -> augment.AugmentParams:
+        """Sample i's augmentation in the current epoch (camera `view`: OpenVLA's seed + i per view)."""
+        return augment.draw_params(self.image_aug_seed, self.image_aug_epoch, i, view)
+
+    def process_augmented_image(self, image_file: str, i: int):
+        """upstream's process_image (llava/train/train.py LazySupervisedDataset.process_image) for sample i's
+        image, augmented after it is read and before upstream's processing; same return value (tensor, the
+        original size, "image"). The augmentation keeps the image's size, so the visual-token count is unchanged."""
+        from PIL import Image
+
+        with Image.open(os.path.join(self.data_args.image_folder or "", image_file)) as im:
+            image = im.convert("RGB")
+        size = image.size
+        image = augment.apply_params(image, self.augment_params(i))
+        return self.process_pil(image), size, "image"
+
+    def process_pil(self, image):
+        """upstream's process_image body from its Image.open on, for an image already in memory (upstream reads
+        the file itself, so there is no hook between the read and the processing). Kept the same branch for
+        branch; tests/test_augment.py checks it equals upstream's process_image on the same file."""
+        import llava.train.train as upstream_train
+        from PIL import Image
+
+        data_args, processor = self.data_args, self.data_args.image_processor
+        mode = data_args.image_aspect_ratio
+        if mode == "highres":
+            return upstream_train.process_highres_image(image, processor, data_args.image_grid_pinpoints)
+        if mode == "anyres" or "anyres_max" in mode:
+            return upstream_train.process_anyres_image(image, processor, data_args.image_grid_pinpoints)
+        if mode == "crop_split":
+            return upstream_train.process_highres_image_crop_split(image, data_args)
+        if mode == "pad":
+            width, height = image.size
+            if width != height:
+                side = max(width, height)
+                square = Image.new(image.mode, (side, side), tuple(int(x * 255) for x in processor.image_mean))
+                square.paste(image, (0, (width - height) // 2) if width > height else ((height - width) // 2, 0))
+                image = square
+        return processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
 
     # ---- lengths for length-grouped sampling (precomputed at load: no pass over the samples) -----
     @property
@@ -258,7 +318,7 @@ class VLADataset(LazySupervisedDataset):
             path = os.path.join(self.data_args.image_folder or "", image_file)
             if not os.path.exists(path):
                 raise BadSampleError(f"image file {path} does not exist (check --image_folder)")
-            out["image"] = [self.process_image(image_file)]
+            out["image"] = [self.process_augmented_image(image_file, i) if self.image_aug else self.process_image(image_file)]
             if not self.blind:  # blind: no image placeholder, so no visual tokens
                 self._check_budget(len(input_ids), [out["image"][0][1]])
         elif self.data_args.is_multimodal:

@@ -8,7 +8,8 @@ the trainer's final argument list (the launcher's defaults, CONFIG's ARGS, then 
 arguments: the last occurrence of a flag wins, as in the trainer) and checks what would otherwise fail
 only after the model has loaded: --data_path / --vla_val_data (a data file, or a mixture YAML whose
 files exist), --image_folder, --vla_action_repr / --vla_horizon / --vla_window_mode (the registry in
-action_repr.py decides), a local --model_name_or_path, and --vla_resume. Messages name the launcher
+action_repr.py decides), --vla_image_aug (a bool, not with persistent workers), a local
+--model_name_or_path, and --vla_resume. Messages name the launcher
 variable and the trainer flag, the value, and what to do. Cost: ~4 s, most of it importing torch
 (action_repr.py's registry).
 """
@@ -23,7 +24,7 @@ from typing import Sequence
 # trainer flag -> the launcher variable that sets it (messages name both)
 LAUNCHER_NAMES = {"--data_path": "DATA", "--image_folder": "IMAGE_FOLDER", "--vla_val_data": "VAL_DATA",
                   "--vla_action_repr": "ACTION_REPR", "--vla_horizon": "HORIZON", "--vla_window_mode": "WINDOW_MODE",
-                  "--vla_repr_options": "REPR_OPTIONS",
+                  "--vla_repr_options": "REPR_OPTIONS", "--vla_image_aug": "IMAGE_AUG",
                   "--model_name_or_path": "MODEL", "--vla_resume": "RESUME", "--output_dir": "OUTPUT_DIR"}
 
 
@@ -33,7 +34,7 @@ def _name(flag: str) -> str:
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for flag in LAUNCHER_NAMES:
+    for flag in (*LAUNCHER_NAMES, "--dataloader_persistent_workers"):
         p.add_argument(flag, default=None)
     known, _ = p.parse_known_args(list(argv))
     return known
@@ -111,6 +112,26 @@ def action_problems(args: argparse.Namespace) -> list[str]:
     return found
 
 
+def _bool(value: str | None) -> bool | None:
+    """transformers' HfArgumentParser reading of a bool flag (string_to_bool); None: not a bool."""
+    if value is None:
+        return False
+    v = str(value).lower()
+    return True if v in ("yes", "true", "t", "y", "1") else False if v in ("no", "false", "f", "n", "0") else None
+
+
+def image_aug_problems(args: argparse.Namespace) -> list[str]:
+    """--vla_image_aug: a bool, and not with persistent data-loader workers (they would keep epoch 0's
+    augmentation parameters; the trainer refuses the same, trainer.AugmentEpochCallback says why)."""
+    aug = _bool(args.vla_image_aug)
+    if aug is None:
+        return [f"{_name('--vla_image_aug')} {args.vla_image_aug!r}: expected True or False (launcher: IMAGE_AUG=0 or 1)"]
+    if aug and _bool(args.dataloader_persistent_workers):
+        return [f"{_name('--vla_image_aug')} True with --dataloader_persistent_workers True: persistent workers keep "
+                "epoch 0's augmentation parameters for every epoch; pass --dataloader_persistent_workers False"]
+    return []
+
+
 def problems(argv: Sequence[str]) -> list[str]:
     """Every problem found, one line each (empty: the launch may go on)."""
     args = parse(argv)
@@ -119,6 +140,7 @@ def problems(argv: Sequence[str]) -> list[str]:
         found.append(f"{_name('--image_folder')} {args.image_folder}: no such folder; set it to the folder the "
                      "samples' image paths are relative to (the convert --out folder, e.g. converted)")
     found += action_problems(args)
+    found += image_aug_problems(args)
     model = args.model_name_or_path
     if model and not os.path.exists(model) and (model.startswith(("/", "./", "../", "~")) or model.count("/") > 1):
         found.append(f"{_name('--model_name_or_path')} {model}: no such folder (and not a hub id such as "

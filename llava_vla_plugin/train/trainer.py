@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 from typing import Optional
@@ -178,6 +179,21 @@ def seed_dataloader_worker(worker_id: int, seed: int, num_workers: int, rank: in
     torch.manual_seed(worker_seed)
 
 
+class AugmentEpochCallback(TrainerCallback):
+    """--vla_image_aug: tells the training dataset the epoch before the epoch's data-loader workers start.
+
+    transformers' training loop calls on_epoch_begin before `iter(dataloader)`, which starts the workers (each
+    takes a copy of the dataset, epoch included). The epoch is the trainer's (state.epoch is e at the start of
+    epoch e, and fractional on resume inside one: floor), so a resumed run draws the same parameters as an
+    uninterrupted one. Persistent workers would keep epoch 0's copy: VLATrainer refuses that combination."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_augment_epoch(math.floor((state.epoch or 0.0) + 1e-6))
+
+
 class TokensSeenCallback(TrainerCallback):
     """Adds the sequence positions (visual + text, padding excluded) every rank processed in the step to
     state.num_input_tokens_seen: counted, summed across ranks, and saved in trainer_state.json with
@@ -256,6 +272,12 @@ class VLATrainer(LLaVATrainer):
         if self.args.include_num_input_tokens_seen not in ("no", False):
             raise ValueError("--include_num_input_tokens_seen counts input_ids before the image tokens are inserted; the VLA "
                              "trainer counts every position itself (train_tokens_seen): drop the flag")
+        if getattr(self.train_dataset, "image_aug", False):
+            if self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0:
+                raise ValueError("--vla_image_aug True with --dataloader_persistent_workers True: persistent workers keep "
+                                 "the dataset they copied at the first epoch, so every epoch would repeat epoch 0's "
+                                 "augmentation. Pass --dataloader_persistent_workers False (or IMAGE_AUG=0)")
+            self.add_callback(AugmentEpochCallback(self.train_dataset))
         self.add_callback(TokensSeenCallback(self))
         self.add_callback(SetupReportCallback(self))
 
