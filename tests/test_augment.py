@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -287,3 +288,32 @@ def test_epoch_callback_gives_the_dataset_the_trainers_epoch():
     for epoch in (None, 0.0, 1.0, 1.5, 2.9999999):
         cb.on_epoch_begin(None, SimpleNamespace(epoch=epoch), None)
     assert seen == [0, 0, 1, 1, 3]
+
+
+@requires_upstream
+@pytest.mark.slow
+def test_launcher_trains_with_image_aug_and_the_policy_crops(tiny_model, tmp_path):
+    """The user path: IMAGE_AUG=1 through the launcher (its default NUM_WORKERS=4, so the augmentation runs in
+    data-loader workers), 2 steps; the checkpoint records it and VLAPolicy centre-crops its inputs. Overridden
+    defaults, each to keep the test short on CPU: MAX_STEPS, BATCH_SIZE, NUM_GPUS=0, pad, MODEL_MAX_LENGTH."""
+    from llava_vla_plugin.core import checkpoint
+    from llava_vla_plugin.testing.vla_samples import colour_image, write_mixture, write_vla_dataset
+
+    data = tmp_path / "data"
+    write_vla_dataset(data, "ds", 4, image_fn=lambda i, r: colour_image(r, i % 3), action_fn=lambda i, r: r.uniform(-1, 1, 7))
+    mixture = write_mixture(data, [("ds", 1.0)])
+    out = tmp_path / "run-qwen"
+    env = subprocess_env(tiny_model.env())
+    env.update(MODEL=str(tiny_model.llava_dir), VISION_TOWER=tiny_model.vision_tower, DATA=str(mixture), IMAGE_FOLDER=str(data),
+               OUTPUT_DIR=str(out), NUM_GPUS="0", BATCH_SIZE="2", MAX_STEPS="2", SAVE_STEPS="1000", IMAGE_ASPECT_RATIO="pad",
+               MODEL_MAX_LENGTH="1024", IMAGE_AUG="1")
+    proc = subprocess.run(["bash", str(ROOT / "scripts/finetune_ov_vla.sh"), "--gradient_checkpointing", "False"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "--vla_image_aug: robot-action training images get OpenVLA's augmentation" in proc.stderr
+    assert json.loads((out / "vla_run_config.json").read_text())["vla_image_aug"] is True
+    assert checkpoint.read(out).image_aug is True
+    script = ("import sys; from llava_vla_plugin.infer.pipeline import VLAPolicy; "
+              "p = VLAPolicy.from_pretrained(sys.argv[1], device='cpu'); print('CROP', p.center_crop)")
+    check = subprocess.run([sys.executable, "-c", script, str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert check.returncode == 0 and "CROP True" in check.stdout, check.stderr[-3000:]
