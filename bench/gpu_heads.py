@@ -31,9 +31,11 @@ script asserts that both generated exactly the same ids (printed). Targets (issu
 step >= 1.2x faster than the full head; parallel_l1 >= 3x bins_chunk's actions/s at H = 8.
 
 fast needs a FAST tokenizer: one is fitted here (FastCodec.fit, vocab 1024) on seeded smooth synthetic windows
-(see smooth_windows), saved to a temp folder and bound like a training run would (new `<FAST_i>` rows). Its
-rows are then set to random values like every other row of this random model: the representation initialises
-them all to the vocabulary mean, so an untrained model's FAST logits would all tie. The untrained model emits
+(see smooth_windows), saved to a temp folder and bound like a training run would (new `<FAST_i>` rows). Every
+row the VLA adds (the 256 `<ACTION_k>`, parallel_l1's slot, the `<FAST_i>`) is then set to random values like
+every other row of this random model: they start at the vocabulary mean, so their logits would tie exactly and
+greedy decoding would be decided by rounding, which the restricted and the full head do differently (seen with
+the tiny model: the restricted head picked the 257th row, the full head the first). The untrained model emits
 arbitrary FAST ids, almost never the end, so it generates the maximum length (H x 7 = 56 FAST tokens + end, like
 bins_chunk) and its chunks decode as invalid (counted in policy.decode_failures, answered with zeros; fine for
 speed). A trained model stops after the codec's chunk length, so the script also prints the codec's mean
@@ -48,9 +50,10 @@ llava_vla_plugin/testing/onevision_configs.py) and shared by every policy; fast'
 Timing: median of --calls, the rows of one image mode and image timed round robin (call 1 of every row, then
 call 2, ...), so that load from other jobs falls on every row alike; after a warm-up (GPU and --tiny: 10 / 2 calls after one warm-up call per policy).
 On the CPU (bf16: this CPU has avx512_bf16, where bf16 matmuls run ~2x fp32's; the GPU run is bf16 too) one
-call of the 0.5B model costs 10-60 s (prefill 11 s with `pad` on 2 shared cores, ~0.5 s a decode step), so
+call of the 0.5B model costs 14-130 s (prefill 14-18 s with `pad` on 2 shared cores, ~0.4 s a decode step), so
 the default there is 1 timed call per row after one warm-up call for the whole run (the CPU has no kernels to
-compile or autotune), and the full-head rows only for the first image: the whole run then takes ~20 minutes. No DeepSpeed is imported (the GPU machine has none). The last line printed is
+compile or autotune), and the full-head rows only for the first image: the whole run then took 22 minutes
+(2026-12-05, 2 cores shared with other jobs; peak RSS 3.1 GB). No DeepSpeed is imported (the GPU machine has none). The last line printed is
 `parallel_l1/bins_chunk actions/s: Nx`, the smallest ratio over the modes and images measured.
 """
 from __future__ import annotations
