@@ -10,6 +10,7 @@ are those of the features the model's own prepare_inputs_labels_for_multimodal p
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -173,3 +174,36 @@ def test_gpu_check_tiny_rehearsal(tmp_path):
     wrapper = subprocess.run(["bash", "bench/gpu_check.sh", "--tiny"], cwd=ROOT, capture_output=True, text=True,
                              env=subprocess_env({"CARRY": str(tmp_path / "no-carry")}))
     assert wrapper.returncode == 2 and "prepare_gpu_carry.sh" in wrapper.stderr
+
+
+@requires_upstream
+@pytest.mark.slow
+def test_gpu_heads_tiny_rehearsal(tmp_path):
+    # bench/gpu_heads.py with the tiny model on CPU: every representation (fast with a codec fitted in the
+    # script), both image modes and image sizes, the full-head rows, the split of prefill / decode, the
+    # restricted-head id check, and the line the target is read from
+    out = tmp_path / "gpu_heads.md"
+    proc = run_py(["bench/gpu_heads.py", "--tiny", "--out", str(out)], env=subprocess_env(), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"parallel_l1/bins_chunk actions/s: \d+\.\dx", last), last
+    assert float(last.split(": ")[1][:-1]) > 0
+    table = out.read_text()
+    assert "| image | image mode | representation | H | call (ms) | prefill (ms) | decode step (ms) | tokens/chunk |" in table
+    assert "| decode step restricted (ms) | decode step full (ms) | full / restricted |" in table
+    data = json.loads(out.with_suffix(".json").read_text())
+    rows = data["rows"]
+    reprs = ["bins", "bins_chunk", "parallel_l1", "fast", "bins_chunk (full head)", "fast (full head)"]
+    assert {(r["mode"], r["image"]) for r in rows} == {(m, i) for m in ("pad", "anyres_max_9") for i in ("256x256", "480x640")}
+    for key in {(r["mode"], r["image"]) for r in rows}:
+        got = {r["repr"]: r for r in rows if (r["mode"], r["image"]) == key}
+        assert sorted(got) == sorted(reprs)
+        assert got["bins"]["tokens"] == 8 and got["bins_chunk"]["tokens"] == 57 and got["parallel_l1"]["tokens"] == 0
+        assert 2 <= got["fast"]["tokens"] <= 57 and got["fast"]["tokens"] == got["fast (full head)"]["tokens"]
+        assert got["parallel_l1"]["step_s"] is None and got["parallel_l1"]["shape"] == [8, 7]
+        assert all(r["call_s"] >= r["prefill_s"] > 0 and r["actions_per_s"] > 0 for r in got.values())
+        assert all(r["step_s"] > 0 for n, r in got.items() if n != "parallel_l1")
+        assert all(r["head_restricted"] == r["restrict_head"] for n, r in got.items() if n != "parallel_l1")
+    assert len(data["id_checks"]) == 8 and all(c["identical"] for c in data["id_checks"])
+    assert 1 < data["fast_codec"]["mean"] < 56  # smooth windows compress
+    assert sum(line.startswith("| ") for line in table.splitlines()) == (1 + 24) + (1 + 8)  # headers + rows
