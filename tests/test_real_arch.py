@@ -183,7 +183,8 @@ def test_gpu_heads_tiny_rehearsal(tmp_path):
     # script), both image modes and image sizes, the full-head rows, the split of prefill / decode, the
     # restricted-head id check, and the line the target is read from
     out = tmp_path / "gpu_heads.md"
-    proc = run_py(["bench/gpu_heads.py", "--tiny", "--out", str(out)], env=subprocess_env(), timeout=900)
+    # one image size: the second runs the same code with another frame (the suite's time is kept for paths)
+    proc = run_py(["bench/gpu_heads.py", "--tiny", "--images", "256x256", "--out", str(out)], env=subprocess_env(), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"parallel_l1/bins_chunk actions/s: \d+\.\dx", last), last
@@ -194,7 +195,7 @@ def test_gpu_heads_tiny_rehearsal(tmp_path):
     data = json.loads(out.with_suffix(".json").read_text())
     rows = data["rows"]
     reprs = ["bins", "bins_chunk", "parallel_l1", "fast", "bins_chunk (full head)", "fast (full head)"]
-    assert {(r["mode"], r["image"]) for r in rows} == {(m, i) for m in ("pad", "anyres_max_9") for i in ("256x256", "480x640")}
+    assert {(r["mode"], r["image"]) for r in rows} == {(m, "256x256") for m in ("pad", "anyres_max_9")}
     for key in {(r["mode"], r["image"]) for r in rows}:
         got = {r["repr"]: r for r in rows if (r["mode"], r["image"]) == key}
         assert sorted(got) == sorted(reprs)
@@ -204,6 +205,6 @@ def test_gpu_heads_tiny_rehearsal(tmp_path):
         assert all(r["call_s"] >= r["prefill_s"] > 0 and r["actions_per_s"] > 0 for r in got.values())
         assert all(r["step_s"] > 0 for n, r in got.items() if n != "parallel_l1")
         assert all(r["head_restricted"] == r["restrict_head"] for n, r in got.items() if n != "parallel_l1")
-    assert len(data["id_checks"]) == 8 and all(c["identical"] for c in data["id_checks"])
+    assert len(data["id_checks"]) == 4 and all(c["identical"] for c in data["id_checks"])
     assert 1 < data["fast_codec"]["mean"] < 56  # smooth windows compress
-    assert sum(line.startswith("| ") for line in table.splitlines()) == (1 + 24) + (1 + 8)  # headers + rows
+    assert sum(line.startswith("| ") for line in table.splitlines()) == (1 + 12) + (1 + 4)  # headers + rows

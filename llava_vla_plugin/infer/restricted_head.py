@@ -13,6 +13,14 @@ allowed logit is the same dot product as in the full head; whether a BLAS kernel
 the same order as the one for 151,936 rows is the library's business, so the tests compare the actions (the
 argmax), which must be identical, and report the largest logit difference.
 
+Where the two can differ: a near-tie. Two allowed logits within the kernels' rounding of each other (exact ties
+among rows still at their initial vocabulary mean in an untrained model; in bf16, values one bf16 step apart)
+may be ordered differently by the two matmuls. Measured: fp32 trained checkpoints give identical ids on every
+test here (tests/test_policy.py, the quality runs of tests/test_action_chunks.py); the untrained tiny model,
+whose 256 action rows are all the same mean vector, broke its all-way tie at a different bin. Such a pick is
+noise in either head; `VLAPolicy(restrict_head=False)` (from_pretrained(..., restrict_head=False)) reproduces
+the full head's exactly.
+
 Only a plain `torch.nn.Linear` head is swapped: a head wrapped by an unmerged LoRA adapter (or anything
 else) is left alone and decoded with the full head (`restricted_lm_head` returns False), never approximated.
 """
