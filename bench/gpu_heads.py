@@ -2,8 +2,8 @@
 speed of VLAPolicy.predict_action for `bins` (H = 1), `bins_chunk`, `parallel_l1` and `fast` (H = 8), with the
 same model, per image mode and image size, and the restricted LM head (issue 23 items 2 and 3) against the full one.
 
-    python bench/gpu_heads.py                    # the borrowed GPU (bf16), as bench/gpu_check.sh installs it:
-                                                 # PY=python3 CARRY=.gpu_carry bash -c '... bench/gpu_heads.py'
+    bash bench/gpu_check.sh                      # the borrowed GPU (bf16): gpu_check.py, then this script
+    python bench/gpu_heads.py                    # this script alone where the stack is installed
     python bench/gpu_heads.py --device cpu       # the same 0.5B architecture on the CPU (bf16, 2 timed calls)
     python bench/gpu_heads.py --tiny             # CPU rehearsal with the tiny model (numbers mean nothing)
 
