@@ -290,7 +290,9 @@ def _action_entries(raw: Any) -> list[dict[str, Any]]:
         if not isinstance(options, Mapping):
             raise SweepError(f"grid.action_repr entry {dict(item)}: `options` must be a mapping, e.g. "
                              "{tokenizer: fast_tok_1024/} for fast")
-        options = {str(k): str(v) for k, v in options.items()}
+        # a value naming an existing file or folder (fast's tokenizer=DIR) resolves against the current directory,
+        # as every path of the spec does, so the run's launcher finds it from wherever it runs
+        options = {str(k): (str(_abs(v)) if Path(str(v)).exists() else str(v)) for k, v in options.items()}
         if any("," in k + v or "=" in k for k, v in options.items()):
             raise SweepError(f"grid.action_repr entry {dict(item)}: option names and values cannot contain ',' "
                              "(and names not '=')")
@@ -305,7 +307,7 @@ def _action_entries(raw: Any) -> list[dict[str, Any]]:
         if "window_mode" in item:
             env["WINDOW_MODE"] = cfg.window_mode
             default_label += f"-{cfg.window_mode}"
-        if options:  # a relative path in an option is the launcher's to resolve (against the run's folder)
+        if options:
             env["REPR_OPTIONS"] = ",".join(f"{k}={v}" for k, v in options.items())
             if "name" not in item:
                 default_label += "-" + "-".join(Path(v).name or v for v in options.values())
