@@ -1,7 +1,7 @@
 """Make a training mixture from converted datasets: relative weights + a data fraction -> mixture.yaml.
 
     python -m data_tools.mixture --converted OUT (--weights FILE | --preset NAME)
-        [--fraction F] [--weighting balanced|kept_frames|weights|temperature [--alpha A]] [--seed S] -o mixture.yaml
+        [--fraction F] [--weighting balanced|kept_frames|weights|temperature [--alpha A]|remix] [--seed S] -o mixture.yaml
 
 The project has two mixture concepts, named apart: the download spec (data_tools/download_spec.py, presets
 in data_tools/mixtures/: what to fetch and convert) and the training mixture (this module plans it,
@@ -32,6 +32,10 @@ Weighting rules (`--weighting`; WEIGHTING_RULES; one formula each, all in `mixtu
   temperature  share_d proportional to (w_d * n_d) ** alpha (--alpha, default 0.43: pi0's, "we weight each
                task-robot combination by n^0.43", Black et al. 2024, pi0 paper, Sec. V-A). alpha = 1 is
                `balanced`, alpha = 0 gives every dataset the same share; in between it lifts small datasets.
+  remix        learned weights: --weights RUN/remix_weights.json, the result of a Re-Mix proxy run (launcher
+               REMIX_REFERENCE=<reference run>; data_tools/remix_weights.py has the method and its sources).
+               Re-Mix's weights are the domains' sampling distribution, so share_d = w_d / sum(w) over the datasets
+               kept. The rule is taken from such a file (and only from one).
 
 Weights (relative, OpenVLA's convention):
   --weights FILE   a YAML mapping {dataset: weight}; or a data_tools mixture file (`datasets:` list of
@@ -69,6 +73,7 @@ import yaml
 
 from data_tools.cli import add_common_flags, add_output, setup_logging
 from data_tools.converted_format import MANIFEST_FILE, STATISTICS_FILE, TRAIN_FILE
+from data_tools import remix_weights
 from data_tools.atomic import write_text_if_changed
 from data_tools.weights import WeightError, at_line, entry_lines, parse_weight
 
@@ -100,7 +105,8 @@ class MixtureToolError(ValueError):
 
 # The weighting rules (module docstring: what each means and why). `balanced` is OpenVLA's and the default of
 # every writer of a training mixture: convert's OUT/mixture.yaml, this tool, the sweep.
-WEIGHTING_RULES = ("balanced", "kept_frames", "weights", "temperature")
+WEIGHTING_RULES = ("balanced", "kept_frames", "weights", "temperature", "remix")
+REMIX_SOURCE = "remix:"  # read_weights' label of a Re-Mix result file (the only source of the `remix` rule)
 DEFAULT_WEIGHTING = "balanced"
 PI0_TEMPERATURE_ALPHA = 0.43  # pi0 (Black et al. 2024, Sec. V-A): each task-robot combination weighted by n^0.43
 # The `vla_mixture.weighting` record's absence, in words: what files written before it existed meant.
@@ -131,7 +137,7 @@ def mixture_shares(weights: Mapping[str, float], num_transitions: Mapping[str, i
     bad = [n for n in names if not weights[n] > 0]
     if bad:
         raise MixtureToolError(f"shares need weights > 0; {', '.join(bad)} have {[weights[n] for n in bad]}")
-    if weighting == "weights":
+    if weighting in ("weights", "remix"):  # remix: the learned weights are the sampling distribution
         mass = {n: float(weights[n]) for n in names}
     elif weighting == "kept_frames":
         mass = {n: weights[n] * float(kept_frames[n]) for n in names}
@@ -395,6 +401,12 @@ def read_weights(weights: str | Path | Mapping | None = None, preset: str | None
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise MixtureToolError(f"{path}: not valid YAML: {e}") from None
+    if remix_weights.is_remix_result(data):  # a Re-Mix proxy run's learned weights
+        try:
+            result = remix_weights.result_from_data(data, str(path))
+        except remix_weights.RemixFileError as e:
+            raise MixtureToolError(str(e)) from None
+        return REMIX_SOURCE + str(path.resolve()), _weights_from_data(result.as_weights(), str(path))
     return str(path), _weights_from_data(data, str(path), entry_lines(text))
 
 
@@ -459,10 +471,16 @@ def plan_mixture(
 ) -> MixturePlan:
     """The multipliers that give `weighting`'s shares (mixture_shares) of fraction x the train frames.
     `balance` is the older spelling: True = balanced, False = weights; None (and weighting None) = the default."""
+    learned = str(weights_source).startswith(REMIX_SOURCE)
     if weighting is None:
-        weighting = DEFAULT_WEIGHTING if balance is None or balance else "weights"
+        weighting = "remix" if learned else DEFAULT_WEIGHTING if balance is None or balance else "weights"
     elif balance is not None and balance != (weighting == "balanced"):
         raise MixtureToolError(f"--balance contradicts --weighting {weighting} (--balance is --weighting balanced)")
+    if learned != (weighting == "remix"):
+        raise MixtureToolError(
+            f"{weights_source[len(REMIX_SOURCE):]} holds Re-Mix's learned weights, which are shares already: use "
+            f"--weighting remix (the default for such a file), not {weighting}" if learned else
+            "--weighting remix takes its weights from a Re-Mix proxy run: --weights RUN/remix_weights.json")
     alpha = check_weighting(weighting, alpha)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (math.isfinite(fraction) and fraction > 0):
         raise MixtureToolError(f"--fraction must be a number > 0 (1 = every train frame once), got {fraction!r}")
@@ -517,6 +535,7 @@ def describe_weighting(weighting: str, alpha: float | None = None) -> str:
             "kept_frames": "kept_frames (weight x kept train frames)",
             "weights": "from the weights alone",
             "temperature": f"temperature ((weight x num_transitions) ^ {alpha:g})" if alpha is not None else "temperature",
+            "remix": "remix (learned Re-Mix weights)",
             }[weighting]
 
 
@@ -552,7 +571,7 @@ def add_weighting_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weighting", choices=WEIGHTING_RULES, default=None,
                    help=f"how weights become shares (default {DEFAULT_WEIGHTING}: OpenVLA's weight x num_transitions; "
                         "kept_frames: weight x kept train frames, the old rule; weights: the weights alone; "
-                        "temperature: (weight x num_transitions)^alpha)")
+                        "temperature: (weight x num_transitions)^alpha; remix: learned weights, from --weights RUN/remix_weights.json)")
     p.add_argument("--alpha", type=float, default=None,
                    help=f"temperature's exponent (default {PI0_TEMPERATURE_ALPHA}, pi0's; 1 = balanced, 0 = uniform)")
     p.add_argument("--balance", action="store_true", help="= --weighting balanced (the default; kept for old commands)")
@@ -564,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", "--converted", dest="data_dir", required=True,
                    help="output folder of data_tools convert (OUT/<dataset>/train.jsonl) (also: --converted)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", help="YAML {dataset: weight}, a data_tools mixture file, or a training mixture")
+    src.add_argument("--weights", help="YAML {dataset: weight}, a data_tools mixture file, a training mixture, or a Re-Mix "
+                                       "proxy run's remix_weights.json (rule remix)")
     src.add_argument("--preset", help="a shipped mixture name (data_tools/mixtures/NAME.yaml), e.g. bridge_rt_1")
     p.add_argument("--fraction", type=float, default=1.0, help="effective frames / train frames of the mixture's datasets (default 1)")
     add_weighting_flags(p)

@@ -26,6 +26,8 @@
 #   WINDOW_MODE=oft (openvla): how H-step windows are cut from each episode (data_tools/action_windows.py)
 #   IMAGE_AUG=0 (1): OpenVLA's train-time image augmentation (llava_vla_plugin/core/augment.py); the
 #   checkpoint records it and the policy then centre-crops its inputs, as OpenVLA-OFT does
+#   REMIX_REFERENCE= a finished run on the same DATA: this run becomes a Re-Mix proxy that learns dataset weights
+#   against it -> OUTPUT_DIR/remix_weights.json, remix_weights.png, remix_mixture.yaml (llava_vla_plugin/train/remix.py)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CALLER=$(pwd)
@@ -85,10 +87,11 @@ case "$IMAGE_AUG" in
   0|1) ;;
   *) echo "IMAGE_AUG=$IMAGE_AUG: expected 0 (no augmentation) or 1 (OpenVLA's train-time image augmentation)" >&2; exit 2 ;;
 esac
+REMIX_REFERENCE=${REMIX_REFERENCE:-}
 
 # User paths: against the caller's directory (the launcher used to cd to the repository first).
 DATA=$(abspath "$DATA"); IMAGE_FOLDER=$(abspath "$IMAGE_FOLDER"); OUTPUT_DIR=$(abspath "$OUTPUT_DIR")
-VAL_DATA=$(abspath "$VAL_DATA")
+VAL_DATA=$(abspath "$VAL_DATA"); REMIX_REFERENCE=$(abspath "$REMIX_REFERENCE")
 opts=""  # REPR_OPTIONS' tokenizer=DIR (fast) is a user path too
 IFS=',' read -ra _opts <<< "$REPR_OPTIONS"
 for o in "${_opts[@]}"; do
@@ -181,6 +184,7 @@ if [ -n "$VAL_DATA" ]; then ARGS+=(--vla_val_data "$VAL_DATA" --vla_eval_steps "
 
 # Only when on: with IMAGE_AUG=0 the trainer's arguments are exactly what they were before the option existed.
 if [ "$IMAGE_AUG" = "1" ]; then ARGS+=(--vla_image_aug True); fi
+if [ -n "$REMIX_REFERENCE" ]; then ARGS+=(--vla_remix_reference "$REMIX_REFERENCE"); fi  # likewise only when set
 
 ARGS+=("${CONFIG_ARGS[@]}")
 
@@ -201,7 +205,7 @@ if [ "$NODE_RANK" = "0" ]; then
     NUM_WORKERS="$NUM_WORKERS" REPORT_TO="$REPORT_TO" VAL_DATA="$VAL_DATA" EVAL_STEPS="$EVAL_STEPS" SEED="$SEED" \
     GRADIENT_CHECKPOINTING="$GRADIENT_CHECKPOINTING" RESUME="$RESUME" SAVE_TOTAL_LIMIT="$SAVE_TOTAL_LIMIT" \
     KEEP_OPTIMIZER="$KEEP_OPTIMIZER" ACTION_REPR="$ACTION_REPR" HORIZON="$HORIZON" WINDOW_MODE="$WINDOW_MODE" \
-    REPR_OPTIONS="$REPR_OPTIONS" IMAGE_AUG="$IMAGE_AUG" -- "${CONFIG_ARGS[@]}" "$@"
+    REPR_OPTIONS="$REPR_OPTIONS" IMAGE_AUG="$IMAGE_AUG" REMIX_REFERENCE="$REMIX_REFERENCE" -- "${CONFIG_ARGS[@]}" "$@"
   echo "[finetune] resolved settings -> $OUTPUT_DIR/launch_config.yaml (once training starts)"
 fi
 if [ "$NUM_GPUS" = "0" ]; then

@@ -121,6 +121,14 @@ class SampleStore(Sequence):
     def text_lengths(self) -> np.ndarray:
         return self._text_len[self._index]
 
+    def source_indices(self) -> np.ndarray:
+        """[len] the index (into `source_paths`) of the data file each sample was read from."""
+        return self._line_source[self._index]
+
+    @property
+    def source_paths(self) -> list[str]:
+        return list(self._sources)
+
     def has_media(self) -> np.ndarray:
         return self._has_media[self._index]
 
@@ -237,6 +245,16 @@ def load_data(data_path: str, seed: int = 0) -> tuple[SampleStore, list[DataSour
                         [str(s.path) for s in sources], np.asarray(index, dtype=np.int64),
                         np.asarray(text_len, dtype=np.int32), np.asarray(has_media, dtype=bool))
     return store, sources
+
+
+def training_domains(store: SampleStore) -> tuple[list[str], np.ndarray]:
+    """(sorted domain names, each sample's domain index): a sample's domain is the dataset folder of the data file it
+    was read from (convert's OUT/<dataset>/train.jsonl, vla-import's the same), so every copy a mixture weight makes
+    stays in its dataset's domain. Files of one folder are one domain. Used by Re-Mix (train/remix.py)."""
+    names = [Path(p).parent.name or Path(p).name for p in store.source_paths]
+    domains = sorted(set(names))
+    of_source = np.asarray([domains.index(n) for n in names], dtype=np.int64)
+    return domains, of_source[store.source_indices()] if len(store) else np.zeros(0, np.int64)
 
 
 def find_statistics(sources: list[DataSource]) -> dict:

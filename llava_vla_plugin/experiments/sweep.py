@@ -13,7 +13,8 @@ SPEC (see configs/sweeps/example.yaml; relative paths resolve against the curren
                                          # or a jsonl / mixture path; or null (no validation)
     val_per_dataset: 2000                # optional, with auto: a fixed random subset per dataset
     weighting: balanced                  # default: OpenVLA's balance_weights (shares ~ weight x num_transitions);
-                                         # kept_frames, weights, temperature (+ alpha: 0.43): data_tools/training_mixture.py
+                                         # kept_frames, weights, temperature (+ alpha: 0.43): data_tools/training_mixture.py;
+                                         # a mixture whose weights file is a Re-Mix result (RUN/remix_weights.json) is `remix`
                                          # (`balance: true|false`, the older spelling: balanced | weights)
     seed: 0                              # data seed: data_tools.mixture --seed and --vla_data_seed
     finetune_script: scripts/finetune_ov_vla.sh    # optional
@@ -68,7 +69,8 @@ import yaml
 
 from data_tools.cli import add_common_flags, add_output, setup_logging
 from data_tools.atomic import write_text_if_changed
-from data_tools.training_mixture import MixturePlan, MixtureToolError, plan_mixture, read_weights, write_training_mixture
+from data_tools.training_mixture import (REMIX_SOURCE, MixturePlan, MixtureToolError, plan_mixture, read_weights,
+                                        write_training_mixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_FINETUNE_SCRIPT = ROOT / "scripts" / "finetune_ov_vla.sh"
@@ -176,7 +178,9 @@ def _mixture_entries(raw: Any) -> list[dict[str, Any]]:
             p = Path(item)
             if p.is_file():
                 label, weights = read_weights(weights=p)
-                entries.append({"label": _label(p.stem), "source": str(p.resolve()), "weights": weights, "balance": None,
+                learned = label.startswith(REMIX_SOURCE)  # a Re-Mix result: the source keeps the rule's marker
+                entries.append({"label": _label(f"remix_{p.resolve().parent.name}" if learned else p.stem),
+                                "source": label if learned else str(p.resolve()), "weights": weights, "balance": None,
                                 "weighting": None, "alpha": None})
             else:
                 label, weights = read_weights(preset=item)  # error lists the shipped presets
@@ -198,8 +202,8 @@ def _mixture_entries(raw: Any) -> list[dict[str, Any]]:
                 source, default_name = "inline", ""
             else:
                 p = Path(str(item["weights"]))
-                _, weights = read_weights(weights=p)
-                source, default_name = str(p.resolve()), p.stem
+                label, weights = read_weights(weights=p)
+                source, default_name = (label if label.startswith(REMIX_SOURCE) else str(p.resolve())), p.stem
             balance = item.get("balance")
             if balance is not None and not isinstance(balance, bool):
                 raise SweepError(f"grid.mixture entry {dict(item)}: `balance` must be true or false")
@@ -242,6 +246,8 @@ def _weighting_rule(entry: Mapping[str, Any], weighting: Any, balance: Any, alph
     own = entry.get("weighting") is not None or entry.get("balance") is not None
     if own:
         weighting, balance = entry.get("weighting"), entry.get("balance")
+    elif str(entry.get("source", "")).startswith(REMIX_SOURCE):  # learned Re-Mix weights carry their own rule
+        weighting, balance = "remix", None
     rule = weighting if weighting is not None else ("weights" if balance is False else "balanced")
     if entry.get("alpha") is not None:
         alpha = entry["alpha"]

@@ -6,6 +6,7 @@ from typing import Optional
 
 import llava.train.train as upstream_train
 
+from data_tools.remix_weights import REMIX_SMOOTHING, REMIX_STEP_SIZE
 from llava_vla_plugin.core.representations import REPRESENTATIONS
 from llava_vla_plugin.core.env import default_attn_implementation
 
@@ -55,3 +56,12 @@ class TrainingArguments(upstream_train.TrainingArguments):
                                                                               "optimizer state (needed to resume); all"})
     vla_log_batch_digests: bool = field(default=False, metadata={"help": "write a sha256 of every training batch to "
                                                                           "output_dir/batch_digests.jsonl (determinism checks)"})
+    vla_remix_reference: Optional[str] = field(default=None, metadata={"help": "Re-Mix proxy run: learn dataset weights "
+                                                                             "against this reference run (a finished "
+                                                                             "OUTPUT_DIR on the same data); writes "
+                                                                             "output_dir/remix_weights.json "
+                                                                             "(llava_vla_plugin/train/remix.py)"})
+    vla_remix_step_size: float = field(default=REMIX_STEP_SIZE, metadata={"help": "Re-Mix: step size of the weights' exponentiated-"
+                                                                       "gradient update (Re-Mix's OXE runs: 0.2)"})
+    vla_remix_smoothing: float = field(default=REMIX_SMOOTHING, metadata={"help": "Re-Mix: mixing of the initial weights into each "
+                                                                        "update (Re-Mix's OXE runs: 0.05)"})

@@ -31,7 +31,7 @@ from llava_vla_plugin.core import augment
 from llava_vla_plugin.core.representations import PROMPT_FRAMING_TOKENS, ActionReprConfig, make_representation
 from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
 from llava_vla_plugin.core.chunk_data import WindowSource
-from llava_vla_plugin.core.training_data import find_statistics, load_data
+from llava_vla_plugin.core.training_data import find_statistics, load_data, training_domains
 from llava_vla_plugin.core.prompt import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX, VLAPromptBuilder
 from llava_vla_plugin.core.visual_tokens import (PROMPT_TEXT_TOKENS_MIN, UPSTREAM_IMAGE_ASPECT_RATIO, VisualGeometry,
                                                  check_max_length, sample_budget)
@@ -131,6 +131,7 @@ class VLADataset(LazySupervisedDataset):
         if self.action_repr.answer_tokens + PROMPT_FRAMING_TOKENS > PROMPT_TEXT_TOKENS_MIN:  # longer answers than `bins`
             check_max_length(tokenizer, PROMPT_FRAMING_TOKENS + self.action_repr.answer_tokens)
         self.prompt_builder = VLAPromptBuilder(tokenizer, self.action_tokenizer)
+        self.domain_of = None  # Re-Mix (enable_domains): each sample's domain index, sent as `vla_domain`
         self.windows = None
         if self.action_repr.horizon > 1:  # future-action windows from the per-episode sequences (chunk_data.py)
             self.windows = WindowSource(self.action_repr.horizon, self.action_repr.config.window_mode)
@@ -194,6 +195,15 @@ class VLADataset(LazySupervisedDataset):
                 f"upstream would truncate the action labels away and train on nothing. Raise --model_max_length "
                 f"to at least {budget.total}, or use smaller frames or image_aspect_ratio pad "
                 f"({VisualGeometry('pad').tokens(1, 1)} visual tokens per frame)")
+
+    # ---- Re-Mix domains (train/remix.py) ----------------------------------------------------------
+    def enable_domains(self) -> tuple[list[str], list[int]]:
+        """Every item from now on carries `vla_domain`, its dataset's index (core/training_data.training_domains);
+        returns (domain names, samples per domain). Called by the trainer of a Re-Mix proxy run before the data-loader
+        workers start."""
+        domains, self.domain_of = training_domains(self.list_data_dict)
+        counts = np.bincount(self.domain_of, minlength=len(domains)).tolist()
+        return domains, counts
 
     # ---- image augmentation (--vla_image_aug) ----------------------------------------------------
     def set_augment_epoch(self, epoch: int) -> None:
@@ -263,7 +273,10 @@ class VLADataset(LazySupervisedDataset):
             # recursion: a long run of bad samples must end in the error below, not in RecursionError).
             j = (int(i) + attempt) % n
             try:
-                return self._get_checked(j)
+                item = self._get_checked(j)
+                if self.domain_of is not None:  # the sample actually returned (j), also when a bad one was skipped
+                    item["vla_domain"] = int(self.domain_of[j])
+                return item
             except Exception as e:  # noqa: BLE001 - every failure is reported with the sample's name
                 msg = f"{_sample_name(self.list_data_dict[j], j)}: {type(e).__name__}: {e}"
                 if not self.skip_bad_samples:

@@ -25,7 +25,8 @@ from typing import Sequence
 LAUNCHER_NAMES = {"--data_path": "DATA", "--image_folder": "IMAGE_FOLDER", "--vla_val_data": "VAL_DATA",
                   "--vla_action_repr": "ACTION_REPR", "--vla_horizon": "HORIZON", "--vla_window_mode": "WINDOW_MODE",
                   "--vla_repr_options": "REPR_OPTIONS", "--vla_image_aug": "IMAGE_AUG",
-                  "--model_name_or_path": "MODEL", "--vla_resume": "RESUME", "--output_dir": "OUTPUT_DIR"}
+                  "--model_name_or_path": "MODEL", "--vla_resume": "RESUME", "--output_dir": "OUTPUT_DIR",
+                  "--vla_remix_reference": "REMIX_REFERENCE", "--gradient_accumulation_steps": "GRAD_ACCUM"}
 
 
 def _name(flag: str) -> str:
@@ -132,6 +133,29 @@ def image_aug_problems(args: argparse.Namespace) -> list[str]:
     return []
 
 
+def remix_problems(args: argparse.Namespace) -> list[str]:
+    """--vla_remix_reference (train/remix.py): a finished run's folder (a VLA checkpoint) and one batch per update
+    (no gradient accumulation). The trainer checks the same again, and then that the
+    reference's representation, tokens and statistics are this run's."""
+    ref = args.vla_remix_reference
+    if not ref:
+        return []
+    from llava_vla_plugin.core import checkpoint
+
+    found = []
+    if not Path(ref).is_dir():
+        found.append(f"{_name('--vla_remix_reference')} {ref}: no such folder; set it to the OUTPUT_DIR of a finished "
+                     "reference run trained on the same DATA")
+    elif checkpoint.missing_files(ref):
+        found.append(f"{_name('--vla_remix_reference')} {ref} lacks {', '.join(checkpoint.missing_files(ref))}: not a "
+                     "finished run (train the reference to the end first, or point at one of its checkpoint-N folders)")
+    if args.gradient_accumulation_steps not in (None, "1"):
+        found.append(f"{_name('--gradient_accumulation_steps')} {args.gradient_accumulation_steps} with "
+                     f"{_name('--vla_remix_reference')}: Re-Mix updates the dataset weights once per batch; set GRAD_ACCUM=1 "
+                     "and raise BATCH_SIZE or NUM_GPUS")
+    return found
+
+
 def problems(argv: Sequence[str]) -> list[str]:
     """Every problem found, one line each (empty: the launch may go on)."""
     args = parse(argv)
@@ -141,6 +165,7 @@ def problems(argv: Sequence[str]) -> list[str]:
                      "samples' image paths are relative to (the convert --out folder, e.g. converted)")
     found += action_problems(args)
     found += image_aug_problems(args)
+    found += remix_problems(args)
     model = args.model_name_or_path
     if model and not os.path.exists(model) and (model.startswith(("/", "./", "../", "~")) or model.count("/") > 1):
         found.append(f"{_name('--model_name_or_path')} {model}: no such folder (and not a hub id such as "

@@ -147,6 +147,10 @@ def _collator_class(base):
                 import torch
 
                 batch["action_targets"] = torch.stack(targets)
+            if instances and "vla_domain" in instances[0]:  # Re-Mix proxy runs (train/remix.py): each sample's dataset
+                import torch
+
+                batch["vla_domain"] = torch.tensor([inst["vla_domain"] for inst in instances], dtype=torch.long)
             return batch
 
     VLACollator.__name__ = VLACollator.__qualname__ = "VLACollator"

@@ -233,6 +233,18 @@ class LoRAFinalSaveCallback(TrainerCallback):
             lora.request_merge(args.output_dir)
 
 
+class RemixEndCallback(TrainerCallback):
+    """Re-Mix proxy runs: the learned weights, their figure and a training mixture, at the end of training."""
+
+    def __init__(self, trainer: "VLATrainer"):
+        self.trainer = trainer
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if args.should_save:
+            data_path = getattr(getattr(self.trainer.train_dataset, "data_args", None), "data_path", None) or ""
+            self.trainer.remix.finish(args.output_dir, data_path)
+
+
 class VLATrainer(LLaVATrainer):
     def __init__(self, *args, tokenizer=None, **kwargs):
         if tokenizer is not None and kwargs.get("processing_class") is None:
@@ -280,6 +292,58 @@ class VLATrainer(LLaVATrainer):
             self.add_callback(AugmentEpochCallback(self.train_dataset))
         self.add_callback(TokensSeenCallback(self))
         self.add_callback(SetupReportCallback(self))
+        self.remix = None
+        if getattr(self.args, "vla_remix_reference", None):
+            self._start_remix()
+
+    # ---- Re-Mix proxy runs (train/remix.py) -------------------------------------------------------
+    def _start_remix(self) -> None:
+        """A proxy run: the reference model, the domains and their initial weights; refused where Re-Mix's one
+        update per batch or a whole reference model per rank cannot hold."""
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        from llava_vla_plugin.train import remix
+
+        ref = self.args.vla_remix_reference
+        if self.args.gradient_accumulation_steps != 1:
+            raise remix.RemixError(f"Re-Mix updates the dataset weights once per batch (train_remix.py has no gradient "
+                                   f"accumulation); GRAD_ACCUM={self.args.gradient_accumulation_steps}: set GRAD_ACCUM=1 and "
+                                   "raise BATCH_SIZE or NUM_GPUS for a larger batch")
+        if is_deepspeed_zero3_enabled():
+            raise remix.RemixError("Re-Mix keeps the whole reference model on every rank, which ZeRO-3 would shard: run the "
+                                   "proxy with DEEPSPEED=configs/zero2.json (a proxy is small by design)")
+        domains, counts = self.train_dataset.enable_domains()
+        first = next(self.model.parameters())
+        reference_model = remix.load_reference(ref, self.action_repr, self.processing_class, self.args.device, first.dtype,
+                                               self.dataset_statistics)
+        self.remix = remix.Remix(domains, counts, ref, reference_model, self.args.vla_remix_step_size,
+                                 self.args.vla_remix_smoothing)
+        log.warning("Re-Mix proxy run against %s: %d domains, initial weights %s (step size %g, smoothing %g)", ref,
+                    len(domains), ", ".join(f"{d} {a:.4f}" for d, a in zip(domains, self.remix.initial)),
+                    self.remix.step_size, self.remix.smoothing)
+        self.add_callback(RemixEndCallback(self))
+
+    def _remix_loss(self, model, inputs: dict):
+        """The proxy objective for this batch (Remix.objective) and the proxy's output (for the metrics)."""
+        domain = inputs.pop("vla_domain", None)
+        if domain is None:
+            raise RuntimeError("Re-Mix: the batch has no vla_domain (the training dataset's enable_domains was not called)")
+        outputs = model(**inputs)
+        with torch.no_grad():
+            ref_out = self.remix.reference_model(**inputs)
+        n = len(inputs["input_ids"])
+        from llava_vla_plugin.train import remix
+
+        unwrapped = self.accelerator.unwrap_model(model)
+        head = getattr(unwrapped, "vla_action_head", None)
+        proxy_losses = remix.per_sample_losses(outputs, n, head)
+        ref_losses = remix.per_sample_losses(ref_out, n, getattr(self.remix.reference_model, "vla_action_head", None))
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        loss = self.remix.objective(proxy_losses, ref_losses, domain, self.args.world_size if dist else 1,
+                                    torch.distributed.all_reduce if dist else None)
+        if self.args.should_save:
+            self.remix.append_curve(self.args.output_dir, self.state.global_step + 1)
+        return loss, outputs
 
     # ---- what the training data carries (no process-wide state: the dataset owns both) ----------
     @property
@@ -330,6 +394,15 @@ class VLATrainer(LLaVATrainer):
         if ckpt is not None:
             run_config.check_resumable(ckpt, config)
             log.warning("resuming from %s (RESUME=%s)", ckpt, mode)
+            if self.remix is not None:
+                step = json.loads(open(os.path.join(ckpt, "trainer_state.json")).read())["global_step"]
+                self.remix.resume(ckpt, self.args.output_dir, int(step))
+        elif self.remix is not None and self.args.should_save:  # a fresh proxy: no curve rows of an earlier attempt
+            from data_tools.remix_weights import CURVE_NAME
+
+            curve = os.path.join(self.args.output_dir, CURVE_NAME)
+            if os.path.exists(curve):
+                os.remove(curve)
         else:
             log.warning("starting a new run in %s (no checkpoint to resume; RESUME=%s)", self.args.output_dir, mode)
         if self.args.should_save:
@@ -454,6 +527,8 @@ class VLATrainer(LLaVATrainer):
             return
         run_dir = self._get_output_dir(trial=trial)
         run_config.write_run_config(os.path.join(run_dir, f"checkpoint-{self.state.global_step}"), self.run_configuration())
+        if self.remix is not None:
+            self.remix.save_state(os.path.join(run_dir, f"checkpoint-{self.state.global_step}"))
         run_config.prune_optimizer_state(run_dir, getattr(self.args, "vla_keep_optimizer_state", "latest"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -473,7 +548,10 @@ class VLATrainer(LLaVATrainer):
     # ---- metrics -------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.record_batch_digest(inputs)
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if self.remix is not None:
+            loss, outputs = self._remix_loss(model, inputs)
+        else:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if getattr(outputs, "num_tokens", None) is not None:
             self.tokens_pending += outputs.num_tokens
         self.action_metrics.update_output(outputs)  # sparse_head.SparseHeadOutput; the representation's metrics
@@ -482,6 +560,8 @@ class VLATrainer(LLaVATrainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:
             logs.update(self.action_metrics.summary())
+            if getattr(self, "remix", None) is not None:  # `loss` is then Re-Mix's objective (weighted excess loss)
+                logs.update(self.remix.log_values())
             self.action_metrics.reset()
             logs["train_tokens_seen"] = int(self.state.num_input_tokens_seen or 0)
         super().log(logs, *args, **kwargs)
