@@ -26,6 +26,8 @@
 #   WINDOW_MODE=oft (openvla): how H-step windows are cut from each episode (data_tools/action_windows.py)
 #   IMAGE_AUG=0 (1): OpenVLA's train-time image augmentation (llava_vla_plugin/core/augment.py); the
 #   checkpoint records it and the policy then centre-crops its inputs, as OpenVLA-OFT does
+#   CAMERAS=primary (primary,wrist: the wrist view too, as OneVision's multi-image input) PROPRIO=0 (1: the robot
+#   state as tokens in the prompt); both recorded in the checkpoint (llava_vla_plugin/core/inputs.py)
 #   REMIX_REFERENCE= a finished run on the same DATA: this run becomes a Re-Mix proxy that learns dataset weights
 #   against it -> OUTPUT_DIR/remix_weights.json, remix_weights.png, remix_mixture.yaml (llava_vla_plugin/train/remix.py)
 set -euo pipefail
@@ -88,6 +90,12 @@ case "$IMAGE_AUG" in
   *) echo "IMAGE_AUG=$IMAGE_AUG: expected 0 (no augmentation) or 1 (OpenVLA's train-time image augmentation)" >&2; exit 2 ;;
 esac
 REMIX_REFERENCE=${REMIX_REFERENCE:-}
+CAMERAS=${CAMERAS:-primary}
+PROPRIO=${PROPRIO:-0}
+case "$PROPRIO" in
+  0|1) ;;
+  *) echo "PROPRIO=$PROPRIO: expected 0 (no robot state) or 1 (the state as tokens in the prompt)" >&2; exit 2 ;;
+esac
 
 # User paths: against the caller's directory (the launcher used to cd to the repository first).
 DATA=$(abspath "$DATA"); IMAGE_FOLDER=$(abspath "$IMAGE_FOLDER"); OUTPUT_DIR=$(abspath "$OUTPUT_DIR")
@@ -185,6 +193,8 @@ if [ -n "$VAL_DATA" ]; then ARGS+=(--vla_val_data "$VAL_DATA" --vla_eval_steps "
 # Only when on: with IMAGE_AUG=0 the trainer's arguments are exactly what they were before the option existed.
 if [ "$IMAGE_AUG" = "1" ]; then ARGS+=(--vla_image_aug True); fi
 if [ -n "$REMIX_REFERENCE" ]; then ARGS+=(--vla_remix_reference "$REMIX_REFERENCE"); fi  # likewise only when set
+if [ "$CAMERAS" != "primary" ]; then ARGS+=(--vla_cameras "$CAMERAS"); fi
+if [ "$PROPRIO" = "1" ]; then ARGS+=(--vla_proprio True); fi
 
 ARGS+=("${CONFIG_ARGS[@]}")
 
@@ -205,7 +215,7 @@ if [ "$NODE_RANK" = "0" ]; then
     NUM_WORKERS="$NUM_WORKERS" REPORT_TO="$REPORT_TO" VAL_DATA="$VAL_DATA" EVAL_STEPS="$EVAL_STEPS" SEED="$SEED" \
     GRADIENT_CHECKPOINTING="$GRADIENT_CHECKPOINTING" RESUME="$RESUME" SAVE_TOTAL_LIMIT="$SAVE_TOTAL_LIMIT" \
     KEEP_OPTIMIZER="$KEEP_OPTIMIZER" ACTION_REPR="$ACTION_REPR" HORIZON="$HORIZON" WINDOW_MODE="$WINDOW_MODE" \
-    REPR_OPTIONS="$REPR_OPTIONS" IMAGE_AUG="$IMAGE_AUG" REMIX_REFERENCE="$REMIX_REFERENCE" -- "${CONFIG_ARGS[@]}" "$@"
+    REPR_OPTIONS="$REPR_OPTIONS" IMAGE_AUG="$IMAGE_AUG" REMIX_REFERENCE="$REMIX_REFERENCE" CAMERAS="$CAMERAS" PROPRIO="$PROPRIO" -- "${CONFIG_ARGS[@]}" "$@"
   echo "[finetune] resolved settings -> $OUTPUT_DIR/launch_config.yaml (once training starts)"
 fi
 if [ "$NUM_GPUS" = "0" ]; then

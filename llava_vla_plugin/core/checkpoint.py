@@ -5,6 +5,8 @@ read and carried here and nowhere else (issue 21).
     vla_action_repr.json         representation, H, D, window rule                (action_repr.py)
     vla_action_head.safetensors  the parallel_l1 head's weights, where it has one (action_repr.py)
     vla_fast_tokenizer.json      the fast representation's FAST tokenizer (fast_codec.py; representations/fast.py)
+    vla_inputs.json              the camera views and state a policy needs, where not the default primary
+                                 view alone (core/inputs.py)
     vla_run_config.json          the settings that define the run (resume check);  (run_config.py)
                                  its vla_image_aug makes the policy centre-crop (core/augment.py)
     dataset_statistics.json      per-dataset q01/q99/mask to un-normalize actions (data_tools' contract)
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from data_tools.atomic import write_json
 from llava_vla_plugin.core.fast_codec import FILE_NAME as FAST_TOKENIZER_FILE
+from llava_vla_plugin.core.inputs import INPUTS_FILE, InputConfig
 from llava_vla_plugin.core.representations import HEAD_FILE, REPR_FILE, ActionReprConfig
 from llava_vla_plugin.core.action_tokenizer import CONFIG_NAME as ACTION_TOKENIZER_FILE
 from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
@@ -39,7 +42,7 @@ EXPORT_INFO_FILE = "vla_export.json"
 
 # Every file that travels with a policy (a merge or an export copies those present); the first two are required.
 REQUIRED_FILES = (ACTION_TOKENIZER_FILE, STATS_FILE)
-POLICY_FILES = (ACTION_TOKENIZER_FILE, STATS_FILE, REPR_FILE, HEAD_FILE, FAST_TOKENIZER_FILE, RUN_CONFIG_FILE)
+POLICY_FILES = (ACTION_TOKENIZER_FILE, STATS_FILE, REPR_FILE, HEAD_FILE, FAST_TOKENIZER_FILE, RUN_CONFIG_FILE, INPUTS_FILE)
 
 
 class CheckpointError(FileNotFoundError):
@@ -56,6 +59,7 @@ class VLACheckpoint:
     statistics: dict
     # trained with --vla_image_aug (OpenVLA's random crop): inputs get OFT's centre crop (core/augment.py)
     image_aug: bool = False
+    inputs: InputConfig = InputConfig()  # views and state (vla_inputs.json; absent: the primary view alone)
 
 
 def missing_files(path: str | os.PathLike) -> list[str]:
@@ -72,15 +76,18 @@ def read(path: str | os.PathLike) -> VLACheckpoint:
                               "files from the run's OUTPUT_DIR")
     action_tokenizer = ActionTokenizer.load(path)
     return VLACheckpoint(path, action_tokenizer, ActionReprConfig.load(path), load_statistics(path),
-                         image_aug=image_aug_of(path))
+                         image_aug=image_aug_of(path), inputs=InputConfig.load(path))
 
 
 def write(output_dir: str | os.PathLike, action_tokenizer: ActionTokenizer, statistics: dict, action_repr=None,
-          model=None, state_dict=None) -> None:
+          model=None, state_dict=None, inputs: InputConfig | None = None) -> None:
     """The VLA files of a checkpoint the trainer saves (the run config is run_config.py's, written at the start):
-    the action tokenizer, the representation (its config, and its head where it has one) and the statistics."""
+    the action tokenizer, the representation (its config, and its head where it has one), the statistics, and the
+    inputs where they are not the default (a checkpoint of the primary view alone is what it always was)."""
     os.makedirs(output_dir, exist_ok=True)
     action_tokenizer.save(output_dir)
+    if inputs is not None and not inputs.is_default:
+        inputs.save(output_dir)
     if action_repr is not None:
         action_repr.save(output_dir, model=model, state_dict=state_dict)
     write_json(os.path.join(output_dir, STATS_FILE), statistics)

@@ -3,7 +3,8 @@ sequences (`<dataset>/<split>_actions.npz`, owner data_tools/converted_format.py
 data_tools/action_windows.py). H is a training option: the same converted data trains any horizon.
 
 Data converted before the sequences existed has no such file: it still trains with H = 1 (the sample's
-own action), and H > 1 stops with an error that says so.
+own action), and H > 1 stops with an error that says so. The robot state (PROPRIO=1) is read the same way from
+`<dataset>/<split>_proprio.npz` (ProprioSource).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.action_windows import action_window, frame_has_window
-from data_tools.converted_format import EpisodeActions, episode_actions_file
+from data_tools.converted_format import EpisodeActions, episode_actions_file, episode_proprio_file
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +81,45 @@ class WindowSource:
             actions, t, _ = self.locate(s)
             keep[i] = frame_has_window(t, len(actions), self.horizon, self.mode)
         return keep
+
+
+class MissingProprioError(FileNotFoundError):
+    pass
+
+
+class ProprioSource:
+    """The raw state [S] of each sample, from `<split>_proprio.npz` beside its data file (the EpisodeActions layout,
+    written by data_tools.convert and the importers; converted_format.episode_proprio_file), located by the
+    sample's `episode` and `step` as the action windows are."""
+
+    def __init__(self):
+        self._files: dict[Path, EpisodeActions] = {}
+
+    def _file(self, sample: dict) -> tuple[Path, EpisodeActions]:
+        source = sample.get("_source")
+        if source is None:
+            raise MissingProprioError(f"sample {sample.get('id')!r} has no source file: cannot locate its state")
+        path = Path(source).parent / episode_proprio_file(str(sample["split"]))
+        ea = self._files.get(path)
+        if ea is None:
+            if not path.exists():
+                raise MissingProprioError(
+                    f"{path} does not exist: {source} was converted without the robot state, which PROPRIO=1 "
+                    "(--vla_proprio True) needs. Re-convert the dataset with this version of data_tools.convert (it keeps "
+                    "OpenVLA's state_obs_keys), or train without PROPRIO=1")
+            ea = self._files[path] = EpisodeActions.load(path)
+        return path, ea
+
+    def dim(self, sample: dict) -> int:
+        return int(self._file(sample)[1].actions.shape[1])
+
+    def state(self, sample: dict) -> np.ndarray:
+        path, ea = self._file(sample)
+        try:
+            states, steps = ea.episode(int(sample["episode"]))
+        except KeyError as e:
+            raise ValueError(f"sample {sample.get('id')!r}: {e} in {path}") from None
+        pos = int(np.searchsorted(steps, int(sample["step"])))
+        if pos >= len(steps) or steps[pos] != int(sample["step"]):
+            raise ValueError(f"sample {sample.get('id')!r}: step {sample['step']} is not in its episode's state in {path}")
+        return states[pos]

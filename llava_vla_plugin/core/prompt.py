@@ -8,6 +8,9 @@ Special tokens split the text, so tokenizing the pieces between them separately 
 ids of tokenizing the whole string (tests check this against upstream's preprocess_qwen). Only the
 instruction piece varies; it is cached, since every frame of an episode shares it.
 Labels: the action tokens and the closing <|im_end|>; everything else IGNORE_INDEX.
+
+A run with more camera views (core/inputs.py) has one `<image>\n` per view before the instruction; a run with
+the state appends its text, "\nState: 12 200 ...;", to the instruction (`with_state`; core/inputs.state_text).
 """
 from __future__ import annotations
 
@@ -24,9 +27,12 @@ __all__ = ["IGNORE_INDEX", "IMAGE_TOKEN_INDEX", "DEFAULT_IMAGE_TOKEN", "instruct
 
 
 class VLAPromptBuilder:
-    def __init__(self, tokenizer, action_tokenizer: ActionTokenizer, cache_size: int = 65536):
+    def __init__(self, tokenizer, action_tokenizer: ActionTokenizer, cache_size: int = 65536, n_views: int = 1):
         self.tokenizer = tokenizer
         self.action_tokenizer = action_tokenizer
+        if n_views < 1:
+            raise ValueError(f"a VLA prompt has at least one image, got n_views={n_views}")
+        self.n_views = n_views
         enc = self._encode
         im_start, im_end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
         if im_start is None or im_end is None or im_start == tokenizer.unk_token_id:
@@ -34,7 +40,11 @@ class VLAPromptBuilder:
         self.im_end = im_end
         nl = enc("\n")
         system = action_tokenizer.system_message
-        self.prefix = [im_start, *enc("system\n" + system), im_end, *nl, im_start, *enc("user\n"), IMAGE_TOKEN_INDEX]
+        images = [IMAGE_TOKEN_INDEX]
+        for _ in range(n_views - 1):  # "<image>\n<image>\n{prompt}": upstream's ids for a multi-image turn
+            images += [*nl, IMAGE_TOKEN_INDEX]
+        self.prefix = [im_start, *enc("system\n" + system), im_end, *nl, im_start, *enc("user\n"), *images]
+        self.state = ""  # with_state: this sample's state text (core/inputs.state_text)
         self.user_suffix = [im_end, *nl, im_start, *enc("assistant\n")]
         self.answer_suffix = [im_end, *nl]
         self._instruction_ids = lru_cache(maxsize=cache_size)(self._instruction_ids_uncached)
@@ -45,9 +55,23 @@ class VLAPromptBuilder:
     def _instruction_ids_uncached(self, instruction: str) -> tuple[int, ...]:
         return tuple(self._encode("\n" + instruction_text(instruction, self.action_tokenizer.prompt)))
 
+    def with_state(self, state: str) -> "VLAPromptBuilder":
+        """This builder for one sample whose state text is `state` (core/inputs.state_text): the same object
+        everywhere a representation takes a prompt builder, so no representation knows about the state."""
+        import copy
+
+        bound = copy.copy(self)
+        bound.state = state
+        return bound
+
     def prompt_ids(self, instruction: str) -> list[int]:
         """Everything up to and including `<|im_start|>assistant\\n`: what inference feeds the model."""
-        return [*self.prefix, *self._instruction_ids(instruction), *self.user_suffix]
+        if not self.state:
+            return [*self.prefix, *self._instruction_ids(instruction), *self.user_suffix]
+        # instruction and state are one piece of text between special tokens, tokenized at once ("?\n" is one
+        # token); not cached: the state differs in every frame
+        text = "\n" + instruction_text(instruction, self.action_tokenizer.prompt) + self.state
+        return [*self.prefix, *self._encode(text), *self.user_suffix]
 
     def build(self, instruction: str, action) -> tuple[np.ndarray, np.ndarray]:
         """input_ids and labels (int64) for one sample; `action` is the normalized 7-d action."""
@@ -62,5 +86,6 @@ class VLAPromptBuilder:
     def prompt_text(self, instruction: str) -> str:
         """The prompt as text (for logs and for clients that tokenize themselves)."""
         system = self.action_tokenizer.system_message
-        return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{DEFAULT_IMAGE_TOKEN}\n"
-                f"{instruction_text(instruction, self.action_tokenizer.prompt)}<|im_end|>\n<|im_start|>assistant\n")
+        return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
+                + f"{DEFAULT_IMAGE_TOKEN}\n" * self.n_views
+                + f"{instruction_text(instruction, self.action_tokenizer.prompt)}{self.state}<|im_end|>\n<|im_start|>assistant\n")

@@ -39,7 +39,8 @@ RUN_KEYS = ("model", "vision_tower", "data_path", "image_folder", "image_aspect_
             "mm_patch_merge_type", "mm_tunable_parts", "model_max_length", "per_device_train_batch_size",
             "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay",
             "seed", "vla_data_seed", "vla_blind", "lora_enable", "bf16", "fp16", "vla_action_repr", "vla_horizon",
-            "vla_window_mode", "vla_image_aug", "vla_remix_reference", "vla_remix_step_size", "vla_remix_smoothing")
+            "vla_window_mode", "vla_image_aug", "vla_cameras", "vla_proprio", "vla_remix_reference", "vla_remix_step_size",
+            "vla_remix_smoothing")
 # vla_image_aug is also what the policy reads from a checkpoint (image_aug_of): a checkpoint trained with
 # OpenVLA's random crop is served with OFT's centre crop (core/augment.py center_crop).
 

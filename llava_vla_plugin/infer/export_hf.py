@@ -210,7 +210,12 @@ def export(ckpt: str | Path, out: str | Path, image_aspect_ratio: str | None = N
                           "(config.json, weights, tokenizer, vla_action_tokenizer.json, dataset_statistics.json)")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} exists and is not empty: choose a new folder or pass --overwrite")
-    repr_name = checkpoint.read(ckpt).repr_config.name
+    files = checkpoint.read(ckpt)
+    repr_name = files.repr_config.name
+    if not files.inputs.is_default:  # not built yet: the transformers model would get one image and no state
+        raise ExportError(f"{ckpt} was trained with {files.inputs.describe()} (vla_inputs.json): the export carries the "
+                          "primary view alone so far; serve it with the upstream backend (VLAPolicy.from_pretrained, "
+                          "serve, vla_eval_server)")
     if repr_name == "fast":  # not built yet: say so before anything loads
         raise ExportError(f"{ckpt} is a `fast` checkpoint: its <FAST_i> tokens usually sit past the embedding's spare "
                           "rows, where <image>/<video> would need rows too, and the export does not resize yet; "

@@ -37,6 +37,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from llava_vla_plugin.core import checkpoint as vla_checkpoint
 from llava_vla_plugin.core.augment import center_crop
+from llava_vla_plugin.core.inputs import MissingInputError, discretize_state, proprio_statistics, state_text
 from llava_vla_plugin.core.normalization import action_stats, resolve_unnorm_key, unnormalize_actions
 from llava_vla_plugin.core.prompt import VLAPromptBuilder
 from llava_vla_plugin.core.representations import ActionReprConfig, ActionRepresentation, make_representation
@@ -167,7 +168,9 @@ class VLAPolicy:
         self.token_plan = self.action_repr.token_plan(tokenizer) if self.action_repr.decoding == "tokens" else None
         self.n_action_tokens = self.token_plan.max_tokens if self.token_plan is not None else 0
         self.decode_failures = 0  # invalid generated sequences (fast), answered with the representation's fallback
-        self.prompt_builder = VLAPromptBuilder(tokenizer, self.action_tokenizer)
+        # the views and the state the checkpoint was trained on (vla_inputs.json; core/inputs.py)
+        self.inputs = files.inputs
+        self.prompt_builder = VLAPromptBuilder(tokenizer, self.action_tokenizer, n_views=self.inputs.n_views)
         self.end_id = self.prompt_builder.im_end
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.end_id
         ids = tokenizer.convert_tokens_to_ids(self.action_tokenizer.tokens)
@@ -243,8 +246,13 @@ class VLAPolicy:
         return sorted(self.norm_stats)
 
     # ---- input transforms ----------------------------------------------------------------------
-    def prepare(self, images: Sequence, instructions: Sequence[str] | str):
-        """Checked RGB images and the training prompt -> the backend's model inputs (batched, left-padded)."""
+    def prepare(self, images: Sequence, instructions: Sequence[str] | str, wrist_images: Sequence | None = None,
+                states: Sequence | None = None, unnorm_key: str | None = None):
+        """Checked RGB images and the training prompt -> the backend's model inputs (batched, left-padded).
+
+        A checkpoint trained with the wrist view or the state (self.inputs) needs `wrist_images` / `states` (raw
+        robot state, normalized with the `unnorm_key` dataset's proprio statistics): a request without them is refused
+        (MissingInputError, naming what is missing); given to a checkpoint that does not use them, they are ignored."""
         if isinstance(instructions, str):  # one instruction for every image
             instructions = [instructions] * len(images)
         if len(images) != len(instructions):
@@ -254,13 +262,33 @@ class VLAPolicy:
         for text in instructions:
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"instruction must be a non-empty string, got {text!r}")
-        pils = [to_pil(im) for im in images]
+        views = [[to_pil(im)] for im in images]
+        if self.inputs.wrist:
+            if wrist_images is None:
+                raise MissingInputError(f"{self.checkpoint}: this policy was trained with the wrist camera "
+                                        f"({self.inputs.describe()}, vla_inputs.json): pass the wrist image too")
+            if len(wrist_images) != len(images):
+                raise ValueError(f"{len(images)} images but {len(wrist_images)} wrist images")
+            for v, im in zip(views, wrist_images):
+                v.append(to_pil(im))
         if self.center_crop:
-            pils = [center_crop(im) for im in pils]
+            views = [[center_crop(im) for im in v] for v in views]
+        builders = [self.prompt_builder] * len(images)
+        if self.inputs.proprio:
+            if states is None:
+                raise MissingInputError(f"{self.checkpoint}: this policy was trained with the robot state "
+                                        f"({self.inputs.describe()}, vla_inputs.json): pass the state (proprio) too")
+            if len(states) != len(images):
+                raise ValueError(f"{len(images)} images but {len(states)} states")
+            key = resolve_unnorm_key(self.norm_stats, unnorm_key)
+            entry = proprio_statistics(self.norm_stats, key, str(self.checkpoint))
+            builders = [self.prompt_builder.with_state(state_text(discretize_state(st, entry))) for st in states]
         with self._prompt_lock:  # a fast tokenizer must not be entered by two threads at once
-            prompt_ids = [self.prompt_builder.prompt_ids(text) for text in instructions]
-        texts = [self.prompt_builder.prompt_text(text) for text in instructions]  # the same prompt, as text
-        return self.backend.encode(pils, prompt_ids, texts, self.pad_id)
+            prompt_ids = [b.prompt_ids(text) for b, text in zip(builders, instructions)]
+        texts = [b.prompt_text(text) for b, text in zip(builders, instructions)]  # the same prompt, as text
+        if self.inputs.n_views == 1:
+            return self.backend.encode([v[0] for v in views], prompt_ids, texts, self.pad_id)
+        return self.backend.encode([im for v in views for im in v], prompt_ids, texts, self.pad_id, n_views=self.inputs.n_views)
 
     # ---- the model -----------------------------------------------------------------------------
     def logits_processor(self) -> LogitsProcessorList:
@@ -296,18 +324,20 @@ class VLAPolicy:
             raise RuntimeError(f"constrained generation returned {new.tolist()}: not {n} action tokens")
         return ids
 
-    def predict_action_ids(self, images: Sequence, instructions: Sequence[str] | str) -> np.ndarray:
-        """[B, H * action_dim] action token ids (token representations only; fast: [B, max tokens + 1] as generated)."""
-        return self.action_ids_from_inputs(self.prepare(images, instructions))
+    def predict_action_ids(self, images: Sequence, instructions: Sequence[str] | str, **inputs) -> np.ndarray:
+        """[B, H * action_dim] action token ids (token representations only; fast: [B, max tokens + 1] as generated).
+        `inputs`: wrist_images, states, unnorm_key, as `prepare` takes them."""
+        return self.action_ids_from_inputs(self.prepare(images, instructions, **inputs))
 
     def slot_actions(self, inputs, n_slots: int) -> np.ndarray:
         """[B, H, D] from one forward with `n_slots` placeholders and the regression head (parallel_l1)."""
         with self._lock, torch.inference_mode():
             return self.backend.slot_actions(inputs, n_slots)
 
-    def predict_normalized(self, images: Sequence, instructions: Sequence[str] | str) -> np.ndarray:
-        """Normalized actions [B, H, action_dim], decoded as the checkpoint's representation says."""
-        return self.action_repr.predict_normalized(self, self.prepare(images, instructions))
+    def predict_normalized(self, images: Sequence, instructions: Sequence[str] | str, **inputs) -> np.ndarray:
+        """Normalized actions [B, H, action_dim], decoded as the checkpoint's representation says. `inputs`:
+        wrist_images, states, unnorm_key, as `prepare` takes them."""
+        return self.action_repr.predict_normalized(self, self.prepare(images, instructions, **inputs))
 
     # ---- output transforms ---------------------------------------------------------------------
     def decode_normalized(self, ids) -> np.ndarray:
@@ -316,18 +346,25 @@ class VLAPolicy:
     def unnormalize(self, normalized, unnorm_key: str | None = None) -> np.ndarray:
         return unnormalize_actions(normalized, action_stats(self.norm_stats, unnorm_key))
 
-    def predict_actions(self, images: Sequence, instructions: Sequence[str] | str, unnorm_key: str | None = None) -> np.ndarray:
+    def predict_actions(self, images: Sequence, instructions: Sequence[str] | str, unnorm_key: str | None = None,
+                        wrist_images: Sequence | None = None, states: Sequence | None = None) -> np.ndarray:
         """Batched form: [B, action_dim] actions in the dataset's units (float64, as OpenVLA returns), or
         [B, H, action_dim] (every step un-normalized) for a chunked checkpoint (H > 1).
 
         One generate() call (one forward for parallel_l1) for the batch (left-padded); a single string
-        applies to every image.
+        applies to every image. A checkpoint trained with the wrist view or the state needs them (`prepare`).
         """
         resolve_unnorm_key(self.norm_stats, unnorm_key)  # a bad key fails before the model runs
-        actions = self.unnormalize(self.predict_normalized(images, instructions), unnorm_key)
+        normalized = self.predict_normalized(images, instructions, wrist_images=wrist_images, states=states,
+                                             unnorm_key=unnorm_key)
+        actions = self.unnormalize(normalized, unnorm_key)
         return actions if self.horizon > 1 else actions[:, 0]
 
-    def predict_action(self, image, instruction: str, unnorm_key: str | None = None) -> np.ndarray:
+    def predict_action(self, image, instruction: str, unnorm_key: str | None = None, wrist_image=None,
+                       proprio=None) -> np.ndarray:
         """One image (PIL or HxWx3 uint8) and instruction -> [action_dim] action (float64), or the chunk
-        [H, action_dim] for a chunked checkpoint (as OpenVLA-OFT's deploy.py answers)."""
-        return self.predict_actions([image], [instruction], unnorm_key)[0]
+        [H, action_dim] for a chunked checkpoint (as OpenVLA-OFT's deploy.py answers). `wrist_image` and `proprio`
+        (the raw robot state): for a checkpoint trained with them (`self.inputs`)."""
+        return self.predict_actions([image], [instruction], unnorm_key,
+                                    wrist_images=None if wrist_image is None else [wrist_image],
+                                    states=None if proprio is None else [proprio])[0]

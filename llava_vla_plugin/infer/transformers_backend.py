@@ -24,6 +24,12 @@ class TransformersBackend:
 
     @staticmethod
     def check_supports(path: Path, action_repr: ActionRepresentation) -> None:
+        from llava_vla_plugin.core.inputs import InputConfig
+
+        inputs = InputConfig.load(path)
+        if not inputs.is_default:
+            raise ValueError(f"{path}: trained with {inputs.describe()}; the transformers backend runs the primary view "
+                             "alone: load the training checkpoint (VLAPolicy.from_pretrained(OUTPUT_DIR))")
         if action_repr.decoding not in TransformersBackend.decodings:
             raise ValueError(f"{path}: the transformers backend decodes token representations (bins, bins_chunk); this "
                              f"checkpoint is {action_repr.name!r}, whose head is not part of the transformers model. "

@@ -139,13 +139,19 @@ class UpstreamBackend:
             use_cache=True,
         )
 
-    def image_tensor(self, pil) -> torch.Tensor:
+    def image_tensor(self, pil, mode: str | None = None) -> torch.Tensor:
+        """upstream's process_images under the model's image_aspect_ratio, or `mode` ("pad": each image of a
+        multi-view prompt is one tile, as upstream trains multi-image samples; core/inputs.py)."""
+        from types import SimpleNamespace
+
         from llava.mm_utils import process_images
 
-        processed = process_images([pil], self.image_processor, self.model.config)
+        config = self.model.config if mode is None else SimpleNamespace(image_aspect_ratio=mode)
+        processed = process_images([pil], self.image_processor, config)
         return processed[0].to(device=self.model.device, dtype=self.model.dtype)
 
-    def encode(self, pils: list, prompts: list[list[int]], texts: list[str], pad_id: int) -> PreparedInputs:
+    def encode(self, pils: list, prompts: list[list[int]], texts: list[str], pad_id: int, n_views: int = 1) -> PreparedInputs:
+        """`pils`: the images of every prompt in order, `n_views` per prompt (one placeholder each)."""
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -155,7 +161,7 @@ class UpstreamBackend:
         device = self.model.device
         return PreparedInputs(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-            images=[self.image_tensor(p) for p in pils], image_sizes=[p.size for p in pils],
+            images=[self.image_tensor(p, None if n_views == 1 else "pad") for p in pils], image_sizes=[p.size for p in pils],
             modalities=["image"] * len(pils))
 
     def generate(self, inputs: PreparedInputs, max_new_tokens: int, new_logits_processor) -> torch.Tensor:

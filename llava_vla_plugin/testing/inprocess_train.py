@@ -76,13 +76,24 @@ def predict(out: Path, val: Path, folder: Path, max_step: int) -> dict:
     rows = [json.loads(line) for line in val.read_text().splitlines()]
     rows = [r for r in rows if r["step"] <= max_step]
     images = [Image.open(folder / r["image"]).convert("RGB") for r in rows]
-    norm = policy.predict_normalized(images, [r["instruction"] for r in rows])
+    inputs = {}  # the views and state the checkpoint was trained on (vla_inputs.json)
+    if policy.inputs.wrist:
+        inputs["wrist_images"] = [Image.open(folder / r["image_wrist"]).convert("RGB") for r in rows]
+    if policy.inputs.proprio:
+        from data_tools.converted_format import EpisodeActions, episode_proprio_file
+
+        states = EpisodeActions.load(val.parent / episode_proprio_file("val"))
+        inputs["states"] = [states.episode(r["episode"])[0][list(states.episode(r["episode"])[1]).index(r["step"])] for r in rows]
+        inputs["unnorm_key"] = rows[0]["dataset"]
+    norm = policy.predict_normalized(images, [r["instruction"] for r in rows], **inputs)
     restricted = policy.head_restricted
-    one = policy.predict_action(images[0], rows[0]["instruction"])
+    one = policy.predict_action(images[0], rows[0]["instruction"], unnorm_key=inputs.get("unnorm_key"),
+                                wrist_image=inputs["wrist_images"][0] if "wrist_images" in inputs else None,
+                                proprio=inputs["states"][0] if "states" in inputs else None)
     full = None
     if policy.action_repr.decoding == "tokens":  # the same held-out batch with the full LM head (issue 23 item 2)
         policy.restrict_head = False
-        full = policy.predict_normalized(images, [r["instruction"] for r in rows]).tolist()
+        full = policy.predict_normalized(images, [r["instruction"] for r in rows], **inputs).tolist()
     return {"episodes": [r["episode"] for r in rows], "steps": [r["step"] for r in rows], "normalized": norm.tolist(),
             "one_shape": list(one.shape), "repr": policy.action_repr.name, "horizon": policy.horizon,
             "decode_failures": policy.decode_failures, "head_restricted": restricted, "normalized_full_head": full}

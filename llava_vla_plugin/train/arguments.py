@@ -41,6 +41,13 @@ class DataArguments(upstream_train.DataArguments):
                                                                   "saturation, hue; llava_vla_plugin/core/augment.py), recorded "
                                                                   "in the checkpoint: the policy then centre-crops (OFT)"})
 
+    vla_cameras: str = field(default="primary", metadata={"help": "camera views, comma-separated, in this order: primary "
+                                                                   "(third-person), wrist; several views enter as OneVision's "
+                                                                   "multi-image input (llava_vla_plugin/core/inputs.py)"})
+    vla_proprio: bool = field(default=False, metadata={"help": "give the robot state (the converted <split>_proprio.npz), "
+                                                                "normalized and discretized into the action bins, as "
+                                                                "tokens in the prompt (core/inputs.py)"})
+
 
 @dataclass
 class TrainingArguments(upstream_train.TrainingArguments):

@@ -30,7 +30,8 @@ from data_tools.converted_format import SampleFormatError, is_action_sample, sam
 from llava_vla_plugin.core import augment
 from llava_vla_plugin.core.representations import PROMPT_FRAMING_TOKENS, ActionReprConfig, make_representation
 from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
-from llava_vla_plugin.core.chunk_data import WindowSource
+from llava_vla_plugin.core.chunk_data import ProprioSource, WindowSource
+from llava_vla_plugin.core.inputs import InputConfig, discretize_state, proprio_statistics, state_text
 from llava_vla_plugin.core.training_data import find_statistics, load_data, training_domains
 from llava_vla_plugin.core.prompt import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX, VLAPromptBuilder
 from llava_vla_plugin.core.visual_tokens import (PROMPT_TEXT_TOKENS_MIN, UPSTREAM_IMAGE_ASPECT_RATIO, VisualGeometry,
@@ -130,7 +131,12 @@ class VLADataset(LazySupervisedDataset):
         self.action_repr.bind(tokenizer)
         if self.action_repr.answer_tokens + PROMPT_FRAMING_TOKENS > PROMPT_TEXT_TOKENS_MIN:  # longer answers than `bins`
             check_max_length(tokenizer, PROMPT_FRAMING_TOKENS + self.action_repr.answer_tokens)
-        self.prompt_builder = VLAPromptBuilder(tokenizer, self.action_tokenizer)
+        # the views and the state the run trains on (core/inputs.py; --vla_cameras, --vla_proprio)
+        self.inputs = InputConfig.from_args(data_args)
+        self.prompt_builder = VLAPromptBuilder(tokenizer, self.action_tokenizer, n_views=self.inputs.n_views)
+        self.proprio = ProprioSource() if self.inputs.proprio else None
+        self._proprio_stats: dict[str, Any] = {}
+        self.missing_views: dict[str, int] = {}  # dataset -> frames trained on OpenVLA's zero image for a missing view
         self.domain_of = None  # Re-Mix (enable_domains): each sample's domain index, sent as `vla_domain`
         self.windows = None
         if self.action_repr.horizon > 1:  # future-action windows from the per-episode sequences (chunk_data.py)
@@ -145,7 +151,48 @@ class VLADataset(LazySupervisedDataset):
                     len(self.list_data_dict), data_path, sorted(self.dataset_statistics) or "no dataset")
         if not self.list_data_dict:
             raise ValueError(f"no samples in {data_path}" + (" (the held-out data is empty: pass another VAL_DATA)" if is_eval else ""))
+        if not self.inputs.is_default:
+            self._check_inputs(data_path)
         self._check_budgets_before_training(sources)
+
+    def _check_inputs(self, data_path: str) -> None:
+        """Before any step, from the first robot-action sample of each data file: the state exists (with statistics
+        over the real state, one width for every dataset), and which datasets lack the wrist view (OpenVLA's zero
+        image for each of their frames, counted here and logged)."""
+        from data_tools.converted_format import is_action_sample
+
+        store, first = self.list_data_dict, {}
+        counts: dict[str, int] = {}
+        for i, k in enumerate(store.source_indices()):
+            first.setdefault(int(k), i)
+        per_source = np.bincount(store.source_indices(), minlength=len(store.source_paths))
+        dims = {}
+        for k, i in sorted(first.items()):
+            sample = store[i]
+            if not is_action_sample(sample):
+                continue
+            name = str(sample.get("dataset") or os.path.basename(os.path.dirname(sample["_source"])))
+            if self.inputs.wrist and not sample.get("image_wrist"):
+                counts[name] = counts.get(name, 0) + int(per_source[k])
+            if self.proprio is not None:
+                dims[name] = self.proprio.dim(sample)
+                self._state_stats(name)
+        if self.proprio is not None:
+            if len(set(dims.values())) > 1:
+                raise ValueError(f"PROPRIO=1: the datasets of {data_path} have states of different widths {dims}; a run "
+                                 "takes one state width (train them separately, or leave PROPRIO unset)")
+            self.inputs = self.inputs.with_proprio_dim(next(iter(dims.values())))
+        for name, n in counts.items():
+            log.warning("VLADataset: %s has no wrist camera: its %d frames get OpenVLA's zero (black) wrist image "
+                        "(a missing camera in OpenVLA's restructure step)", name, n)
+        self.missing_views = counts
+        log.warning("VLADataset: inputs %s", self.inputs.describe())
+
+    def _state_stats(self, dataset: str):
+        entry = self._proprio_stats.get(dataset)
+        if entry is None:
+            entry = self._proprio_stats[dataset] = proprio_statistics(self.dataset_statistics, dataset, "PROPRIO=1")
+        return entry
 
     def _check_budgets_before_training(self, sources) -> None:
         """Before any step: the first robot-action sample of each data file must fit model_max_length.
@@ -177,7 +224,7 @@ class VLADataset(LazySupervisedDataset):
             except Exception:  # noqa: BLE001 - a broken sample is reported (or skipped) when it is loaded
                 continue
             try:
-                self._check_budget(len(input_ids), [size])
+                self._check_budget(len(input_ids), [size] * self.inputs.n_views)
             except BadSampleError as e:
                 msg = f"{_sample_name(sample, i)}: {e}"
                 if not self.skip_bad_samples:
@@ -185,16 +232,21 @@ class VLADataset(LazySupervisedDataset):
                 log.warning("before training: %s; such samples will be skipped and counted", msg)
 
     def _check_budget(self, n_input_ids: int, image_sizes) -> None:
-        """Raise if the sample's text + visual tokens exceed model_max_length (upstream would truncate its labels)."""
+        """Raise if the sample's text + visual tokens exceed model_max_length (upstream would truncate its labels).
+        Several views are each one `pad` tile (upstream's multi-image rule; core/inputs.py)."""
         if self.geometry is None or not self.model_max_length:
             return
-        budget = sample_budget(n_input_ids, image_sizes, self.geometry)
+        geometry = self.geometry if len(image_sizes) == 1 else VisualGeometry(
+            "pad", self.geometry.mm_patch_merge_type, self.geometry.image_grid_pinpoints)
+        budget = sample_budget(n_input_ids, image_sizes, geometry)
         if budget.total > self.model_max_length:
+            fix = (f"or use smaller frames or image_aspect_ratio pad ({VisualGeometry('pad').tokens(1, 1)} visual tokens "
+                   "per frame)") if len(image_sizes) == 1 else (f"or fewer CAMERAS: each of the {len(image_sizes)} views "
+                                                                 "is one pad tile, as upstream encodes multi-image input")
             raise BadSampleError(
-                f"needs {budget.describe(self.geometry)} but --model_max_length is {self.model_max_length}: "
+                f"needs {budget.describe(geometry)} but --model_max_length is {self.model_max_length}: "
                 f"upstream would truncate the action labels away and train on nothing. Raise --model_max_length "
-                f"to at least {budget.total}, or use smaller frames or image_aspect_ratio pad "
-                f"({VisualGeometry('pad').tokens(1, 1)} visual tokens per frame)")
+                f"to at least {budget.total}, {fix}")
 
     # ---- Re-Mix domains (train/remix.py) ----------------------------------------------------------
     def enable_domains(self) -> tuple[list[str], list[int]]:
@@ -215,19 +267,20 @@ class VLADataset(LazySupervisedDataset):
         """Sample i's augmentation in the current epoch (camera `view`: OpenVLA's seed + i per view)."""
         return augment.draw_params(self.image_aug_seed, self.image_aug_epoch, i, view)
 
-    def process_augmented_image(self, image_file: str, i: int):
+    def process_augmented_image(self, image_file: str, i: int, view: int = 0, mode: str | None = None):
         """upstream's process_image (llava/train/train.py LazySupervisedDataset.process_image) for sample i's
         image, augmented after it is read and before upstream's processing; same return value (tensor, the
-        original size, "image"). The augmentation keeps the image's size, so the visual-token count is unchanged."""
+        original size, "image"). The augmentation keeps the image's size, so the visual-token count is unchanged.
+        Each camera view draws its own parameters (`view`, as OpenVLA augments each view with its own seed)."""
         from PIL import Image
 
         with Image.open(os.path.join(self.data_args.image_folder or "", image_file)) as im:
             image = im.convert("RGB")
         size = image.size
-        image = augment.apply_params(image, self.augment_params(i))
-        return self.process_pil(image), size, "image"
+        image = augment.apply_params(image, self.augment_params(i, view))
+        return self.process_pil(image, mode), size, "image"
 
-    def process_pil(self, image):
+    def process_pil(self, image, mode: str | None = None):
         """upstream's process_image body from its Image.open on, for an image already in memory (upstream reads
         the file itself, so there is no hook between the read and the processing). Kept the same branch for
         branch; tests/test_augment.py checks it equals upstream's process_image on the same file."""
@@ -235,7 +288,7 @@ class VLADataset(LazySupervisedDataset):
         from PIL import Image
 
         data_args, processor = self.data_args, self.data_args.image_processor
-        mode = data_args.image_aspect_ratio
+        mode = mode or data_args.image_aspect_ratio
         if mode == "highres":
             return upstream_train.process_highres_image(image, processor, data_args.image_grid_pinpoints)
         if mode == "anyres" or "anyres_max" in mode:
@@ -250,6 +303,29 @@ class VLADataset(LazySupervisedDataset):
                 square.paste(image, (0, (width - height) // 2) if width > height else ((height - width) // 2, 0))
                 image = square
         return processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
+
+    def _views(self, sample: dict, i: int) -> list:
+        """Every camera view of sample i, in CAMERA_ORDER, each one `pad` tile as upstream processes a multi-image
+        sample (llava/train/train.py:1148-1152); a missing wrist view is OpenVLA's zero image, of the primary's size."""
+        from PIL import Image
+
+        views = []
+        for v, name in enumerate(self.inputs.cameras):
+            image_file = sample["image"] if name == "primary" else sample.get(f"image_{name}")
+            if image_file is None:
+                with Image.open(os.path.join(self.data_args.image_folder or "", sample["image"])) as im:
+                    size = im.size
+                views.append((self.process_pil(Image.new("RGB", size), "pad"), size, "image"))
+                continue
+            path = os.path.join(self.data_args.image_folder or "", image_file)
+            if not os.path.exists(path):
+                raise BadSampleError(f"{name} image file {path} does not exist (check --image_folder)")
+            if self.image_aug:
+                views.append(self.process_augmented_image(image_file, i, v, "pad"))
+            else:
+                tensor, size, _ = self.process_image(image_file, "pad")
+                views.append((tensor, size, "image"))
+        return views
 
     # ---- lengths for length-grouped sampling (precomputed at load: no pass over the samples) -----
     @property
@@ -318,7 +394,11 @@ class VLADataset(LazySupervisedDataset):
         except SampleFormatError as e:
             raise BadSampleError(str(e)) from None
         window = self.windows.window(sample) if self.windows is not None else np.asarray([action], dtype=np.float64)
-        return self.action_repr.build(self.prompt_builder, instruction, window)
+        builder = self.prompt_builder
+        if self.proprio is not None:  # the state as text in the user turn (core/inputs.py)
+            name = str(sample.get("dataset") or os.path.basename(os.path.dirname(sample.get("_source", ""))))
+            builder = builder.with_state(state_text(discretize_state(self.proprio.state(sample), self._state_stats(name))))
+        return self.action_repr.build(builder, instruction, window)
 
     def _get_vla_item(self, i: int, sample: dict) -> dict[str, Any]:
         input_ids, labels, extra = self._vla_ids(sample)
@@ -331,9 +411,12 @@ class VLADataset(LazySupervisedDataset):
             path = os.path.join(self.data_args.image_folder or "", image_file)
             if not os.path.exists(path):
                 raise BadSampleError(f"image file {path} does not exist (check --image_folder)")
-            out["image"] = [self.process_augmented_image(image_file, i) if self.image_aug else self.process_image(image_file)]
+            if self.inputs.n_views == 1:
+                out["image"] = [self.process_augmented_image(image_file, i) if self.image_aug else self.process_image(image_file)]
+            else:
+                out["image"] = self._views(sample, i)
             if not self.blind:  # blind: no image placeholder, so no visual tokens
-                self._check_budget(len(input_ids), [out["image"][0][1]])
+                self._check_budget(len(input_ids), [im[1] for im in out["image"]])
         elif self.data_args.is_multimodal:
             raise BadSampleError("robot-action sample without an image")
         out["id"] = sample.get("id", i)

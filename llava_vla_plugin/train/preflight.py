@@ -26,7 +26,8 @@ LAUNCHER_NAMES = {"--data_path": "DATA", "--image_folder": "IMAGE_FOLDER", "--vl
                   "--vla_action_repr": "ACTION_REPR", "--vla_horizon": "HORIZON", "--vla_window_mode": "WINDOW_MODE",
                   "--vla_repr_options": "REPR_OPTIONS", "--vla_image_aug": "IMAGE_AUG",
                   "--model_name_or_path": "MODEL", "--vla_resume": "RESUME", "--output_dir": "OUTPUT_DIR",
-                  "--vla_remix_reference": "REMIX_REFERENCE", "--gradient_accumulation_steps": "GRAD_ACCUM"}
+                  "--vla_remix_reference": "REMIX_REFERENCE", "--gradient_accumulation_steps": "GRAD_ACCUM",
+                  "--vla_cameras": "CAMERAS", "--vla_proprio": "PROPRIO"}
 
 
 def _name(flag: str) -> str:
@@ -156,6 +157,21 @@ def remix_problems(args: argparse.Namespace) -> list[str]:
     return found
 
 
+def input_problems(args: argparse.Namespace) -> list[str]:
+    """--vla_cameras (known views, the primary first) and --vla_proprio (a bool); the dataset checks the data has them."""
+    from llava_vla_plugin.core.inputs import InputConfigError, parse_cameras
+
+    found = []
+    if args.vla_cameras is not None:
+        try:
+            parse_cameras(args.vla_cameras)
+        except InputConfigError as e:
+            found.append(f"{_name('--vla_cameras')}: {e}")
+    if args.vla_proprio is not None and _bool(args.vla_proprio) is None:
+        found.append(f"{_name('--vla_proprio')} {args.vla_proprio!r}: expected True or False (launcher: PROPRIO=0 or 1)")
+    return found
+
+
 def problems(argv: Sequence[str]) -> list[str]:
     """Every problem found, one line each (empty: the launch may go on)."""
     args = parse(argv)
@@ -166,6 +182,7 @@ def problems(argv: Sequence[str]) -> list[str]:
     found += action_problems(args)
     found += image_aug_problems(args)
     found += remix_problems(args)
+    found += input_problems(args)
     model = args.model_name_or_path
     if model and not os.path.exists(model) and (model.startswith(("/", "./", "../", "~")) or model.count("/") > 1):
         found.append(f"{_name('--model_name_or_path')} {model}: no such folder (and not a hub id such as "

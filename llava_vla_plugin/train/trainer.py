@@ -514,7 +514,8 @@ class VLATrainer(LLaVATrainer):
             LLaVATrainer._save_checkpoint(self, model, trial)
             if self.args.should_save:
                 out = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-                write_vla_files(out, self.action_tokenizer, self.dataset_statistics, self.action_repr, self.model)
+                write_vla_files(out, self.action_tokenizer, self.dataset_statistics, self.action_repr, self.model,
+                                inputs=getattr(self.train_dataset, "inputs", None))
             return None
         transformers.Trainer._save_checkpoint(self, model, trial)
         self._after_checkpoint(trial)
@@ -543,7 +544,8 @@ class VLATrainer(LLaVATrainer):
         if self.args.should_save and lora.is_peft_model(self.model):
             lora.save_lora_extras(self.model, output_dir, state_dict)
         if self.args.should_save:
-            write_vla_files(output_dir, self.action_tokenizer, self.dataset_statistics, self.action_repr, self.model, state_dict)
+            write_vla_files(output_dir, self.action_tokenizer, self.dataset_statistics, self.action_repr, self.model, state_dict,
+                            inputs=getattr(self.train_dataset, "inputs", None))
 
     # ---- metrics -------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
