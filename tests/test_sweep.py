@@ -259,8 +259,14 @@ def test_mixture_study_spec_is_valid(tmp_path):
     each mixture's shares by its own rule, the same shares for every seed of a mixture."""
     spec = load_spec(ROOT / "configs/sweeps/mixture_study.yaml")
     spec["converted"] = str(_write_converted(tmp_path / "converted"))  # bridge 400, fractal 100 transitions
-    runs, _ = plan_sweep(spec, tmp_path / "runs")
+    runs, info = plan_sweep(spec, tmp_path / "runs")
     assert len(runs) == 9 and {r.config["steps"] for r in runs} == {5000}
+    # its closed loop: SimplerEnv, each robot with its dataset's statistics (not run in CI)
+    benches = info["closed_loop"]["benchmarks"]
+    assert [(b["name"], b["unnorm_key"]) for b in benches] == [("simpler_widowx", "bridge_orig"),
+                                                               ("simpler_google_robot", "fractal20220817_data")]
+    assert all(b["server_args"] == ["--image-key", "primary", "--gripper", "raw", "--rotation", "euler_to_axisangle"]
+               for b in benches)
     shares = {r.config["mixture"]: r.config["mixture_shares"] for r in runs}
     assert shares["balanced"]["bridge_orig"] == pytest.approx(0.8)
     assert shares["temperature"]["bridge_orig"] == pytest.approx(400 ** 0.43 / (400 ** 0.43 + 100 ** 0.43))
