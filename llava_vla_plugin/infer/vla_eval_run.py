@@ -12,6 +12,7 @@ Failures raise ClosedLoopRunError naming the log to read.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -117,9 +118,9 @@ def vla_eval_command(config: str | Path, port: int | str, output_dir: str | Path
 
 
 def _yaml_scalar(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return str(v)
+    """A --param value as vla-eval reads it (YAML-typed): strings as written, anything else as JSON (YAML's flow
+    style: true, 3, [1, 2], {a: 1})."""
+    return v if isinstance(v, str) else json.dumps(v)
 
 
 def run_logged(cmd: Sequence[str], env: Mapping[str, str], log: Path, timeout: float | None = None) -> None:
