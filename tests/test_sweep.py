@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, requires_upstream, subprocess_env
+from llava_vla_plugin.experiments.closed_loop_report import wilson_interval
 from llava_vla_plugin.experiments.sweep import SweepError, load_spec, plan_sweep, write_sweep
 from test_mixture_tool import _write_converted
 
@@ -258,8 +259,14 @@ def test_mixture_study_spec_is_valid(tmp_path):
     each mixture's shares by its own rule, the same shares for every seed of a mixture."""
     spec = load_spec(ROOT / "configs/sweeps/mixture_study.yaml")
     spec["converted"] = str(_write_converted(tmp_path / "converted"))  # bridge 400, fractal 100 transitions
-    runs, _ = plan_sweep(spec, tmp_path / "runs")
+    runs, info = plan_sweep(spec, tmp_path / "runs")
     assert len(runs) == 9 and {r.config["steps"] for r in runs} == {5000}
+    # its closed loop: SimplerEnv, each robot with its dataset's statistics (not run in CI)
+    benches = info["closed_loop"]["benchmarks"]
+    assert [(b["name"], b["unnorm_key"]) for b in benches] == [("simpler_widowx", "bridge_orig"),
+                                                               ("simpler_google_robot", "fractal20220817_data")]
+    assert all(b["server_args"] == ["--image-key", "primary", "--gripper", "raw", "--rotation", "euler_to_axisangle"]
+               for b in benches)
     shares = {r.config["mixture"]: r.config["mixture_shares"] for r in runs}
     assert shares["balanced"]["bridge_orig"] == pytest.approx(0.8)
     assert shares["temperature"]["bridge_orig"] == pytest.approx(400 ** 0.43 / (400 ** 0.43 + 100 ** 0.43))
@@ -268,7 +275,8 @@ def test_mixture_study_spec_is_valid(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# End to end on CPU: the tiny model, two data fractions, real training with validation, the report.
+# End to end on CPU: the tiny model, two data fractions, real training with validation, the closed loop on the
+# CPU simulator (robosuite Lift through vla-eval), the reports: the study in one command.
 
 
 def _trainer_has_val_data() -> bool:
@@ -278,6 +286,12 @@ def _trainer_has_val_data() -> bool:
 @requires_upstream
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end(tmp_path):
+    """`mixture_compare RUNS --spec SPEC --launch` trains both runs, evaluates each closed loop (Lift, 1 episode of 2
+    steps), writes the report with success and Wilson intervals; rerun, it trains and evaluates nothing; a run
+    whose report is gone gets it back from its kept vla-eval results without running the simulator again."""
+    from llava_vla_plugin.apps.sim_lift import check_render
+
+    check_render()  # RenderUnavailableError names MUJOCO_GL and the Debian packages
     if not _trainer_has_val_data():
         pytest.skip("the trainer has no validation yet (no `vla_val_data` in llava_vla_plugin/train/arguments.py): "
                     "runs would not write final_metrics.json / val metrics")
@@ -298,17 +312,31 @@ def test_tiny_sweep_end_to_end(tmp_path):
                  "--mm_tunable_parts", "mm_mlp_adapter,mm_language_model", "--seed", "0"],
         "grid": {"fraction": [0.5, 1.0], "mixture": [{"name": "colours", "weights": {"colours": 1}}],
                  "model": [{"name": "tiny", "path": str(tiny.llava_dir), "vision_tower": tiny.vision_tower}], "steps": 3},
+        # the CPU simulator: 1 episode of 2 steps per run, no video (the loop, not the skill, is under test)
+        "closed_loop": {"benchmarks": ["lift"], "episodes": 1, "max_steps": 2, "params": {"max_steps": 2},
+                        "vla_eval_args": ["--no-record-video"], "env": {"MUJOCO_GL": "egl"}},
     }
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     runs = tmp_path / "runs"
     env = subprocess_env()
     env.pop("FINETUNE_SCRIPT", None)
-    p = subprocess.run([sys.executable, "-m", "llava_vla_plugin.experiments.sweep", str(spec_path), "-o", str(runs), "--launch"],
-                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    study = [sys.executable, "-m", "llava_vla_plugin.experiments.mixture_compare", str(runs), "--spec", str(spec_path),
+             "--launch", "--by", "fraction", "--out", str(runs / "compare")]
+    p = subprocess.run([*study, "--dry-run"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and not runs.exists(), p.stderr
+    assert p.stderr.count("would serve: ") == 2 and p.stderr.count("would run:   ") == 2, p.stderr
+    p = subprocess.run(study, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     names = ["frac0.5-mix_colours-steps3-model_tiny", "frac1-mix_colours-steps3-model_tiny"]
-    logs = "".join((runs / n / "train.log").read_text()[-3000:] for n in names if (runs / n / "train.log").exists())
+    logs = "".join((runs / n / f).read_text()[-3000:] for n in names
+                   for f in ("train.log", "closed_loop/server_lift.log", "closed_loop/vla_eval_lift.log") if (runs / n / f).exists())
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:] + logs
+    for name in names:  # each run: its closed-loop report, from vla-eval's results of the served checkpoint
+        report = json.loads((runs / name / "closed_loop/report.json").read_text())
+        lift = report["suites"]["lift"]
+        assert lift["trials"] == 1 and lift["successes"] in (0, 1) and report["label"] == name, report
+        assert json.loads((runs / name / "closed_loop/results/lift/lift_aggregate.json").read_text())["tasks"][0]["episodes"][0]["steps"] == 2
+        assert f"[closed-loop] {name}: lift 0/1 (Wilson 95 % 0.0-79.3 %)" in p.stderr or lift["successes"] == 1, p.stderr
     for name, frames in zip(names, (8, 16)):
         final = json.loads((runs / name / "out/final_metrics.json").read_text())
         assert final["step"] == 3 and final["train_frames"] == frames
@@ -323,10 +351,8 @@ def test_tiny_sweep_end_to_end(tmp_path):
     result = json.loads((report / "scaling.json").read_text())
     assert result["n_points"] == 2 and result["groups"][0]["fit"] is None and "need at least 3" in p.stdout
     assert (report / "scaling.png").stat().st_size > 0 and len((report / "scaling.csv").read_text().splitlines()) == 3
-    # the comparison report reads the same real runs (per-dataset validation), here compared by fraction
-    p = subprocess.run([sys.executable, "-m", "llava_vla_plugin.experiments.mixture_compare", str(runs), "--by", "fraction",
-                        "--out", str(runs / "compare")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
+    # the comparison report of the one command read the same real runs (per-dataset validation and closed-loop
+    # success), here compared by fraction
     compare = json.loads((runs / "compare/mixture_compare.json").read_text())
     entries = compare["sets"][0]["entries"]
     assert [e["fraction"] for e in entries] == ["0.5", "1.0"] and all("colours" in e["datasets"] for e in entries)
@@ -334,11 +360,23 @@ def test_tiny_sweep_end_to_end(tmp_path):
         final = json.loads((runs / name / "out/final_metrics.json").read_text())
         assert e["datasets"]["colours"]["accuracy"] == final["val_colours_action_accuracy_teacher_forced_constrained"]
         assert e["datasets"]["colours"]["tokens"] == final["val_colours_action_tokens"] == 6 * 7
+        lift = e["closed_loop"]["lift"]
+        assert lift["trials"] == 1 and lift["wilson95"] == pytest.approx(list(wilson_interval(lift["successes"], 1)))
+    md = (runs / "compare/mixture_compare.md").read_text()
+    assert "| fraction | lift success % (Wilson 95 %) |" in md and "/1; " in md, md
     assert (runs / "compare/mixture_compare.png").stat().st_size > 0
-    # relaunching the finished sweep trains nothing
-    p = subprocess.run([sys.executable, "-m", "llava_vla_plugin.experiments.sweep", str(spec_path), "-o", str(runs), "--launch"],
-                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0 and "nothing to run" in p.stderr
+    # the same command again trains nothing and evaluates nothing (resumable)
+    reports = {n: (runs / n / "closed_loop/report.json").stat().st_mtime_ns for n in names}
+    p = subprocess.run(study, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "nothing to run" in p.stderr, p.stderr
+    assert all(f"[closed-loop] skipped (report exists): {n}" in p.stderr for n in names), p.stderr
+    assert reports == {n: (runs / n / "closed_loop/report.json").stat().st_mtime_ns for n in names}
+    # a run whose report is gone (killed before writing it) gets it back from its finished benchmarks' results
+    (runs / names[0] / "closed_loop/report.json").unlink()
+    p = subprocess.run([sys.executable, "-m", "llava_vla_plugin.experiments.sweep", str(spec_path), "-o", str(runs),
+                        "--closed-loop"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and f"{names[0]}: lift kept (done before)" in p.stderr and "serving" not in p.stderr, p.stderr
+    assert json.loads((runs / names[0] / "closed_loop/report.json").read_text())["suites"]["lift"]["trials"] == 1
 
 
 def test_weighting_rule_per_sweep_and_per_mixture(tmp_path):
@@ -386,3 +424,94 @@ def test_train_seed_axis_repeats_runs_on_the_same_frames(sweep):
         plan_sweep({**spec, "env": {**spec["env"], "SEED": 3}}, runs.parent / "bad")
     with pytest.raises(SweepError, match="non-negative integer"):
         plan_sweep({**spec, "grid": {**spec["grid"], "train_seed": ["x"]}}, runs.parent / "bad")
+
+
+# ----------------------------------------------------------------------------------------------
+# The closed-loop step (experiments/closed_loop_study.py): the checked section, the dry run, skipped reports,
+# changed settings refused, a failed run reported while the others go on. The real loop: test_tiny_sweep_end_to_end.
+
+
+def _with_closed_loop(spec_path: Path, closed_loop: dict) -> None:
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["closed_loop"] = closed_loop
+    spec_path.write_text(yaml.safe_dump(spec))
+
+
+def test_closed_loop_section_errors(sweep, tmp_path):
+    spec_path, runs, _, _ = sweep
+    spec = load_spec(spec_path)
+    ok = {"benchmarks": ["lift"], "unnorm_key": "bridge_orig"}
+    _, info = plan_sweep({**spec, "closed_loop": ok}, runs)
+    bench = info["closed_loop"]["benchmarks"][0]
+    assert bench["config"] == str(ROOT / "configs/vla_eval/lift.yaml") and bench["benchmark_names"] == ["lift"]
+    _, info = plan_sweep(spec, runs)
+    assert "closed_loop" not in info  # sweep.json of a spec without the section is as before
+    foreign = tmp_path / "foreign.yaml"
+    foreign.write_text(yaml.safe_dump({"benchmarks": [{"benchmark": "x.y:Z", "name": "my_task"}]}))
+    cases = [
+        ({"benchmarks": ["lift"]}, r"closed_loop.benchmarks\[0\] \(lift\): run frac0.25-mix_two-steps3-model_tiny trains "
+                                   r"on 2 datasets .* set closed_loop.unnorm_key"),
+        ({**ok, "episods": 2}, r"closed_loop: unknown key\(s\) \['episods'\]"),
+        ({"unnorm_key": "x"}, "closed_loop.benchmarks: give one or more vla-eval configs"),
+        ({**ok, "benchmarks": ["nope"]}, r"closed_loop.benchmarks\[0\].config: no file nope .*shipped: .*lift"),
+        ({**ok, "benchmarks": [str(foreign)]}, r"\['my_task'\] match no suite of .*published.yaml"),
+        ({**ok, "benchmarks": [{"config": "lift", "unnorm": "x"}]}, r"closed_loop.benchmarks\[0\]: unknown key"),
+        ({**ok, "benchmarks": ["lift", "lift"]}, r"\['lift'\] twice"),
+        ({**ok, "episodes": 0}, "closed_loop.episodes must be a positive integer"),
+        ({**ok, "server_args": ["--port", "9"]}, r"closed_loop.server_args may not set \['--port'\]"),
+        ({**ok, "docker": "no"}, "closed_loop.docker must be true or false"),
+    ]
+    for cl, message in cases:
+        with pytest.raises(SweepError, match=message) as e:
+            plan_sweep({**spec, "closed_loop": cl}, runs)
+        assert str(e.value).startswith(str(spec_path.resolve())), e.value  # the message names the file
+
+
+def test_closed_loop_dry_run_skip_refuse_and_failure(sweep):
+    spec_path, runs, env, calls = sweep
+    _with_closed_loop(spec_path, {"benchmarks": ["lift"], "episodes": 1, "max_steps": 2, "unnorm_key": "bridge_orig"})
+    p = _sweep(spec_path, "-o", runs, "--launch", "--dry-run", env=env)
+    assert p.returncode == 0 and not runs.exists(), p.stderr
+    for n in EXPECTED:  # the training, then per run the server and the vla-eval commands, with the port to be picked
+        assert f"would run: bash {runs / n / 'launch.sh'}" in p.stderr
+        assert f"vla_eval_server --checkpoint {runs / n / 'out'} --unnorm-key bridge_orig --port PORT" in p.stderr
+        assert (f"vla_eval.cli.main run -c {ROOT / 'configs/vla_eval/lift.yaml'} --no-docker --server-url ws://127.0.0.1:PORT "
+                f"--output-dir {runs / n / 'closed_loop/results/lift'} --benchmark-field episodes_per_task=1 "
+                "--benchmark-field max_steps=2") in p.stderr
+        assert f"would write: {runs / n / 'closed_loop/report.json'}" in p.stderr
+    p = _sweep(spec_path, "-o", runs, "--print", env=env)
+    assert p.returncode == 0 and f"--out {runs} --closed-loop" in p.stderr
+
+    # three runs already have a report; the fourth is trained by the stub: no checkpoint, so its server fails
+    for n in EXPECTED[:3]:
+        (runs / n / "closed_loop").mkdir(parents=True)
+        (runs / n / "closed_loop/report.json").write_text("{}")
+    p = _sweep(spec_path, "-o", runs, "--launch", env=env)
+    assert p.returncode == 1, p.stderr
+    assert all(f"[closed-loop] skipped (report exists): {n}" in p.stderr for n in EXPECTED[:3])
+    assert f"[closed-loop] FAILED: {EXPECTED[3]}: the server exited" in p.stderr and "not a checkpoint directory" in p.stderr
+    assert "evaluated 0, skipped 3, not trained 0, failed 1" in p.stderr
+    failed = runs / EXPECTED[3] / "closed_loop"
+    assert not (failed / "report.json").exists() and not (failed / "results/lift").exists()
+    assert json.loads((failed / "settings.json").read_text())["checkpoint"] == str(runs / EXPECTED[3] / "out")
+
+    # a changed section is refused for the run evaluated with the old one, before anything runs
+    _with_closed_loop(spec_path, {"benchmarks": ["lift"], "episodes": 3, "unnorm_key": "bridge_orig"})
+    p = _sweep(spec_path, "-o", runs, "--closed-loop", env=env)
+    assert p.returncode == 2 and f"run {EXPECTED[3]} was evaluated closed loop with other settings (differs in: benchmarks" in p.stderr
+    spec = yaml.safe_load(spec_path.read_text())
+    del spec["closed_loop"]
+    spec_path.write_text(yaml.safe_dump(spec))
+    p = _sweep(spec_path, "-o", runs, "--closed-loop", env=env)
+    assert p.returncode == 2 and "--closed-loop needs a `closed_loop:` section" in p.stderr
+
+
+def test_study_command_flags(tmp_path):
+    """mixture_compare's one-command form takes --spec and --launch together, and one RUNS folder."""
+    from llava_vla_plugin.experiments.mixture_compare import main
+
+    for argv in (["runs", "--launch"], ["runs", "--spec", "s.yaml"], ["runs", "--dry-run"],
+                 ["a", "b", "--spec", "s.yaml", "--launch"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2, argv

@@ -27,13 +27,14 @@ import json
 import os
 import shlex
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from llava_vla_plugin.infer.vla_eval_run import (ClosedLoopRunError, checkpoint_server_args, run_logged, serving,
+                                                vla_eval_command)
 
 ROOT = Path(__file__).resolve().parents[2]
 DATASET = "lift_scripted"
@@ -53,11 +54,10 @@ def done(t0: float, msg: str) -> None:
 
 
 def run(cmd: list[str], env: dict[str, str], log: Path, timeout: float | None = None) -> None:
-    with log.open("w") as f:
-        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, timeout=timeout)
-    if proc.returncode != 0:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
-        raise SystemExit(f"eval-demo: `{' '.join(cmd[:4])} ...` failed (exit {proc.returncode}); log {log}:\n{tail}")
+    try:
+        run_logged(cmd, env, log, timeout)
+    except ClosedLoopRunError as e:
+        raise SystemExit(f"eval-demo: {e}") from None
 
 
 # ---- 1-2: demonstrations as RLDS ---------------------------------------------------------------
@@ -136,26 +136,7 @@ def write_demos_rlds(root: Path, demos: list[list[dict]], resolution: int) -> Pa
     return path
 
 
-# ---- 5: serving and vla-eval --------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise SystemExit(f"eval-demo: the server exited with {proc.returncode}; log {log}:\n{log.read_text()[-3000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit(f"eval-demo: the server did not listen on 127.0.0.1:{port} within {timeout:.0f} s; log {log}")
-
-
+# ---- 5: serving and vla-eval: infer/vla_eval_run.py (shared with the study's closed-loop step) -------
 def success_table(aggregate: dict) -> list[str]:
     """One row per task and an overall row from vla-eval's <name>_aggregate.json."""
     lines = ["| task | episodes | successes | success rate |", "|---|---|---|---|"]
@@ -239,25 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     done(t0, f"checkpoint {run_dir}")
 
     t0 = stage(5, f"closed loop: {args.eval_episodes} Lift episodes of at most {args.eval_max_steps} steps through vla-eval")
-    port = free_port()
     server_log, results = work / "server.log", work / "eval"
-    server_cmd = [sys.executable, "-m", "llava_vla_plugin.infer.vla_eval_server", "--checkpoint", str(run_dir),
-                  "--unnorm-key", DATASET, "--port", str(port)]
-    with server_log.open("w") as f:
-        server = subprocess.Popen(server_cmd, env=train_env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
-        wait_port(port, server, server_log)
-        run([sys.executable, "-m", "vla_eval.cli.main", "run", "-c", str(EVAL_CONFIG), "--no-docker",
-             "--server-url", f"ws://127.0.0.1:{port}", "--output-dir", str(results),
-             "--benchmark-field", f"episodes_per_task={args.eval_episodes}",
-             "--benchmark-field", f"max_steps={args.eval_max_steps}", "--param", f"max_steps={args.eval_max_steps}"],
-            train_env, work / "eval.log")
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        with serving(checkpoint_server_args(run_dir, DATASET), train_env, server_log) as port:
+            run(vla_eval_command(EVAL_CONFIG, port, results, episodes=args.eval_episodes, max_steps=args.eval_max_steps,
+                                 params={"max_steps": args.eval_max_steps}), train_env, work / "eval.log")
+    except ClosedLoopRunError as e:
+        raise SystemExit(f"eval-demo: {e}") from None
     done(t0, f"vla-eval results -> {results}")
 
     stage(6, "results")

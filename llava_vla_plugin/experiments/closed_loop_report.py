@@ -26,6 +26,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 PUBLISHED = ROOT / "configs" / "closed_loop" / "published.yaml"
+DEFAULT_INPUTS = "third-person image only; no wrist camera, no proprio"  # what vla_eval_server sends the model
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile
 
 
@@ -211,6 +212,17 @@ def _ours_tpt(summaries: dict[str, Any]) -> str:
     return "-" if not values else (str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}")
 
 
+def write_report(out: Path, md: str, report: dict[str, Any]) -> None:
+    """report.md, then report.json, each atomically (data_tools/atomic.py): report.json is the mark of a finished
+    report (the study's closed-loop step skips runs that have one), so it is never seen half-written."""
+    from data_tools.atomic import write_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "report.md", md)
+    write_text(out / "report.json", json.dumps(report, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llava_vla_plugin.experiments.closed_loop_report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -219,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("reports/closed_loop"), help="output folder (default reports/closed_loop)")
     p.add_argument("--train-seed", type=int, default=None, help="the seed the checkpoint was trained with")
     p.add_argument("--label", default="this checkpoint", help="name of our row")
-    p.add_argument("--inputs", default="third-person image only; no wrist camera, no proprio",
+    p.add_argument("--inputs", default=DEFAULT_INPUTS,
                    help="what our policy saw (default: what vla_eval_server sends the model)")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="the checkpoint that was evaluated: its action representation is named in every row of ours")
@@ -244,9 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --checkpoint {args.checkpoint}: cannot read its action representation ({e})", file=sys.stderr)
             return 2
     md, report = render(results, published, args.label, args.train_seed, args.inputs, actions)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.md").write_text(md)
-    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    write_report(args.out, md, report)
     print(md)
     print(f"wrote {(args.out / 'report.md').resolve()} and report.json")
     return 0

@@ -2,11 +2,17 @@
 and one figure (issue 24 item 4).
 
     python -m llava_vla_plugin.experiments.mixture_compare RUNS [RUNS ...] --out reports/mixtures [--by mixture]
+    python -m llava_vla_plugin.experiments.mixture_compare RUNS --spec STUDY.yaml --launch --out reports/mixtures [--dry-run]
 
 The study itself is a sweep (llava_vla_plugin/experiments/sweep.py), so defining, dry-running, launching and
 resuming after a kill are the sweep's: a spec with `grid.mixture: [...]` (files, presets or rules), one
-`steps:` value (the matched budget: every run takes the same number of optimizer steps of the same batch), and
-`grid.train_seed: [0, 1, 2]` for repeats. This command reads what the runs wrote:
+`steps:` value (the matched budget: every run takes the same number of optimizer steps of the same batch),
+`grid.train_seed: [0, 1, 2]` for repeats, and optionally `closed_loop:` (vla-eval benchmarks each finished run
+is served for: experiments/closed_loop_study.py). `--spec STUDY.yaml --launch` is the whole study in one
+command: `sweep STUDY.yaml --out RUNS --launch` (train the unfinished runs, then evaluate closed loop every
+finished run without <run>/closed_loop/report.json), then this report; rerun after a kill, it resumes at every
+step. With --dry-run it prints what would run (training, the closed-loop servers and vla-eval commands) and
+writes nothing. This command reads what the runs wrote:
 
   * out/final_metrics.json: the per-dataset validation numbers every run logs (val_<dataset>_*: constrained
     teacher-forced action accuracy, L1, action tokens; train/trainer.py METRIC_DOC). The validation set is the
@@ -25,7 +31,8 @@ a set, each value of the axis gets, per dataset:
                with the published anchors of configs/closed_loop/published.yaml beside it (published, not re-run).
 OUT gets mixture_compare.json (everything), mixture_compare.md (the tables), mixture_compare.csv (one row per
 set x value x dataset) and mixture_compare.png (accuracy per dataset with intervals; success per suite).
-Exit codes: 0 written, 2 bad input (no runs, or no finished run with per-dataset validation).
+Exit codes: 0 written, 2 bad input (no runs, or no finished run with per-dataset validation); with --launch, 1 when
+a run's training or closed-loop evaluation failed (the report of the others is written).
 """
 from __future__ import annotations
 
@@ -230,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", default="mixture", help="the compared sweep axis (default mixture; also fraction, model, "
                                                    "steps, action_repr)")
     p.add_argument("--published", type=Path, default=PUBLISHED, help="closed-loop anchors (configs/closed_loop/published.yaml)")
+    p.add_argument("--spec", type=Path, default=None, metavar="STUDY.yaml",
+                   help="the study's sweep spec: with --launch, train and evaluate it into RUNS first")
+    p.add_argument("--launch", action="store_true", help="with --spec: `sweep SPEC --out RUNS --launch` (training, then "
+                   "the closed loop where the spec configures it; resumable), then the report")
+    p.add_argument("--dry-run", action="store_true", help="with --launch: print what would run; run and write nothing")
     add_output(p, help="output folder (default reports/mixture_compare)", required=False,
                default=Path("reports/mixture_compare"))
     add_common_flags(p)
@@ -237,8 +249,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     setup_logging(args)
+    launched = 0
+    if args.launch or args.spec is not None or args.dry_run:
+        if not (args.launch and args.spec is not None):
+            parser.error("--spec, --launch and --dry-run go together: RUNS --spec STUDY.yaml --launch [--dry-run]")
+        if len(args.runs) != 1:
+            parser.error("with --launch give one RUNS folder: the sweep's --out")
+        from llava_vla_plugin.experiments.sweep import main as sweep_main
+
+        launched = sweep_main([str(args.spec), "--out", str(args.runs[0]), "--launch", *(["--dry-run"] if args.dry_run else []),
+                               *(["--no-progress"] if args.no_progress else [])])
+        if launched == 2:  # the spec was refused (the sweep said why)
+            return 2
+        if args.dry_run:
+            print(f"[dry-run] would write the report: {Path(args.out) / 'mixture_compare.md'} (.json, .csv, .png), "
+                  f"by {args.by}", file=sys.stderr)
+            return 0
     try:
         rows, skipped = collect(args.runs, args.by)
         for s in skipped:
@@ -268,7 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     plot(sets, args.by, out / "mixture_compare.png")
     print(md)
     print(f"wrote {out / 'mixture_compare.md'}, .json, .csv and .png")
-    return 0
+    if launched:
+        print(f"[study] a run's training or closed-loop evaluation failed (above); the report has the others. Rerun the "
+              "same command to resume.", file=sys.stderr)
+    return 1 if launched else 0
 
 
 if __name__ == "__main__":

@@ -32,6 +32,9 @@ SPEC (see configs/sweeps/example.yaml; relative paths resolve against the curren
                                          # vla-fit-fast --vocab_size V tokenizer per entry)
       train_seed: [0, 1, 2]              # optional: the launcher's SEED per run (repeats to compare against noise;
                                          # `python -m llava_vla_plugin.experiments.mixture_compare RUNS` pools them)
+    closed_loop:                         # optional: after training, each finished run served and run through
+      benchmarks: [lift]                 # vla-eval -> RUNS/<run>/closed_loop/report.json; every key:
+      episodes: 2                        # llava_vla_plugin/experiments/closed_loop_study.py
 
 A mixture is a preset name (data_tools/mixtures/NAME.yaml), a weights file, or a mapping
 {name, weights: FILE or {dataset: weight}, weighting, alpha, balance}: its own rule, else the sweep's. A model is a hub id or path, or a mapping
@@ -46,9 +49,12 @@ them one after another. A run whose out/final_metrics.json exists is finished: l
 --launch and --print skip it. An unfinished run relaunched resumes from its last checkpoint.
 
   (default)   write the run directories and launchers, print the plan
-  --launch    write, then run RUNS/launch_all.sh
-  --print     write, then print one command per unfinished run (for a cluster scheduler)
-  --dry-run   write and run nothing; print the plan (with --print: the commands)
+  --launch       write, then run RUNS/launch_all.sh; then, with `closed_loop:`, evaluate every finished run
+                 lacking <run>/closed_loop/report.json (runs with one are skipped)
+  --closed-loop  only that closed-loop step (after training done elsewhere, e.g. the --print commands)
+  --print        write, then print one command per unfinished run (for a cluster scheduler)
+  --dry-run      write and run nothing; print the plan (with --launch / --closed-loop / --print: the commands,
+                 the closed-loop server and vla-eval commands included)
 """
 from __future__ import annotations
 
@@ -71,13 +77,15 @@ from data_tools.cli import add_common_flags, add_output, setup_logging
 from data_tools.atomic import write_text_if_changed
 from data_tools.training_mixture import (REMIX_SOURCE, MixturePlan, MixtureToolError, plan_mixture, read_weights,
                                         write_training_mixture)
+from llava_vla_plugin.experiments.closed_loop_study import (ClosedLoopSpecError, check_runs, evaluate_runs,
+                                                            parse_closed_loop)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_FINETUNE_SCRIPT = ROOT / "scripts" / "finetune_ov_vla.sh"
 FINAL_METRICS = "final_metrics.json"
 GRID_AXES = ("fraction", "mixture", "model", "steps", "action_repr", "train_seed")
 SPEC_KEYS = {"name", "converted", "image_folder", "val_data", "val_per_dataset", "balance", "weighting", "alpha", "seed", "finetune_script",
-             "env", "args", "grid", "description"}
+             "env", "args", "grid", "description", "closed_loop"}
 # Set by the sweep itself; the spec sets them through `grid`, `converted`, `image_folder` and `val_data`.
 RESERVED_ENV = {"MODEL", "DATA", "OUTPUT_DIR", "MAX_STEPS", "IMAGE_FOLDER", "VAL_DATA"}
 ACTION_ENV = ("ACTION_REPR", "HORIZON", "WINDOW_MODE", "REPR_OPTIONS")  # set by the `action_repr` axis where the spec has one
@@ -402,6 +410,10 @@ def plan_sweep(spec: Mapping[str, Any], runs_dir: str | Path) -> tuple[list[Run]
         if clash or "--seed" in [str(a) for a in spec.get("args") or []]:
             raise SweepError(f"{where}: grid.train_seed sets SEED per run; drop SEED from env and --seed from args")
     extra_args = [str(a) for a in spec.get("args") or []]
+    try:
+        closed_loop = parse_closed_loop(spec.get("closed_loop"))
+    except ClosedLoopSpecError as e:
+        raise SweepError(f"{where}: {e}") from None
     script = spec.get("finetune_script")
     finetune_script = str(_abs(script)) if script else str(DEFAULT_FINETUNE_SCRIPT)
 
@@ -463,6 +475,12 @@ def plan_sweep(spec: Mapping[str, Any], runs_dir: str | Path) -> tuple[list[Run]
         runs.append(Run(name, runs_dir / name, config, plan, env, args))
     info = {"name": spec.get("name"), "spec": spec.get("_path"), "runs_dir": str(runs_dir), "val": val_info,
             "finetune_script": finetune_script, "runs": [r.name for r in runs]}
+    if closed_loop is not None:  # only with the section: sweep.json of sweeps without one stays byte-identical
+        try:
+            check_runs(closed_loop, runs)
+        except ClosedLoopSpecError as e:
+            raise SweepError(f"{where}: {e}") from None
+        info["closed_loop"] = closed_loop
     return runs, info
 
 
@@ -589,6 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_output(p, "-o", "--output", type=str, metavar="RUNS", help="runs folder (one sub-folder per run)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--launch", action="store_true", help="run the unfinished runs one after another")
+    mode.add_argument("--closed-loop", action="store_true", help="only evaluate the finished runs closed loop (the "
+                      "spec's closed_loop section; runs with <run>/closed_loop/report.json are skipped)")
     mode.add_argument("--print", dest="print_cmds", action="store_true", help="print one command per unfinished run")
     p.add_argument("--dry-run", action="store_true", help="write and run nothing; show what would happen")
     add_common_flags(p)
@@ -606,6 +626,10 @@ def main(argv: list[str] | None = None) -> int:
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    closed_loop = info.get("closed_loop")
+    if args.closed_loop and closed_loop is None:
+        print(f"error: {info['spec']}: --closed-loop needs a `closed_loop:` section in the spec", file=sys.stderr)
+        return 2
     pending = [r for r in runs if not r.finished]
     done = [r for r in runs if r.finished]
     if args.print_cmds:
@@ -613,26 +637,44 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# skipped (finished): {r.name}", file=sys.stderr)
         for r in pending:
             print(f"bash {shlex.quote(str(r.launch_script))}")
+        if closed_loop is not None:
+            print(f"# then, once they are trained, the closed loop: {_closed_loop_command(args)}", file=sys.stderr)
         return 0
     prefix = "[dry-run] " if args.dry_run else ""
     print(f"{prefix}sweep {info['name']}: {len(runs)} run(s) in {info['runs_dir']} "
           f"({len(done)} finished, {len(pending)} to run)", file=sys.stderr)
     print(format_plan(runs), file=sys.stderr)
     launch_all = Path(info["runs_dir"]) / "launch_all.sh"
+    if args.closed_loop:
+        return evaluate_runs(runs, closed_loop, dry_run=args.dry_run)
     if args.launch:
         for r in done:
             print(f"[sweep] skipped (finished): {r.name}", file=sys.stderr)
         if args.dry_run:
             for r in pending:
                 print(f"[dry-run] would run: bash {shlex.quote(str(r.launch_script))}", file=sys.stderr)
+            if closed_loop is not None:
+                evaluate_runs(runs, closed_loop, dry_run=True)
             return 0
         if not pending:
             print("[sweep] nothing to run: every run is finished", file=sys.stderr)
-            return 0
-        return subprocess.call(["bash", str(launch_all)], env=os.environ.copy())
+            rc = 0
+        else:
+            rc = subprocess.call(["bash", str(launch_all)], env=os.environ.copy())
+        if closed_loop is not None:  # the finished runs, also when another run's training failed
+            rc = max(rc, evaluate_runs(runs, closed_loop))
+        return rc
+    if closed_loop is not None:
+        print(f"closed loop: {', '.join(b['name'] for b in closed_loop['benchmarks'])} per finished run, after training "
+              f"(--launch does both; --launch --dry-run shows the commands)", file=sys.stderr)
     if not args.dry_run:
         print(f"run them: bash {launch_all}   (or --print for one command per run)", file=sys.stderr)
     return 0
+
+
+def _closed_loop_command(args: argparse.Namespace) -> str:
+    return (f"python -m llava_vla_plugin.experiments.sweep {shlex.quote(str(Path(args.spec).resolve()))} "
+            f"--out {shlex.quote(str(_abs(args.out)))} --closed-loop")
 
 
 if __name__ == "__main__":
