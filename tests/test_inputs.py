@@ -209,6 +209,30 @@ for name, kwargs in (("no_wrist", {"proprio": [0.0] * 8}), ("no_state", {"wrist_
 out["shape"] = list(policy.predict_action(img, "pick up the block", unnorm_key="views", wrist_image=img,
                                           proprio=[0.0] * 8).shape)
 out["prompt"] = policy.prompt_builder.with_state("\\nState: 1 2;").prompt_text("x")
+# /act with OpenVLA-OFT's deploy.py fields (full_image, wrist_image, state), and without them
+import json_numpy, numpy as np
+from fastapi.testclient import TestClient
+from llava_vla_plugin.infer.serve import create_app
+client = TestClient(create_app(policy))
+arr = np.asarray(img.convert("RGB"))
+ok = client.post("/act", content=json_numpy.dumps({"full_image": arr, "wrist_image": arr, "state": [0.0] * 8,
+                                                   "instruction": "pick up the block", "unnorm_key": "views"}))
+out["act_ok"] = [ok.status_code, list(json_numpy.loads(ok.text).shape)]
+bad = client.post("/act", content=json_numpy.dumps({"image": arr, "state": [0.0] * 8, "instruction": "pick up the block"}))
+out["act_no_wrist"] = [bad.status_code, bad.json()["error"]]
+# the vla-eval server: LIBERO's observation (agentview + wrist, 8-d states), and one without the wrist view
+from vla_eval.model_servers.base import SessionContext
+from llava_vla_plugin.infer.vla_eval_server import LlavaVLAModelServer, ObservationError
+server = LlavaVLAModelServer(policy, unnorm_key="views")
+out["spec"] = sorted(server.get_observation_spec())
+ctx = SessionContext(session_id="s", episode_id="e")
+obs = {"images": {"agentview": arr, "wrist": arr}, "task_description": "pick up the block", "states": np.zeros(8)}
+out["eval_ok"] = list(server.predict(obs, ctx)["actions"].shape)
+try:
+    server.predict({"images": {"agentview": arr}, "task_description": "pick up the block", "states": np.zeros(8)}, ctx)
+    out["eval_no_wrist"] = "accepted"
+except ObservationError as e:
+    out["eval_no_wrist"] = str(e)
 print("RESULT" + json.dumps(out))
 """
 
@@ -227,6 +251,11 @@ def test_checkpoint_records_its_inputs_and_refuses_requests_without_them(input_r
     assert "has 7 values" in out["short_state"]
     assert out["shape"] == [7]
     assert out["prompt"].count("<image>") == 2
+    assert out["act_ok"] == [200, [7]]
+    assert out["act_no_wrist"][0] == 400 and "wrist camera" in out["act_no_wrist"][1]
+    assert out["spec"] == ["agentview", "language", "state", "wrist"]
+    assert out["eval_ok"] == [7]
+    assert "send_wrist_image: true" in out["eval_no_wrist"]
 
 
 def test_dataset_views_and_missing_inputs(input_task, tmp_path, tiny_model):

@@ -10,7 +10,10 @@ Clients written for OpenVLA work unchanged:
                            json={"image": np.zeros((256, 256, 3), dtype=np.uint8),
                                  "instruction": "pick up the block", "unnorm_key": "bridge_orig"}).json()
 
-POST /act  body: {"image": <json-numpy (H, W, 3) uint8 array>, "instruction": str, "unnorm_key": str?}
+POST /act  body: {"image": <json-numpy (H, W, 3) uint8 array>, "instruction": str, "unnorm_key": str?,
+                  "wrist_image": array?, "state": [floats]?}
+           (`wrist_image` and `state`, and `full_image` for `image`, are OpenVLA-OFT's deploy.py fields; a checkpoint
+           trained with the wrist view or the state needs them and answers 400 naming the missing one)
            or the same object JSON-encoded in a string: {"encoded": "<json>"} (for clients without
            json-numpy). Answer: the action as a json-numpy array: shape (D,) for a single-step
            checkpoint (as OpenVLA answers), (H, D) for a checkpoint that predicts H-step chunks (as
@@ -140,8 +143,47 @@ def decode_json(text: str | bytes, what: str = "the body"):
         raise BadRequest(f"{what} is not valid JSON: {e}") from None
 
 
-def parse_act_payload(body: bytes) -> tuple[np.ndarray, str, str | None, bool]:
-    """-> (image, instruction, unnorm_key, double_encoded); raises BadRequest with a readable message."""
+def _checked_image(value, name: str) -> np.ndarray:
+    """An (H, W, 3) uint8 image from a json-numpy array or a nested list of 0..255 integers; BadRequest names `name`."""
+    image = value
+    if isinstance(image, list):
+        try:
+            arr = np.asarray(image)
+        except ValueError as e:
+            raise BadRequest(f"'{name}' as a list must be a regular (H, W, 3) nested list: {e}") from None
+        if arr.dtype.kind not in "iu":
+            raise BadRequest(f"'{name}' as a list must hold integers in 0..255, got {arr.dtype}")
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise BadRequest(f"'{name}' as a list must hold integers in 0..255")
+        image = arr.astype(np.uint8)
+    if not isinstance(image, np.ndarray):
+        raise BadRequest(f"'{name}' must be a json-numpy encoded array, got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise BadRequest(f"'{name}' must have shape (H, W, 3), got {tuple(image.shape)}")
+    if min(image.shape[:2]) < MIN_IMAGE_SIDE:
+        raise BadRequest(f"'{name}' is {image.shape[0]}x{image.shape[1]} pixels; send at least "
+                         f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} (the camera frame, as in training)")
+    if image.dtype != np.uint8:
+        raise BadRequest(f"'{name}' must be uint8, got {image.dtype}")
+    return image
+
+
+@dataclass
+class ActRequest:
+    """One /act request. `wrist_image` and `state` are OpenVLA-OFT's deploy.py observation fields (its
+    experiments/robot/openvla_utils.py get_vla_action reads obs["full_image"], the keys holding "wrist", and
+    obs["state"]); OFT's `full_image` is accepted for `image`."""
+
+    image: np.ndarray
+    instruction: str
+    unnorm_key: str | None
+    double_encoded: bool
+    wrist_image: np.ndarray | None = None
+    state: np.ndarray | None = None
+
+
+def parse_act_request(body: bytes) -> ActRequest:
+    """The request, checked; raises BadRequest with a readable message."""
     payload = decode_json(body)
     double = isinstance(payload, dict) and "encoded" in payload
     if double:
@@ -157,32 +199,29 @@ def parse_act_payload(body: bytes) -> tuple[np.ndarray, str, str | None, bool]:
     instruction = payload["instruction"]
     if not isinstance(instruction, str) or not instruction.strip():
         raise BadRequest(f"'instruction' must be a non-empty string, got {type(instruction).__name__}")
-    if "image" not in payload:
-        raise BadRequest("missing 'image' (an (H, W, 3) uint8 array, json-numpy encoded)")
-    image = payload["image"]
-    if isinstance(image, list):
-        try:
-            arr = np.asarray(image)
-        except ValueError as e:
-            raise BadRequest(f"'image' as a list must be a regular (H, W, 3) nested list: {e}") from None
-        if arr.dtype.kind not in "iu":
-            raise BadRequest(f"'image' as a list must hold integers in 0..255, got {arr.dtype}")
-        if arr.size and (arr.min() < 0 or arr.max() > 255):
-            raise BadRequest("'image' as a list must hold integers in 0..255")
-        image = arr.astype(np.uint8)
-    if not isinstance(image, np.ndarray):
-        raise BadRequest(f"'image' must be a json-numpy encoded array, got {type(image).__name__}")
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise BadRequest(f"'image' must have shape (H, W, 3), got {tuple(image.shape)}")
-    if min(image.shape[:2]) < MIN_IMAGE_SIDE:
-        raise BadRequest(f"'image' is {image.shape[0]}x{image.shape[1]} pixels; send at least "
-                         f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} (the camera frame, as in training)")
-    if image.dtype != np.uint8:
-        raise BadRequest(f"'image' must be uint8, got {image.dtype}")
+    name = "image" if "image" in payload or "full_image" not in payload else "full_image"
+    if name not in payload:
+        raise BadRequest("missing 'image' (an (H, W, 3) uint8 array, json-numpy encoded; OFT's 'full_image' also works)")
+    image = _checked_image(payload[name], name)
     unnorm_key = payload.get("unnorm_key")
     if unnorm_key is not None and not isinstance(unnorm_key, str):
         raise BadRequest(f"'unnorm_key' must be a string, got {type(unnorm_key).__name__}")
-    return image, instruction, unnorm_key, double
+    wrist = _checked_image(payload["wrist_image"], "wrist_image") if payload.get("wrist_image") is not None else None
+    state = payload.get("state")
+    if state is not None:
+        try:
+            state = np.asarray(state, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise BadRequest("'state' must be a flat list or array of numbers (the robot's proprio state)") from None
+        if not state.size or not np.all(np.isfinite(state)):
+            raise BadRequest(f"'state' must hold finite numbers, got {state.tolist()[:10]}")
+    return ActRequest(image, instruction, unnorm_key, double, wrist, state)
+
+
+def parse_act_payload(body: bytes) -> tuple[np.ndarray, str, str | None, bool]:
+    """-> (image, instruction, unnorm_key, double_encoded); raises BadRequest with a readable message."""
+    r = parse_act_request(body)
+    return r.image, r.instruction, r.unnorm_key, r.double_encoded
 
 
 def response_action(action) -> np.ndarray:
@@ -366,6 +405,7 @@ def error(status: int, message: str) -> JSONResponse:
 
 def create_app(policy, limits: ServerLimits = ServerLimits(), unnorm_key: str | None = None) -> FastAPI:
     """`unnorm_key`: the key of requests that send none (serve's --unnorm-key)."""
+    from llava_vla_plugin.core.inputs import InputConfigError, MissingInputError
     from llava_vla_plugin.core.normalization import UnnormKeyError
     from llava_vla_plugin.infer.pipeline import ImageInputError
 
@@ -388,13 +428,20 @@ def create_app(policy, limits: ServerLimits = ServerLimits(), unnorm_key: str | 
                 "limits": asdict(limits)}
 
     def decode_and_predict(body: bytes) -> str:
-        image, instruction, key, double = parse_act_payload(body)
+        req = parse_act_request(body)
         del body
         t0 = time.perf_counter()
-        action = response_action(policy.predict_action(image, instruction, unnorm_key=key or unnorm_key))
+        # the wrist view and the state only where the checkpoint was trained on them (the policy refuses a request
+        # without them with MissingInputError; OpenVLA-style policies take the image and instruction alone)
+        extra = {k: v for k, v in (("wrist_image", req.wrist_image), ("proprio", req.state)) if v is not None}
+        inputs = getattr(policy, "inputs", None)
+        if inputs is None or inputs.is_default:
+            extra = {}
+        action = response_action(policy.predict_action(req.image, req.instruction, unnorm_key=req.unnorm_key or unnorm_key,
+                                                       **extra))
         log.debug("action in %.3f s", time.perf_counter() - t0)
         out = json_numpy.dumps(action)
-        return json.dumps(out) if double else out
+        return json.dumps(out) if req.double_encoded else out
 
     @app.post("/act")
     async def act(request: Request):
@@ -408,7 +455,7 @@ def create_app(policy, limits: ServerLimits = ServerLimits(), unnorm_key: str | 
                 out = await run_in_threadpool(decode_and_predict, body)
             except BadRequest as e:
                 return error(e.status, str(e))
-            except (UnnormKeyError, ImageInputError) as e:
+            except (UnnormKeyError, ImageInputError, MissingInputError, InputConfigError) as e:
                 return error(HTTPStatus.BAD_REQUEST, str(e))
             except Exception as e:  # noqa: BLE001 - a failed request must not take the server down
                 log.exception("prediction failed")

@@ -33,6 +33,13 @@ robot_utils.py, openvla_utils.py; and its SimplerEnv policy), done exactly here:
      euler2axangle with static xyz axes).
   7. chunks: when the checkpoint predicts [H, D] the conversions apply per row and vla-eval's
      PredictModelServer plays the chunk out (chunk_size defaults to H, --action-ensemble).
+  8. the wrist view and the state, for a checkpoint trained on them (vla_inputs.json; core/inputs.py): the wrist
+     image is `images[--wrist-key]` (LIBERO: "wrist", with the benchmark's `send_wrist_image: true`), flipped upright
+     by vla-eval as the agentview is, then given the same JPEG round trip and crop; the state is `states` (LIBERO:
+     `send_state: true`, 8-d [eef pos3, axis-angle3, gripper qpos2], vla-eval turning robosuite's quaternion into
+     axis-angle as LIBERO's converted data holds it), normalized with the --unnorm-key dataset's proprio statistics.
+     A checkpoint that needs either and gets an observation without it is refused (ObservationError naming the
+     benchmark parameter to set): nothing is zero-filled. A checkpoint that does not use them ignores them.
 A bad observation (no image, unknown image key, wrong shape/dtype, no instruction) raises
 ObservationError: vla-eval answers that request with its protocol's ERROR message and the server
 keeps serving.
@@ -55,7 +62,7 @@ from vla_eval.model_servers.base import SessionContext
 from vla_eval.model_servers.chunking import ActionChunkBuffer, get_ensemble_fn
 from vla_eval.model_servers.predict import PredictModelServer
 from vla_eval.specs import (GRIPPER_CLOSE_POS, IMAGE_RGB, LANGUAGE, POSITION_DELTA, ROTATION_AA, ROTATION_EULER,
-                            DimSpec)
+                            STATE_EEF_POS_AA_GRIP, DimSpec)
 
 from data_tools.images import JPEG_QUALITY
 from llava_vla_plugin.core.normalization import UnnormKeyError, check_serving_statistics, resolve_unnorm_key_no_noops
@@ -151,7 +158,8 @@ class LlavaVLAModelServer(PredictModelServer):
     def __init__(self, policy, *, unnorm_key: str | None = None, gripper: str = "libero", rotation: str = "as_is",
                  jpeg: bool = True, center_crop: bool = False, image_key: str | None = "agentview",
                  chunk_size: int | None = None, action_ensemble: str = "newest", trace_dir: str | None = None,
-                 observation_params: Mapping[str, Any] | None = None) -> None:
+                 observation_params: Mapping[str, Any] | None = None, wrist_key: str = "wrist",
+                 state_key: str = "states") -> None:
         super().__init__(chunk_size=chunk_size, action_ensemble=action_ensemble)
         if gripper not in GRIPPER_MODES:
             raise ValueError(f"gripper must be one of {GRIPPER_MODES}, got {gripper!r}")
@@ -163,6 +171,10 @@ class LlavaVLAModelServer(PredictModelServer):
             log.info("unnorm_key %r -> %r (OpenVLA's rule)", unnorm_key, self.unnorm_key)
         self.gripper, self.rotation, self.jpeg, self.crop = gripper, rotation, jpeg, center_crop
         self.image_key = image_key
+        self.wrist_key, self.state_key = wrist_key, state_key
+        inputs = getattr(policy, "inputs", None)  # core/inputs.InputConfig of a VLAPolicy; other policies: one image
+        self.needs_wrist = bool(inputs is not None and inputs.wrist)
+        self.needs_state = bool(inputs is not None and inputs.proprio)
         self.trace_dir = Path(trace_dir) if trace_dir else None
         self._observation_params = dict(observation_params or {})
         self._calls = 0
@@ -174,7 +186,12 @@ class LlavaVLAModelServer(PredictModelServer):
         return {"position": POSITION_DELTA, "rotation": rot, "gripper": GRIPPER_CLOSE_POS}
 
     def get_observation_spec(self) -> dict[str, DimSpec]:
-        return {self.image_key or "image": IMAGE_RGB, "language": LANGUAGE}
+        spec = {self.image_key or "image": IMAGE_RGB, "language": LANGUAGE}
+        if self.needs_wrist:
+            spec[self.wrist_key] = IMAGE_RGB
+        if self.needs_state:
+            spec["state"] = STATE_EEF_POS_AA_GRIP
+        return spec
 
     def get_observation_params(self) -> dict[str, Any]:
         return dict(self._observation_params)
@@ -187,7 +204,20 @@ class LlavaVLAModelServer(PredictModelServer):
         if not isinstance(text, str) or not text.strip():
             raise ObservationError(f"observation has no task_description (got {text!r}); the model needs the instruction")
         inp = model_image(image, self.jpeg, self.crop)
-        raw = np.asarray(self.policy.predict_action(inp, text, unnorm_key=self.unnorm_key), dtype=np.float64)
+        extra = {}
+        if self.needs_wrist:
+            if self.wrist_key not in (obs.get("images") or {}):
+                raise ObservationError(f"this checkpoint was trained with the wrist view, but the observation has cameras "
+                                       f"{sorted(obs.get('images') or {})} and no {self.wrist_key!r} (LIBERO: set the "
+                                       "benchmark's send_wrist_image: true; or --wrist-key)")
+            extra["wrist_image"] = model_image(observation_image(obs, self.wrist_key), self.jpeg, self.crop)
+        if self.needs_state:
+            state = obs.get(self.state_key)
+            if state is None:
+                raise ObservationError(f"this checkpoint was trained with the robot state, but the observation has no "
+                                       f"{self.state_key!r} (LIBERO: set the benchmark's send_state: true)")
+            extra["proprio"] = np.asarray(state, dtype=np.float64).reshape(-1)
+        raw = np.asarray(self.policy.predict_action(inp, text, unnorm_key=self.unnorm_key, **extra), dtype=np.float64)
         if raw.ndim not in (1, 2):
             raise RuntimeError(f"the policy returned actions of shape {raw.shape}; expected (D,) or (H, D)")
         actions = gripper_to_env(rotation_to_env(raw, self.rotation), self.gripper)
@@ -233,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "with random-crop augmentation")
     p.add_argument("--image-key", default="agentview", help="camera the model sees (default agentview; "
                    "SimplerEnv sends 'primary')")
+    p.add_argument("--wrist-key", default="wrist", help="camera holding the wrist view, for a checkpoint trained with it "
+                   "(default wrist: vla-eval's LIBERO with send_wrist_image: true)")
+    p.add_argument("--state-key", default="states", help="observation key of the robot state, for a checkpoint trained "
+                   "with it (default states: vla-eval's LIBERO with send_state: true)")
     p.add_argument("--chunk-size", type=int, default=None, help="actions played per prediction (default: all of a "
                    "predicted chunk, 1 for single-step checkpoints)")
     p.add_argument("--action-ensemble", default="newest", choices=("newest", "average", "ema"))
@@ -264,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         server = LlavaVLAModelServer(policy, unnorm_key=args.unnorm_key, gripper=args.gripper, rotation=args.rotation,
                                      jpeg=not args.no_jpeg, center_crop=args.center_crop, image_key=args.image_key,
                                      chunk_size=args.chunk_size, action_ensemble=args.action_ensemble,
-                                     trace_dir=args.trace_dir)
+                                     trace_dir=args.trace_dir, wrist_key=args.wrist_key, state_key=args.state_key)
     except (OSError, ValueError, UnnormKeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
