@@ -244,6 +244,9 @@ def test_policy_centre_crops_only_for_a_checkpoint_trained_with_the_crop(trained
     policy = VLAPolicy.__new__(VLAPolicy)
     policy.backend, policy.prompt_builder, policy.pad_id = _Backend(), _Prompt(), 0
     policy._prompt_lock, policy.center_crop = threading.Lock(), trained_with_aug
+    from llava_vla_plugin.core.inputs import InputConfig
+
+    policy.inputs = InputConfig()  # the primary view alone (vla_inputs.json absent)
     image = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
     (got,) = policy.prepare([image], "pick")
     want = A.center_crop(image) if trained_with_aug else image
