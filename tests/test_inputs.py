@@ -302,3 +302,41 @@ def test_launcher_refuses_bad_input_options(tmp_path, input_task):
                               capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert proc.returncode == 2 and msg in proc.stderr, proc.stderr[-2000:]
         assert not (tmp_path / "out").exists()
+
+
+# ---- the LIBERO presets and the four-suite command (item 5; not run here: 8 GPUs and LIBERO) -----------------------
+@pytest.mark.parametrize("preset, expect", [
+    ("libero_oft_inputs", {"--vla_cameras": "primary,wrist", "--vla_proprio": "True", "--vla_action_repr": "parallel_l1",
+                           "--vla_horizon": "8", "--vla_image_aug": "True"}),
+    ("libero_openvla", {"--vla_action_repr": "bins", "--vla_horizon": "1", "--vla_image_aug": "True"})])
+def test_libero_presets_reach_the_trainer(preset, expect, input_task, tmp_path):
+    """CONFIG=<preset> through the real launcher (the training exec recorded, preflight run for real); the data
+    paths are the test's (the environment wins over the file)."""
+    from llava_vla_plugin.testing.inprocess_train import launcher_argv
+
+    argv = launcher_argv({"CONFIG": str(ROOT / "configs/presets" / f"{preset}.yaml"), "NUM_GPUS": "0",
+                          "DATA": str(input_task / "views/train.jsonl"), "IMAGE_FOLDER": str(input_task),
+                          "OUTPUT_DIR": str(tmp_path / "out")}, [])
+    got = {flag: argv[len(argv) - 1 - argv[::-1].index(flag) + 1] for flag in expect if flag in argv}
+    assert got == expect
+    if preset == "libero_openvla":
+        assert "--vla_cameras" not in argv and "--vla_proprio" not in argv  # the default inputs: flags left out
+
+
+def test_four_suite_command_dry_run(tmp_path):
+    ckpt = tmp_path / "ov-vla-libero"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "dataset_statistics.json").write_text(json.dumps({f"{s}_no_noops": {} for s in
+                                                              ("libero_spatial", "libero_object", "libero_goal", "libero_10")}))
+    proc = subprocess.run([os.sys.executable, "-m", "llava_vla_plugin.experiments.closed_loop_study", "--checkpoint",
+                           str(ckpt), "--spec", str(ROOT / "configs/closed_loop/libero_4_suites.yaml"), "--dry-run"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    serves = [line for line in proc.stderr.splitlines() if "would serve" in line]
+    assert [next(s for s in ("libero_spatial", "libero_object", "libero_goal", "libero_10") if f"--unnorm-key {s}" in line)
+            for line in serves] == ["libero_spatial", "libero_object", "libero_goal", "libero_10"]
+    runs = [line for line in proc.stderr.splitlines() if "would run" in line]
+    assert len(runs) == 4 and all("send_wrist_image=true" in r and "send_state=true" in r for r in runs)
+    assert f"would write: {ckpt / 'closed_loop' / 'report.json'}" in proc.stderr
+    assert not (ckpt / "closed_loop").exists()

@@ -382,3 +382,69 @@ def evaluate_runs(runs: Sequence[RunLike], cl: Mapping[str, Any], *, dry_run: bo
           + (f": {' '.join(failed)}" if failed else ""), file=out)
     return 1 if failed else 0
 
+
+
+# ----------------------------------------------------------------------------------------------
+# One checkpoint: the four-suite table in one command
+
+
+class CheckpointRun:
+    """A lone checkpoint as the step's run: served as it is, its report in CHECKPOINT/closed_loop (where
+    `scaling --y closed_loop_success` and the mixture comparison look)."""
+
+    def __init__(self, checkpoint: str | os.PathLike):
+        self.dir = Path(checkpoint).resolve()
+        self.name = self.dir.name
+        self.env: dict[str, str] = {}
+        stats, seed = self.dir / "dataset_statistics.json", None
+        run_config = self.dir / "vla_run_config.json"
+        if run_config.is_file():
+            seed = json.loads(run_config.read_text()).get("seed")
+        self.config = {"mixture_shares": {k: 1.0 for k in json.loads(stats.read_text())} if stats.is_file() else {},
+                       "train_seed": seed}
+
+    @property
+    def out_dir(self) -> Path:
+        return self.dir
+
+    @property
+    def finished(self) -> bool:
+        return (self.dir / "config.json").is_file()
+
+
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m llava_vla_plugin.experiments.closed_loop_study",
+        description="Closed-loop evaluation of one checkpoint on every benchmark of a `closed_loop:` section (each "
+                    "served with its own --unnorm-key in turn), then the report with Wilson intervals beside the "
+                    "published numbers, in CHECKPOINT/closed_loop. Resumable: finished benchmarks are kept.")
+    p.add_argument("--checkpoint", required=True, help="the checkpoint directory (OUTPUT_DIR, checkpoint-N or merged)")
+    p.add_argument("--spec", required=True, help="YAML holding a `closed_loop:` section (e.g. configs/closed_loop/"
+                   "libero_4_suites.yaml), or the section itself")
+    p.add_argument("--dry-run", action="store_true", help="print the servers and vla-eval commands; run nothing")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import yaml
+
+    args = build_parser().parse_args(argv)
+    run = CheckpointRun(args.checkpoint)
+    if not run.finished:
+        print(f"error: --checkpoint {args.checkpoint}: not a checkpoint directory (no config.json)", file=sys.stderr)
+        return 2
+    try:
+        raw = yaml.safe_load(Path(args.spec).read_text())
+        section = raw.get("closed_loop", raw) if isinstance(raw, Mapping) else raw
+        cl = parse_closed_loop(section)
+        check_runs(cl, [run])
+    except (OSError, yaml.YAMLError, ClosedLoopSpecError) as e:
+        print(f"error: --spec {args.spec}: {e}", file=sys.stderr)
+        return 2
+    return evaluate_runs([run], cl, dry_run=args.dry_run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
