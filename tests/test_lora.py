@@ -223,7 +223,11 @@ def test_lora_model_learns(lora_run, policy_results):
     logged = [h for h in history if "action_accuracy_teacher_forced" in h]
     first, last = logged[0], logged[-1]
     assert first["action_accuracy_teacher_forced"] <= 0.1, first
-    assert last["action_accuracy_teacher_forced"] >= 0.5, last  # teacher-forced, as logged during training
+    # Each logged value is one batch of 2 samples (14 tokens), so one step is noisy: a CI run on a busy
+    # machine logged 0.93, 0.93, 1.0, 0.43 over steps 5-8 (a clean run: 0.93, 0.93, 1.0, 0.93). The mean
+    # of the second half of the run is the assertion; teacher-forced, as logged during training.
+    late = [h["action_accuracy_teacher_forced"] for h in logged[len(logged) // 2:]]
+    assert float(np.mean(late)) >= 0.5, late
     assert last["loss"] < 0.9 * first["loss"], (first["loss"], last["loss"])
     ids, want = np.array(policy_results["ids"]["unmerged"]), np.array(policy_results["want"])
     accuracy = float((ids == want).mean())
