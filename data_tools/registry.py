@@ -91,6 +91,9 @@ class DatasetSpec:
     language_decode: str
     standardize: tuple[EpisodeOp, ...]
     state_keys: tuple[str | None, ...] = ()
+    # how the standardization transform builds a state key (OpenVLA writes trajectory["observation"][key] in
+    # oxe/transforms.py): key -> parts concatenated as the action's; a state key not listed is observation/<key>
+    state: tuple[tuple[str, tuple[ActionPart, ...]], ...] = ()
     success_key: str | None = None
     frame_filters: tuple[FrameFilter, ...] = ()
     action_normalization_mask: tuple[bool, ...] = (True,) * 6 + (False,)
@@ -106,6 +109,17 @@ class DatasetSpec:
                 keys.append(op.params["key"])
         if with_images and self.primary_image:
             keys.append(f"observation/{self.primary_image}")
+        return list(dict.fromkeys(keys))
+
+    def state_parts(self, key: str) -> tuple[ActionPart, ...]:
+        """The parts one state_obs_key is built from: the registry's `state:` derivation, else the raw
+        observation/<key> as is (OpenVLA reads traj["observation"][key], dataset.py:163)."""
+        derived = dict(self.state)
+        return derived.get(key, (ActionPart(key=f"observation/{key}"),))
+
+    def proprio_source_keys(self) -> list[str]:
+        """Step keys the proprio is built from (empty when the registry names no state_obs_keys)."""
+        keys = [p.key for k in self.state_keys if k is not None for p in self.state_parts(k) if p.key]
         return list(dict.fromkeys(keys))
 
 
@@ -216,6 +230,14 @@ def parse_entry(name: str, raw: Mapping[str, Any]) -> DatasetSpec:
             raise RegistryError(f"{where}.frame_filters[{i}]: known filters: {sorted(FRAME_FILTERS)}")
         fname, params = next(iter(f.items()))
         filters.append(FrameFilter(fname, dict(params or {})))
+    state_raw = raw.get("state") or {}
+    if not isinstance(state_raw, Mapping):
+        raise RegistryError(f"{where}.state: a mapping of state key -> list of parts")
+    state = []
+    for key, parts in state_raw.items():
+        if not isinstance(parts, list) or not parts:
+            raise RegistryError(f"{where}.state.{key}: a non-empty list of parts")
+        state.append((str(key), tuple(_parse_part(p, f"{where}.state.{key}[{i}]") for i, p in enumerate(parts))))
     mask = tuple(bool(m) for m in raw.get("action_normalization_mask", [True] * 6 + [False]))
     if len(mask) != 7:
         raise RegistryError(f"{where}: action_normalization_mask needs 7 entries")
@@ -228,6 +250,7 @@ def parse_entry(name: str, raw: Mapping[str, Any]) -> DatasetSpec:
         language_decode=decode,
         standardize=ops,
         state_keys=tuple(raw.get("state_keys") or ()),
+        state=tuple(state),
         success_key=raw.get("success_key"),
         frame_filters=tuple(filters),
         action_normalization_mask=mask,
