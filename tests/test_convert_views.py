@@ -116,6 +116,8 @@ def test_wrist_frames_are_the_stored_bytes(views):
         assert (out / s["image_wrist"]).read_bytes() == stored  # unchanged, unresized
         assert ConvertedSample.from_dict(s).image_wrist == s["image_wrist"]
         n_wrist += 1
+    text = (out / HYDRA / "train.jsonl").read_text().splitlines(keepends=True)
+    assert [ConvertedSample.from_dict(json.loads(x)).to_json_line() for x in text] == text  # round trip
     assert any((s["episode"], s["step"]) == EMPTY_WRIST for s in lines)
     views_m = json.loads((out / HYDRA / "manifest.json").read_text())["views"]
     assert views_m["primary"]["frames"] == len(lines)
@@ -217,3 +219,20 @@ def test_zeros_statistics_and_old_folders_still_read(views, tmp_path):
     assert rep.ok, rep.problems
     rep, _ = validate(out, decode=True)  # the new files validate too (wrist paths and JPEGs checked)
     assert rep.ok, rep.problems
+
+
+def test_version_1_folder_is_refused_not_mixed(views, tmp_path):
+    """A dataset converted by the primary-only converter (version 1) is neither reused nor resumed into."""
+    from data_tools.convert import DatasetRequest, RunOptions, convert
+    from data_tools.registry import Registry
+
+    root, out = views
+    old = tmp_path / "out"
+    shutil.copytree(out / BRIDGE, old / BRIDGE)
+    manifest = json.loads((old / BRIDGE / "manifest.json").read_text())
+    manifest.update(tool_version="data_tools.convert 1", fingerprint="0" * 64,
+                    fingerprint_parts={**manifest["fingerprint_parts"], "options": "0" * 64})
+    (old / BRIDGE / "manifest.json").write_text(json.dumps(manifest))
+    failures = convert(root, [DatasetRequest(BRIDGE)], old, Registry.load(), RunOptions(), progress=False)
+    assert "converter version: data_tools.convert 1 -> data_tools.convert 2" in failures[BRIDGE]
+    assert json.loads((old / BRIDGE / "manifest.json").read_text())["tool_version"] == "data_tools.convert 1"  # untouched
