@@ -4,7 +4,10 @@
 
 Per dataset: OpenVLA's standardization (data_tools/registry/oxe.yaml), statistics over split="all"
 before skip_unlabeled, BOUNDS_Q99 normalization, skip_unlabeled, OpenVLA's train/val splits, stored
-JPEG bytes copied unchanged. Work is split into units (one shard file of one split); each unit writes
+JPEG bytes copied unchanged. Every camera and the state as OpenVLA's make_dataset_from_rlds reads them with
+load_camera_views including "wrist" and load_proprio=True: the wrist frames under images_wrist/ (a missing one
+is OpenVLA's zero image: no file, counted in manifest.json `views`), the proprio in <split>_proprio.npz and
+its statistics (`source: "state"`); data_tools/converted_format.py says how. Work is split into units (one shard file of one split); each unit writes
 to a temporary directory renamed when complete, so a killed run resumes where it stopped, and output
 is byte-identical for any --workers. A dataset directory appears under OUT only when it is complete.
 OUT/mixture.yaml turns the spec's OpenVLA weights into copy multipliers under --weighting (default
@@ -355,7 +358,7 @@ def proprio_plan(spec: Any, leaves: Mapping[str, LeafSpec]) -> dict[str, Any]:
     for key in spec.state_keys:
         width = 1 if key is None else sum(_part_width(p, leaves) for p in spec.state_parts(key))
         columns.append([key, width])
-    return {"written": True, "state_obs_keys": list(spec.state_keys), "columns": columns,
+    return {"written": True, "state_obs_keys": list(spec.state_keys), "state_encoding": spec.state_encoding, "columns": columns,
             "dims": sum(w for _, w in columns), "source_keys": spec.proprio_source_keys()}
 
 
@@ -440,6 +443,7 @@ class UnitJob:
     wrist_root: str | None = None
     proprio: bool = False  # build OpenVLA's proprio (every state key None: a proprio of zero columns)
     proprio_keys: tuple[str, ...] = ()  # step keys the proprio is built from
+    proprio_dims: int = 0  # its width, from the feature shapes (checked on every episode)
 
     @property
     def done_dir(self) -> Path:
@@ -511,6 +515,9 @@ def _process_unit(job: UnitJob) -> dict[str, Any]:
                 continue
             action, language = _standardize(spec, raw)
             proprio = build_proprio(spec, raw.episode) if job.proprio else None
+            if proprio is not None and proprio.shape[1] != job.proprio_dims:
+                raise ValueError(f"record {raw.record}: proprio has {proprio.shape[1]} columns, the features say "
+                                 f"{job.proprio_dims}")
             finite = np.isfinite(action).all(axis=1)
             counts["num_trajectories"] += 1
             counts["num_transitions"] += int(finite.sum())
@@ -1056,6 +1063,7 @@ def convert(
                     wrist_root=str(work / "final" / WRIST_IMAGES_DIR) if plan.wrist_key else None,
                     proprio=bool(plan.proprio.get("written")),
                     proprio_keys=tuple(plan.proprio.get("source_keys", ())),
+                    proprio_dims=int(plan.proprio.get("dims", 0)),
                 )
             )
     by_name = {p.request.name: p for p in plans}

@@ -39,6 +39,7 @@ See data_tools/registry/oxe.yaml for every op (drop_first, relabel_from_state, r
 
 
 OXE_BUCKET = "gs://gresearch/robotics"
+STATE_ENCODINGS = {"NONE", "POS_EULER", "POS_QUAT", "JOINT", "JOINT_BIMANUAL"}  # OpenVLA oxe/configs.py:33-40
 VERSION_SOURCES = {"schema", "oxe_colab", "unverified", "none", "hf_repo"}
 
 
@@ -94,6 +95,7 @@ class DatasetSpec:
     # how the standardization transform builds a state key (OpenVLA writes trajectory["observation"][key] in
     # oxe/transforms.py): key -> parts concatenated as the action's; a state key not listed is observation/<key>
     state: tuple[tuple[str, tuple[ActionPart, ...]], ...] = ()
+    state_encoding: str | None = None  # OpenVLA's StateEncoding name of the proprio (documentation, manifest)
     success_key: str | None = None
     frame_filters: tuple[FrameFilter, ...] = ()
     action_normalization_mask: tuple[bool, ...] = (True,) * 6 + (False,)
@@ -238,6 +240,9 @@ def parse_entry(name: str, raw: Mapping[str, Any]) -> DatasetSpec:
         if not isinstance(parts, list) or not parts:
             raise RegistryError(f"{where}.state.{key}: a non-empty list of parts")
         state.append((str(key), tuple(_parse_part(p, f"{where}.state.{key}[{i}]") for i, p in enumerate(parts))))
+    state_encoding = raw.get("state_encoding")
+    if state_encoding is not None and state_encoding not in STATE_ENCODINGS:
+        raise RegistryError(f"{where}.state_encoding: one of {sorted(STATE_ENCODINGS)}, got {state_encoding!r}")
     mask = tuple(bool(m) for m in raw.get("action_normalization_mask", [True] * 6 + [False]))
     if len(mask) != 7:
         raise RegistryError(f"{where}: action_normalization_mask needs 7 entries")
@@ -251,6 +256,7 @@ def parse_entry(name: str, raw: Mapping[str, Any]) -> DatasetSpec:
         standardize=ops,
         state_keys=tuple(raw.get("state_keys") or ()),
         state=tuple(state),
+        state_encoding=state_encoding,
         success_key=raw.get("success_key"),
         frame_filters=tuple(filters),
         action_normalization_mask=mask,

@@ -170,6 +170,7 @@ def test_proprio_statistics_as_openvla_with_proprio(views, name):
     assert json.loads((out / "dataset_statistics.json").read_text())[name]["proprio"] == p
     m = json.loads((out / name / "manifest.json").read_text())["proprio"]
     assert m["written"] and m["dims"] == 8 and m["statistics_source"] == PROPRIO_SOURCE_STATE
+    assert m["state_encoding"] == "POS_EULER"  # OpenVLA configs.py: both datasets' StateEncoding
     assert [k for k, _ in m["columns"]] == m["state_obs_keys"] and sum(w for _, w in m["columns"]) == 8
 
 
@@ -236,3 +237,23 @@ def test_version_1_folder_is_refused_not_mixed(views, tmp_path):
     failures = convert(root, [DatasetRequest(BRIDGE)], old, Registry.load(), RunOptions(), progress=False)
     assert "converter version: data_tools.convert 1 -> data_tools.convert 2" in failures[BRIDGE]
     assert json.loads((old / BRIDGE / "manifest.json").read_text())["tool_version"] == "data_tools.convert 1"  # untouched
+
+
+def test_stats_from_keeps_published_actions_and_computes_proprio(views, tmp_path):
+    """--stats-from: OpenVLA's published file has proprio over zeros (no `source`); the converted proprio's own
+    statistics replace that entry, the action entry stays the published one."""
+    from data_tools.convert import DatasetRequest, RunOptions, convert
+    from data_tools.registry import Registry
+
+    root, out = views
+    computed = json.loads((out / BRIDGE / "dataset_statistics.json").read_text())[BRIDGE]
+    published = json.loads(json.dumps(computed))
+    published["proprio"] = {k: [0.0] * 7 for k in ("mean", "std", "max", "min", "q01", "q99")}
+    published["action"]["q99"] = [v + 0.5 for v in published["action"]["q99"]]
+    path = tmp_path / "published.json"
+    path.write_text(json.dumps({BRIDGE: published}))
+    assert convert(root, [DatasetRequest(BRIDGE)], tmp_path / "out", Registry.load(), RunOptions(stats_from=str(path)),
+                   progress=False) == {}
+    got = json.loads((tmp_path / "out" / BRIDGE / "dataset_statistics.json").read_text())[BRIDGE]
+    assert got["action"]["q99"] == published["action"]["q99"]
+    assert got["proprio"] == computed["proprio"] and proprio_source(got) == PROPRIO_SOURCE_STATE
