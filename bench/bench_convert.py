@@ -1,6 +1,10 @@
 """Benchmark data_tools.convert on a Bridge-schema fixture at the real 480x640 camera size.
 
     python bench/bench_convert.py [--workdir /tmp/bench_convert] [--episodes 90] [--steps 38] [--workers 1]
+                                  [--dataset bridge_orig]
+
+--dataset picks another schema (e.g. stanford_hydra_dataset_converted_externally_to_rlds: a wrist camera, so
+the conversion writes two JPEGs per frame); every camera is written at 480x640.
 
 Measures, on the same data, machine and worker count, each in a fresh process (peak RSS per process):
   (a) data_tools.convert (stored JPEG bytes copied),
@@ -28,6 +32,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+DATASET = os.environ.get("BENCH_CONVERT_DATASET", "bridge_orig")  # --dataset (children read it from here)
+DROPPED_STEPS = {"bridge_orig": 2}  # steps the transform drops per episode (bridge: the first and the last)
+
+
+def _primary_key() -> str:
+    from data_tools.registry import Registry
+
+    return f"observation/{Registry.load().get(DATASET).primary_image}"
 
 
 def make_fixture(root: Path, episodes: int, steps: int) -> Path:
@@ -35,7 +47,7 @@ def make_fixture(root: Path, episodes: int, steps: int) -> Path:
 
     val = max(1, episodes // 20)
     shards = min(4, val)  # the fixture writer uses one shard count for every split
-    return write_rlds_dataset(root, "bridge_orig", splits={"train": episodes - val, "val": val}, steps=steps,
+    return write_rlds_dataset(root, DATASET, splits={"train": episodes - val, "val": val}, steps=steps,
                               shards=shards, image_size=(480, 640), seed=0)
 
 
@@ -78,11 +90,11 @@ def measure(kind: str, data_dir: Path, out: Path, workers: int) -> dict:
             conv.frame_jpeg = _reencode_every_frame
             if workers > 1:
                 raise SystemExit("reencode baseline patches the converter in-process: use --workers 1")
-        failures = conv.convert(data_dir, [conv.DatasetRequest("bridge_orig")], out, Registry.load(),
+        failures = conv.convert(data_dir, [conv.DatasetRequest(DATASET)], out, Registry.load(),
                                 conv.RunOptions(verify_images=kind == "verify"), workers=workers, progress=False)
         assert not failures, failures
-        frames = sum(1 for s in ("train", "val") for _ in open(out / "bridge_orig" / f"{s}.jsonl"))
-        nbytes = sum(p.stat().st_size for p in (out / "bridge_orig" / "images").rglob("*.jpg"))
+        frames = sum(1 for s in ("train", "val") for _ in open(out / DATASET / f"{s}.jsonl"))
+        nbytes = sum(p.stat().st_size for p in (out / DATASET).rglob("*.jpg"))  # every view
     elif kind == "create":
         # the filesystem's floor for the output layout: one new file per frame, nothing else
         frames, nbytes, blob = 3240 if not data_dir.is_dir() else _frame_count(data_dir), 0, b"\0" * 16000
@@ -95,7 +107,7 @@ def measure(kind: str, data_dir: Path, out: Path, workers: int) -> dict:
             os.close(fd)
             nbytes += len(blob)
     else:
-        files = sorted(str(p) for p in (data_dir / "bridge_orig").rglob("*.tfrecord-*"))
+        files = sorted(str(p) for p in (data_dir / DATASET).rglob("*.tfrecord-*"))
         ds = tf.data.TFRecordDataset(files, num_parallel_reads=workers if workers > 1 else None)
         frames, nbytes = 0, 0
         for rec in ds.as_numpy_iterator():
@@ -128,21 +140,22 @@ def _sample_frames(data_dir: Path) -> list[bytes]:
 
     from data_tools.rlds_io import feature_leaves, iter_tfrecord, parse_episode
 
-    ds_dir = next((data_dir / "bridge_orig").glob("*/dataset_info.json")).parent
+    ds_dir = next((data_dir / DATASET).glob("*/dataset_info.json")).parent
     leaves = feature_leaves(tfds.builder_from_directory(str(ds_dir)).info.features)
     frames: list[bytes] = []
     for path in sorted(ds_dir.glob("*.tfrecord-*"))[:1]:
         for _, payload in iter_tfrecord(path):
-            steps, _, _ = parse_episode(payload, leaves, ["observation/image_0"])
-            frames.extend(bytes(b) for b in steps["observation/image_0"])
+            key = _primary_key()
+            steps, _, _ = parse_episode(payload, leaves, [key])
+            frames.extend(bytes(b) for b in steps[key])
     return frames
 
 
 def _frame_count(data_dir: Path) -> int:
-    info = json.loads(next((data_dir / "bridge_orig").glob("*/dataset_info.json")).read_text())
+    info = json.loads(next((data_dir / DATASET).glob("*/dataset_info.json")).read_text())
     episodes = sum(sum(int(n) for n in sp["shardLengths"]) for sp in info["splits"])
     steps = int((data_dir / "steps").read_text()) if (data_dir / "steps").is_file() else 38
-    return episodes * (steps - 2)
+    return episodes * (steps - DROPPED_STEPS.get(DATASET, 0))
 
 
 def run_child(kind: str, data_dir: Path, out: Path, workers: int) -> dict:
@@ -157,14 +170,17 @@ def run_child(kind: str, data_dir: Path, out: Path, workers: int) -> dict:
 
 
 def main() -> int:
+    global DATASET
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_convert"))
     p.add_argument("--episodes", type=int, default=90)
     p.add_argument("--steps", type=int, default=38, help="steps per episode (bridge drops first and last)")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--dataset", default=DATASET, help="schema / registry name to convert (default bridge_orig)")
     p.add_argument("--repeats", type=int, default=2, help="runs per measurement; the fastest is reported")
     p.add_argument("--_measure"), p.add_argument("--_data"), p.add_argument("--_out")
     args = p.parse_args()
+    DATASET = os.environ["BENCH_CONVERT_DATASET"] = args.dataset  # the measuring children inherit it
     if args._measure:
         print(json.dumps(measure(args._measure, Path(args._data), Path(args._out), args.workers)))
         return 0
@@ -208,7 +224,7 @@ def main() -> int:
 
     frames = res["convert"]["count"]
     fps = {k: (frames if k != "convert_third" else r["count"]) / r["seconds"] for k, r in res.items()}
-    source_mb = sum(f.stat().st_size for f in (big / "bridge_orig").rglob("*.tfrecord-*")) / 1e6
+    source_mb = sum(f.stat().st_size for f in (big / DATASET).rglob("*.tfrecord-*")) / 1e6
     a_b, a_c = fps["convert"] / fps["reencode"], fps["convert"] / fps["read"]
     cpu = platform.processor() or platform.machine()
     try:
@@ -236,12 +252,15 @@ def main() -> int:
         tmpfs_line = (f"With OUT on tmpfs (no disk metadata cost): a / c = **{fps['convert_tmpfs'] / fps['read']:.2f}x**, "
                       f"a / b = {fps['convert_tmpfs'] / fps['reencode']:.1f}x. Row d is what the output layout "
                       f"(one file per frame) costs this disk before any conversion work.\n")
-    md = f"""## data_tools convert (Bridge schema, 480x640)
+    what = ("the `bridge_orig` schema (4 cameras + depth per step, synthetic JPEGs at 480x640)" if DATASET == "bridge_orig"
+            else f"the `{DATASET}` schema (every camera synthetic JPEGs at 480x640)")
+    dropped = "first and last step dropped" if DATASET == "bridge_orig" else "every step"
+    md = f"""## data_tools convert ({DATASET} schema, 480x640)
 
 Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {cpu}, {os.cpu_count()} cores, Python {platform.python_version()},
-`python bench/bench_convert.py --episodes {args.episodes} --steps {args.steps} --workers {args.workers}`:
-{args.episodes} episodes x {args.steps} steps of the `bridge_orig` schema (4 cameras + depth per step,
-synthetic JPEGs at 480x640), {source_mb:.0f} MB of TFRecords, {frames} output frames (first and last step dropped),
+`python bench/bench_convert.py --episodes {args.episodes} --steps {args.steps} --workers {args.workers} --dataset {DATASET}`:
+{args.episodes} episodes x {args.steps} steps of {what}, {source_mb:.0f} MB of TFRecords, {frames} output frames
+({dropped}), {res['convert']['bytes'] / 1e6:.1f} MB of output JPEGs (every exported view),
 page cache warm, `sync` before each run, workers = {args.workers}, fastest of {args.repeats} runs, each in a fresh
 process; 1-minute load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after (other jobs on the machine
 skew absolute numbers; the runs interleave, so the ratios are less affected); every run writes into a new directory. frames/s is output frames per second for every row (for c and d: the same {frames} frames).

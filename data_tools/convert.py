@@ -4,7 +4,10 @@
 
 Per dataset: OpenVLA's standardization (data_tools/registry/oxe.yaml), statistics over split="all"
 before skip_unlabeled, BOUNDS_Q99 normalization, skip_unlabeled, OpenVLA's train/val splits, stored
-JPEG bytes copied unchanged. Work is split into units (one shard file of one split); each unit writes
+JPEG bytes copied unchanged. Every camera and the state as OpenVLA's make_dataset_from_rlds reads them with
+load_camera_views including "wrist" and load_proprio=True: the wrist frames under images_wrist/ (a missing one
+is OpenVLA's zero image: no file, counted in manifest.json `views`), the proprio in <split>_proprio.npz and
+its statistics (`source: "state"`); data_tools/converted_format.py says how. Work is split into units (one shard file of one split); each unit writes
 to a temporary directory renamed when complete, so a killed run resumes where it stopped, and output
 is byte-identical for any --workers. A dataset directory appears under OUT only when it is complete.
 OUT/mixture.yaml turns the spec's OpenVLA weights into copy multipliers under --weighting (default
@@ -44,11 +47,14 @@ from data_tools.converted_format import (
     MIXTURE_FILE,
     STATISTICS_FILE,
     TRAIN_FILE,
+    WRIST_IMAGES_DIR,
     ConvertedSample,
     EpisodeActions,
     episode_actions_file,
+    episode_proprio_file,
     image_relpath,
     split_file,
+    wrist_image_path,
 )
 from data_tools.images import (
     ImageDecodeError,
@@ -61,16 +67,19 @@ from data_tools.normalize import (
     compute_statistics,
     load_published_statistics,
     normalize_bounds_q99,
+    proprio_statistics,
     with_mask,
     zero_action_keep_mask,
 )
 from data_tools.registry import Registry, RegistryError, UnknownDatasetError, parse_entry
 from data_tools.rlds_io import CorruptRecordError, LeafSpec, iter_tfrecord, parse_episode
-from data_tools.transforms import Episode, standardize
+from data_tools.transforms import Episode, build_proprio, standardize
 from data_tools.weights import parse_weight
 from data_tools.training_mixture import DEFAULT_WEIGHTING, MixtureToolError, add_weighting_flags, check_weighting
 
-TOOL_VERSION = "data_tools.convert 1"
+# 2: the wrist view (images_wrist/, `image_wrist`), <split>_proprio.npz and the proprio statistics' `source`.
+# Part of the fingerprint: a folder (or partial run) converted by version 1 is refused, never mixed with 2.
+TOOL_VERSION = "data_tools.convert 2"
 WORK_DIR = ".work"
 
 log = logging.getLogger("data_tools.convert")
@@ -209,6 +218,9 @@ class DatasetPlan:
     # does not): other spellings of this plan's options digest, one conversion either way
     equivalent_options_digests: tuple[str, ...] = ()
     inputs: dict[str, Any] = field(default_factory=dict)  # what the options digest covers, compared field by field
+    wrist_key: str | None = None  # the wrist camera's step key (observation/...), None: no wrist view
+    views_note: str | None = None  # why a registry wrist camera is not read (the source lacks it)
+    proprio: dict[str, Any] = field(default_factory=dict)  # proprio_plan(): written?, keys, columns / reason
 
     def fingerprint_parts(self) -> dict[str, str]:
         return {"source": self.source_digest, "options": self.options_digest}
@@ -272,6 +284,8 @@ def plan_dataset(data_dir: Path, req: DatasetRequest, registry: Registry, opts: 
         shards=shards,
     )
     plan.source_digest = source_digest(ds_dir, [u.path for u in units])
+    plan.wrist_key, plan.views_note = wrist_plan(spec, leaves)
+    plan.proprio = proprio_plan(spec, leaves)
 
     def options_digest(version: str | None) -> str:
         return _json_digest(
@@ -300,6 +314,52 @@ def plan_dataset(data_dir: Path, req: DatasetRequest, registry: Registry, opts: 
         "stats_from": opts.stats_from,
     }
     return plan
+
+
+WRIST_MISSING_RULE = ("OpenVLA: a missing camera is a zero image (make_dataset_from_rlds pads a None image key with "
+                      "an empty string, dataset.py:146-147; decode_and_resize makes it zeros, obs_transforms.py:67-69; "
+                      "add_pad_mask_dict marks it padding, traj_transforms.py:95-96). No file is written: the sample "
+                      "has no image_wrist")
+
+
+def wrist_plan(spec: Any, leaves: Mapping[str, LeafSpec]) -> tuple[str | None, str | None]:
+    """(the wrist camera's step key, None) where the registry names one (OpenVLA image_obs_keys["wrist"], read
+    with load_camera_views including "wrist") and the source has it; else (None, why not or None)."""
+    if not spec.wrist_image:
+        return None, None
+    key = f"observation/{spec.wrist_image}"
+    leaf = leaves.get(f"steps/{key}")
+    if leaf is None or leaf.kind not in ("image", "tensor"):
+        return None, f"the registry's wrist camera {key!r} is not an image feature of the source: treated as absent"
+    return key, None
+
+
+def _part_width(part: Any, leaves: Mapping[str, LeafSpec]) -> int:
+    if part.zeros or part.ones:
+        return part.zeros or part.ones
+    shape = leaves[f"steps/{part.key}"].shape
+    width = int(np.prod([d or 1 for d in shape])) if shape else 1
+    return len(range(width)[slice(*part.cols)]) if part.cols is not None else width
+
+
+def proprio_plan(spec: Any, leaves: Mapping[str, LeafSpec]) -> dict[str, Any]:
+    """Whether OpenVLA's proprio (load_proprio=True: state_obs_keys, dataset.py:157-168) is built, from which
+    keys, and its columns; or why not (no state_obs_keys in the registry, or a key the source lacks)."""
+    if not spec.state_keys:
+        return {"written": False, "reason": "the registry names no state_obs_keys (OpenVLA then has no proprio)"}
+    missing = []
+    for key in spec.proprio_source_keys():
+        leaf = leaves.get(f"steps/{key}")
+        if leaf is None or leaf.kind != "tensor" or leaf.dtype == "object":
+            missing.append(key)
+    if missing:
+        return {"written": False, "reason": f"state keys not numeric step features of the source: {missing}"}
+    columns = []
+    for key in spec.state_keys:
+        width = 1 if key is None else sum(_part_width(p, leaves) for p in spec.state_parts(key))
+        columns.append([key, width])
+    return {"written": True, "state_obs_keys": list(spec.state_keys), "state_encoding": spec.state_encoding, "columns": columns,
+            "dims": sum(w for _, w in columns), "source_keys": spec.proprio_source_keys()}
 
 
 def _json_digest(obj: Any) -> str:
@@ -379,6 +439,11 @@ class UnitJob:
     frames_per_episode: int | None
     seed: int
     verify_images: bool = False
+    wrist_key: str | None = None  # the wrist camera's step key; None: no wrist view
+    wrist_root: str | None = None
+    proprio: bool = False  # build OpenVLA's proprio (every state key None: a proprio of zero columns)
+    proprio_keys: tuple[str, ...] = ()  # step keys the proprio is built from
+    proprio_dims: int = 0  # its width, from the feature shapes (checked on every episode)
 
     @property
     def done_dir(self) -> Path:
@@ -412,6 +477,7 @@ def _new_counts(unit_id: str) -> dict[str, Any]:
 
 def _new_split_counts() -> dict[str, Any]:
     return {"episodes_read": 0, "episodes_kept": 0, "frames": 0, "image_bytes": 0, "images": {},
+            "wrist_image_bytes": 0, "wrist_images": {},
             "dropped_episodes": {}, "dropped_frames": {}, "bad_frames": []}
 
 
@@ -437,6 +503,7 @@ def _process_unit(job: UnitJob) -> dict[str, Any]:
     job.tmp_dir.mkdir(parents=True)
     counts = _new_counts(job.unit.unit_id)
     stat_rows: list[np.ndarray] = []
+    proprio_rows: list[np.ndarray] = []
     writer = _FrameWriter(job)
     with atomic_open(job.tmp_dir / "samples.jsonl", "w") as samples:
         for raw in _read_episodes(job, spec):
@@ -447,31 +514,40 @@ def _process_unit(job: UnitJob) -> dict[str, Any]:
             if not _passes_episode_filters(job, spec, raw, counts, sc):
                 continue
             action, language = _standardize(spec, raw)
+            proprio = build_proprio(spec, raw.episode) if job.proprio else None
+            if proprio is not None and proprio.shape[1] != job.proprio_dims:
+                raise ValueError(f"record {raw.record}: proprio has {proprio.shape[1]} columns, the features say "
+                                 f"{job.proprio_dims}")
             finite = np.isfinite(action).all(axis=1)
             counts["num_trajectories"] += 1
             counts["num_transitions"] += int(finite.sum())
             _bump(counts["dropped_for_statistics"], "nonfinite_action", int((~finite).sum()))
             stat_rows.append(action[finite])
+            if proprio is not None:
+                proprio_rows.append(proprio[finite])  # the transitions of the action statistics
             if sc is None:
                 continue
             chosen = _select_trainable_frames(job, raw, language, finite, sc)
             if chosen is None:
                 continue
-            written = writer.write_episode(raw, chosen, action, language, sc, samples)
+            written = writer.write_episode(raw, chosen, action, language, sc, samples, proprio)
             if written:
                 sc["episodes_kept"] += 1
                 sc["frames"] += written
             else:
                 _bump(sc["dropped_episodes"], "no_frames")
-    _commit_unit(job, counts, stat_rows, writer.sample_actions, writer.episode_actions)
+    _commit_unit(job, counts, stat_rows, writer.sample_actions, writer.episode_actions,
+                 proprio_rows if job.proprio else None)
     return counts
 
 
 def _read_episodes(job: UnitJob, spec: Any) -> Iterator[RawEpisode]:
     """Step 1, read: the unit's records, parsed (images stay encoded; split-less ones without images)."""
     unit = job.unit
-    keys_with_images = spec.step_keys(with_images=True)
-    keys_stats_only = spec.step_keys(with_images=False)
+    # proprio over split="all" (its statistics), the wrist camera only where frames are written
+    keys_stats_only = list(dict.fromkeys(spec.step_keys(with_images=False) + list(job.proprio_keys)))
+    keys_with_images = list(dict.fromkeys(spec.step_keys(with_images=True) + list(job.proprio_keys)
+                                          + ([job.wrist_key] if job.wrist_key else [])))
     episode_keys = [spec.success_key] if (job.request.filter_success and spec.success_key) else []
     for record, payload in iter_tfrecord(unit.path, unit.skip, unit.take):
         gidx = unit.global_start + (record - unit.skip)
@@ -530,67 +606,103 @@ def _select_trainable_frames(job: UnitJob, raw: RawEpisode, language: Sequence[s
 
 
 class _FrameWriter:
-    """Step 4, write: each chosen frame's JPEG under images/ and its sample line; counts what it skips."""
+    """Step 4, write: each chosen frame's JPEG under images/ (and its wrist JPEG under images_wrist/) and its
+    sample line; counts what it skips."""
 
     def __init__(self, job: UnitJob):
         self.job = job
         self.made_dirs: set[str] = set()
         self.sample_actions: list[np.ndarray] = []
-        self.episode_actions: dict[str, np.ndarray] = {}  # each kept episode's full standardized sequence (chunk windows)
+        # each kept episode's full standardized sequence (chunk windows), and its proprio where built
+        self.episode_actions: dict[str, np.ndarray] = {}
         self.image_key = f"observation/{parse_entry(job.unit.dataset, job.spec_raw).primary_image}"
 
+    def _jpeg(self, stored: Any, flip: bool) -> tuple[bytes | None, str, str | None]:
+        """(bytes, how, None) for a frame to write, else (None, reason, detail): the checks of the primary frame."""
+        try:
+            data, how = frame_jpeg(stored, flip)
+        except MissingImageError:
+            return None, "missing_image", None
+        except ImageDecodeError:
+            return None, "undecodable_image", None
+        problem = jpeg_structure_problem(data) if how == "copied" else None
+        if problem is None and self.job.verify_images and how == "copied":
+            problem = verify_decodes(data)
+        if problem is not None:
+            return None, "corrupt_image", problem
+        return data, how, None
+
+    def _write(self, root: str, raw: RawEpisode, step: int, data: bytes) -> None:
+        ep_dir = f"{root}/{raw.split}/{raw.index:06d}"
+        if ep_dir not in self.made_dirs:
+            try:
+                os.makedirs(ep_dir, exist_ok=True)
+            except OSError as e:
+                raise OutputWriteError(e.errno, f"cannot create {ep_dir}: {e.strerror}") from e
+            self.made_dirs.add(ep_dir)
+        # no temp-and-rename per image: the whole images/ tree lives in the unfinished dataset directory
+        # until finalize renames it, and a re-run unit rewrites (truncates) every file it owns
+        write_file(f"{ep_dir}/{step:04d}.jpg", data)
+
+    def _bad_frame(self, sc: dict[str, Any], raw: RawEpisode, step: int, problem: str, view: str = "") -> None:
+        if len(sc["bad_frames"]) < BAD_FRAMES_LISTED:
+            sc["bad_frames"].append(f"{view}{raw.split}/{raw.index:06d}/{step:04d} ({self.job.unit.path} "
+                                    f"record {raw.record}): {problem}")
+
     def write_episode(self, raw: RawEpisode, chosen: np.ndarray, action: np.ndarray, language: Sequence[str],
-                      sc: dict[str, Any], samples: Any) -> int:
+                      sc: dict[str, Any], samples: Any, proprio: np.ndarray | None = None) -> int:
         ep = raw.episode
         images = ep.steps[self.image_key]
+        wrist = ep.steps[self.job.wrist_key] if self.job.wrist_key else None
         written = 0
         for t in chosen.tolist():
             step = int(ep.step_index[t])
-            try:
-                data, how = frame_jpeg(images[t], self.job.request.flip_image_channels)
-            except MissingImageError:
-                _bump(sc["dropped_frames"], "missing_image")
+            data, how, problem = self._jpeg(images[t], self.job.request.flip_image_channels)
+            if data is None:
+                _bump(sc["dropped_frames"], how)
+                if problem is not None:
+                    self._bad_frame(sc, raw, step, problem)
                 continue
-            except ImageDecodeError:
-                _bump(sc["dropped_frames"], "undecodable_image")
-                continue
-            problem = jpeg_structure_problem(data) if how == "copied" else None
-            if problem is None and self.job.verify_images and how == "copied":
-                problem = verify_decodes(data)
-            if problem is not None:
-                _bump(sc["dropped_frames"], "corrupt_image")
-                if len(sc["bad_frames"]) < BAD_FRAMES_LISTED:
-                    sc["bad_frames"].append(
-                        f"{raw.split}/{raw.index:06d}/{step:04d} ({self.job.unit.path} record {raw.record}): {problem}")
-                continue
-            ep_dir = f"{self.job.images_root}/{raw.split}/{raw.index:06d}"
-            if ep_dir not in self.made_dirs:
-                try:
-                    os.makedirs(ep_dir, exist_ok=True)
-                except OSError as e:
-                    raise OutputWriteError(e.errno, f"cannot create {ep_dir}: {e.strerror}") from e
-                self.made_dirs.add(ep_dir)
-            # no temp-and-rename per image: the whole images/ tree lives in the unfinished dataset directory
-            # until finalize renames it, and a re-run unit rewrites (truncates) every file it owns
-            write_file(f"{ep_dir}/{step:04d}.jpg", data)
+            self._write(self.job.images_root, raw, step, data)
             _bump(sc["images"], how)
             sc["image_bytes"] += len(data)
-            samples.write(json.dumps([raw.split, raw.index, step, language[t]], ensure_ascii=False) + "\n")
+            # the wrist view: a frame whose wrist image is empty or damaged keeps its primary frame and gets
+            # OpenVLA's padding (a zero image, no file); "no_camera": the dataset has no wrist view
+            wrist_status = "no_camera"
+            if wrist is not None:
+                wdata, wstatus, wproblem = self._jpeg(wrist[t], self.job.request.flip_wrist_image_channels)
+                if wdata is None:
+                    wrist_status = wstatus
+                    if wproblem is not None:
+                        self._bad_frame(sc, raw, step, wproblem, view="wrist ")
+                else:
+                    self._write(self.job.wrist_root, raw, step, wdata)
+                    wrist_status = "written"
+                    _bump(sc["wrist_images"], wstatus)
+                    sc["wrist_image_bytes"] += len(wdata)
+            samples.write(json.dumps([raw.split, raw.index, step, language[t], wrist_status], ensure_ascii=False) + "\n")
             self.sample_actions.append(action[t])
             written += 1
         if written:
             self.episode_actions[f"{raw.split}/{raw.index}/action"] = action
             self.episode_actions[f"{raw.split}/{raw.index}/step"] = ep.step_index
+            if proprio is not None:
+                self.episode_actions[f"{raw.split}/{raw.index}/proprio"] = proprio
         return written
 
 
 def _commit_unit(job: UnitJob, counts: dict[str, Any], stat_rows: list[np.ndarray],
-                 sample_actions: list[np.ndarray], episode_actions: Mapping[str, np.ndarray]) -> None:
-    """The unit's statistics rows, sample actions and counts, then one rename: it exists only once complete."""
+                 sample_actions: list[np.ndarray], episode_actions: Mapping[str, np.ndarray],
+                 proprio_rows: list[np.ndarray] | None = None) -> None:
+    """The unit's statistics rows (actions, and proprio where built), sample actions and counts, then one
+    rename: it exists only once complete."""
     tmp = job.tmp_dir
     rows = np.concatenate(stat_rows) if stat_rows else np.zeros((0, 7), np.float32)
     try:
         np.save(tmp / "actions.npy", rows.astype(np.float32))
+        if proprio_rows is not None:
+            prop = np.concatenate(proprio_rows) if proprio_rows else np.zeros((0, 0), np.float32)
+            np.save(tmp / "proprio.npy", prop.astype(np.float32))
         np.save(tmp / "sample_actions.npy", np.asarray(sample_actions, np.float32).reshape(-1, 7))
         np.savez(tmp / "episode_actions.npz", **episode_actions)
     except OSError as e:
@@ -613,11 +725,11 @@ def _merge_counts(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             _bump(total["dropped_for_statistics"], k, v)
         for s, sc in c["splits"].items():
             t = total["splits"].setdefault(s, _new_split_counts())
-            for key in ("episodes_read", "episodes_kept", "frames", "image_bytes"):
-                t[key] += sc[key]
+            for key in ("episodes_read", "episodes_kept", "frames", "image_bytes", "wrist_image_bytes"):
+                t[key] += sc.get(key, 0)
             t["bad_frames"] = (t["bad_frames"] + sc.get("bad_frames", []))[:BAD_FRAMES_LISTED]
-            for key in ("images", "dropped_episodes", "dropped_frames"):
-                for k, v in sc[key].items():
+            for key in ("images", "wrist_images", "dropped_episodes", "dropped_frames"):
+                for k, v in sc.get(key, {}).items():
                     _bump(t[key], k, v)
     return total
 
@@ -626,12 +738,15 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def _write_episode_actions(work: Path, units: Sequence[Unit], final: Path, stats: Mapping[str, Any]) -> None:
+def _write_episode_actions(work: Path, units: Sequence[Unit], final: Path, stats: Mapping[str, Any],
+                           proprio_dims: int | None = None) -> None:
     """<split>_actions.npz: every kept episode's full normalized action sequence, from which training builds
     H-step windows (llava_vla_plugin/core/chunk_data.py), so H needs no re-conversion. The gripper is absolute
-    (EEF_POS, the only encoding converted), the rest relative, as OpenVLA's absolute_action_mask."""
+    (EEF_POS, the only encoding converted), the rest relative, as OpenVLA's absolute_action_mask.
+    <split>_proprio.npz (when `proprio_dims` is given): the same episodes' raw proprio, row for row (same steps),
+    in the same EpisodeActions layout as byod.py writes it (absolute_mask: every dimension, a state is absolute)."""
     for split in ("train", "val"):
-        episodes = {}
+        episodes, proprio = {}, {}
         for u in units:
             path = work / "units" / u.unit_id / "episode_actions.npz"
             if not path.exists():
@@ -640,8 +755,13 @@ def _write_episode_actions(work: Path, units: Sequence[Unit], final: Path, stats
                 for key in z.files:
                     s, gidx, kind = key.split("/")
                     if s == split and kind == "action":
-                        episodes[int(gidx)] = (normalize_bounds_q99(z[key], stats), z[f"{s}/{gidx}/step"])
+                        steps = z[f"{s}/{gidx}/step"]
+                        episodes[int(gidx)] = (normalize_bounds_q99(z[key], stats), steps)
+                        if proprio_dims is not None:
+                            proprio[int(gidx)] = (z[f"{s}/{gidx}/proprio"], steps)
         EpisodeActions.from_episodes(episodes, EEF_POS_ABSOLUTE_MASK).save(final / episode_actions_file(split))
+        if proprio_dims is not None:
+            EpisodeActions.from_episodes(proprio, (True,) * proprio_dims).save(final / episode_proprio_file(split))
 
 
 def finalize_dataset(plan: DatasetPlan, out_dir: Path, opts: RunOptions, unit_counts: Mapping[str, Any]) -> dict[str, Any]:
@@ -650,15 +770,27 @@ def finalize_dataset(plan: DatasetPlan, out_dir: Path, opts: RunOptions, unit_co
     work = out_dir / WORK_DIR / name
     final = work / "final"
     units = plan.units  # split order of dataset_info, shard order: OpenVLA's split="all" file order
+    proprio_dims = plan.proprio["dims"] if plan.proprio.get("written") else None
+    proprio_rows = None
+    if proprio_dims is not None:
+        proprio_rows = np.concatenate([np.load(work / "units" / u.unit_id / "proprio.npy").reshape(-1, proprio_dims)
+                                       for u in units])
     if opts.stats_from:
         stats = with_mask(load_published_statistics(opts.stats_from, name), spec.action_normalization_mask)
         stats_source = f"--stats-from {opts.stats_from}"
+        if proprio_rows is not None and len(proprio_rows):
+            # the published file's proprio is OpenVLA's over zeros (load_proprio=False); the converted proprio's
+            # own statistics replace it, over the same transitions as a computed action entry would be
+            stats["proprio"] = proprio_statistics(proprio_rows, proprio_rows[:, :0])
+            stats_source += '; proprio computed over split="all"'
     else:
         rows = np.concatenate([np.load(work / "units" / u.unit_id / "actions.npy") for u in units])
         num_traj = sum(unit_counts[u.unit_id]["num_trajectories"] for u in units)
-        stats = compute_statistics(rows, num_traj, spec.action_normalization_mask)
+        stats = compute_statistics(rows, num_traj, spec.action_normalization_mask, proprio=proprio_rows)
         stats_source = 'computed over split="all" (OpenVLA get_dataset_statistics)'
     counts = _merge_counts([unit_counts[u.unit_id] for u in units])
+    views = {s: {"written": 0, "no_camera": 0, "missing_image": 0, "undecodable_image": 0, "corrupt_image": 0}
+             for s in ("train", "val")}
     zero_filters = [f.params for f in spec.frame_filters if f.name == "zero_action"]
     with atomic_open(final / split_file("train"), "w") as train, atomic_open(final / split_file("val"), "w") as val:
         outputs = {"train": train, "val": val}
@@ -673,20 +805,28 @@ def finalize_dataset(plan: DatasetPlan, out_dir: Path, opts: RunOptions, unit_co
             for params in zero_filters:
                 keep &= zero_action_keep_mask(norm, params["q01"], params["q99"])
             for line, a_raw, a, ok in zip(lines, raw, norm, keep):
-                split, episode, step, instruction = json.loads(line)
+                split, episode, step, instruction, wrist = json.loads(line)
                 rel = image_relpath(split, episode, step)
                 if not ok:
                     _bump(counts["splits"][split]["dropped_frames"], "zero_action")
                     counts["splits"][split]["frames"] -= 1
                     # missing_ok: an earlier finalize of this dataset that failed later on already removed it
                     (final / "images" / rel).unlink(missing_ok=True)
+                    (final / WRIST_IMAGES_DIR / rel).unlink(missing_ok=True)
                     continue
-                outputs[split].write(ConvertedSample(name, split, episode, step, instruction, a, a_raw).to_json_line())
-    _write_episode_actions(work, units, final, stats)
+                views[split][wrist] += 1
+                wrist_path = wrist_image_path(name, split, episode, step) if wrist == "written" else None
+                outputs[split].write(ConvertedSample(name, split, episode, step, instruction, a, a_raw,
+                                                     wrist_path).to_json_line())
+    _write_episode_actions(work, units, final, stats, proprio_dims)
     (final / "images").mkdir(exist_ok=True)
+    if plan.wrist_key:
+        (final / WRIST_IMAGES_DIR).mkdir(exist_ok=True)
     warnings = []
-    if plan.request.flip_wrist_image_channels:
-        warnings.append("flip_wrist_image_channels has no effect: only the primary camera is exported")
+    if plan.views_note:
+        warnings.append(plan.views_note)
+    if plan.request.flip_wrist_image_channels and not plan.wrist_key:
+        warnings.append("flip_wrist_image_channels has no effect: the dataset has no wrist camera")
     for s in ("train", "val"):
         sc = counts["splits"].get(s, {})
         if sc.get("frames", 0) == 0:
@@ -714,6 +854,9 @@ def finalize_dataset(plan: DatasetPlan, out_dir: Path, opts: RunOptions, unit_co
             "seed": opts.seed,
         },
         "statistics": stats_source,
+        "views": _views_manifest(plan, spec, views),
+        "proprio": {**plan.proprio, "file": episode_proprio_file("<split>") if plan.proprio.get("written") else None,
+                    "statistics_source": stats["proprio"].get("source")},
         "registry_entry": plan.spec_raw,
         "counts": counts,
         "warnings": warnings,
@@ -725,6 +868,23 @@ def finalize_dataset(plan: DatasetPlan, out_dir: Path, opts: RunOptions, unit_co
     os.replace(final, target)  # the whole dataset appears at once
     shutil.rmtree(work, ignore_errors=True)
     return manifest
+
+
+def _views_manifest(plan: DatasetPlan, spec: Any, views: Mapping[str, Mapping[str, int]]) -> dict[str, Any]:
+    """Frames per camera view of the written samples; a wrist frame that is not written is OpenVLA's padding."""
+    def per(split_counts: Mapping[str, int]) -> dict[str, Any]:
+        frames = sum(split_counts.values())
+        missing = {k: v for k, v in split_counts.items() if k != "written" and v}
+        return {"frames": split_counts["written"], "missing": frames - split_counts["written"], "missing_why": missing}
+
+    wrist = {"key": plan.wrist_key.split("/", 1)[1] if plan.wrist_key else None,
+             "dir": WRIST_IMAGES_DIR if plan.wrist_key else None,
+             **per({k: sum(v[k] for v in views.values()) for k in views["train"]}),
+             "splits": {s: per(v) for s, v in views.items()}, "rule": WRIST_MISSING_RULE}
+    return {"primary": {"key": spec.primary_image, "dir": "images",
+                        "frames": sum(sum(v.values()) for v in views.values()),
+                        "splits": {s: {"frames": sum(v.values())} for s, v in views.items()}},
+            "wrist": wrist}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -899,6 +1059,11 @@ def convert(
                     frames_per_episode=opts.frames_per_episode,
                     seed=opts.seed,
                     verify_images=opts.verify_images,
+                    wrist_key=plan.wrist_key,
+                    wrist_root=str(work / "final" / WRIST_IMAGES_DIR) if plan.wrist_key else None,
+                    proprio=bool(plan.proprio.get("written")),
+                    proprio_keys=tuple(plan.proprio.get("source_keys", ())),
+                    proprio_dims=int(plan.proprio.get("dims", 0)),
                 )
             )
     by_name = {p.request.name: p for p in plans}

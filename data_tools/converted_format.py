@@ -7,7 +7,11 @@ Layout of a converted directory OUT (docs/DESIGN.md, "The converted format")::
     OUT/<dataset>/train.jsonl, val.jsonl one ConvertedSample per line
     OUT/<dataset>/dataset_statistics.json {dataset: statistics}
     OUT/<dataset>/manifest.json          what was read, options, counts of everything dropped
-    OUT/<dataset>/images/<split>/<episode:06d>/<step:04d>.jpg
+    OUT/<dataset>/images/<split>/<episode:06d>/<step:04d>.jpg        primary camera (OpenVLA image_obs_keys "primary")
+    OUT/<dataset>/images_wrist/<split>/<episode:06d>/<step:04d>.jpg  wrist camera, only where the dataset has one
+    OUT/<dataset>/<split>_actions.npz    every kept episode's normalized action sequence (EpisodeActions)
+    OUT/<dataset>/<split>_proprio.npz    the same episodes' raw proprio (EpisodeActions layout), where the
+                                         registry names state_obs_keys that the source has
 
 A sample line is LLaVA's conversation format plus provenance and the raw action::
 
@@ -15,7 +19,26 @@ A sample line is LLaVA's conversation format plus provenance and the raw action:
      "conversations": [{"from": "human", "value": "<image>\\nWhat action should the robot take to <instr>?"},
                        {"from": "gpt", "value": [7 normalized floats]}],
      "dataset": ..., "split": ..., "episode": int, "step": int, "action_raw": [7 floats],
-     "instruction": "<the dataset's instruction, original case>"}
+     "instruction": "<the dataset's instruction, original case>",
+     "image_wrist": "<dataset>/images_wrist/...jpg"}      <- only when this frame has a wrist image
+
+Views (OpenVLA make_dataset_from_rlds, prismatic/vla/datasets/rlds/dataset.py:145-149): a camera whose
+registry key is None is an empty-string padding image, which decode_and_resize turns into a zero image
+(obs_transforms.py:67-69) and add_pad_mask_dict marks as padding (traj_transforms.py:95-96); a step whose
+stored bytes are empty is the same. We write no file for
+it: `image_wrist` is absent on that line (`sample_wrist_image` returns None) and the reader applies the
+zero-image rule; manifest.json counts it under views.wrist.missing. Every stored frame is the source's JPEG
+bytes unchanged (unresized), as the primary frames.
+
+Proprio (dataset.py:157-168): the state_obs_keys of the registry, after the standardization transform,
+cast to float32 and concatenated, one zero column for each None key. Statistics: dataset_statistics.json's
+`proprio` entry has OpenVLA's numeric fields plus `source` (`proprio_source`): "state" when computed over
+that proprio (OpenVLA get_dataset_statistics with load_proprio=True), "zeros" when over zeros shaped like
+the actions (OpenVLA with load_proprio=False, data_utils.py:222-224); files written before the field
+existed read as "unknown" (they are the zeros).
+
+Data converted before views/proprio existed has no images_wrist/, no <split>_proprio.npz and no `source`:
+every accessor here returns None / "unknown" for it and it trains as a primary-only run.
 
 The human turn is what upstream LLaVA-NeXT reads, so the files also train with plain upstream; the
 `instruction` field is what our own readers use (no parsing the prompt back). Data converted before
@@ -36,6 +59,11 @@ STATISTICS_FILE = "dataset_statistics.json"
 MANIFEST_FILE = "manifest.json"
 MIXTURE_FILE = "mixture.yaml"
 IMAGES_DIR = "images"
+WRIST_IMAGES_DIR = "images_wrist"  # same relative layout as IMAGES_DIR
+# dataset_statistics.json[<dataset>]["proprio"]["source"]
+PROPRIO_SOURCE_STATE = "state"  # over the real proprio (OpenVLA with load_proprio=True)
+PROPRIO_SOURCE_ZEROS = "zeros"  # over zeros shaped like the actions (OpenVLA with load_proprio=False)
+PROPRIO_SOURCE_UNKNOWN = "unknown"  # no field: written by an older version, over zeros
 
 
 def split_file(split: str) -> str:
@@ -83,6 +111,7 @@ class ConvertedSample:
     instruction: str
     action: Any  # the normalized action ([-1, 1] where the mask says so), float32 values
     action_raw: Any  # the standardized action before normalization, float32 values
+    image_wrist: str | None = None  # the wrist frame's path (wrist_image_path), None: no wrist image for this frame
 
     @property
     def id(self) -> str:
@@ -101,7 +130,9 @@ class ConvertedSample:
             f'"conversations": [{{"from": "human", "value": {human}}}, {{"from": "gpt", "value": {_f32_json(self.action)}}}], '
             f'"dataset": "{self.dataset}", "split": "{self.split}", "episode": {self.episode}, "step": {self.step}, '
             f'"action_raw": {_f32_json(self.action_raw)}, '
-            f'"instruction": {json.dumps(self.instruction, ensure_ascii=False)}}}\n'
+            f'"instruction": {json.dumps(self.instruction, ensure_ascii=False)}'
+            + (f', "image_wrist": {json.dumps(self.image_wrist)}' if self.image_wrist is not None else "")
+            + "}\n"
         )
 
     def to_dict(self, template: str = PROMPT_TEMPLATE) -> dict[str, Any]:
@@ -116,7 +147,7 @@ class ConvertedSample:
                                     + (f" (missing {missing})" if missing else ""))
         return cls(str(sample["dataset"]), str(sample["split"]), int(sample["episode"]), int(sample["step"]),
                    sample_instruction(sample, template), list(sample_action(sample)),
-                   sample.get("action_raw"))
+                   sample.get("action_raw"), sample_wrist_image(sample))
 
 
 def sample_id(dataset: str, split: str, episode: int, step: int) -> str:
@@ -131,6 +162,11 @@ def image_relpath(split: str, episode: int, step: int) -> str:
 def image_path(dataset: str, split: str, episode: int, step: int) -> str:
     """The image path relative to the converted directory (upstream's --image_folder)."""
     return f"{dataset}/{IMAGES_DIR}/{image_relpath(split, episode, step)}"
+
+
+def wrist_image_path(dataset: str, split: str, episode: int, step: int) -> str:
+    """The wrist frame's path relative to the converted directory: image_path's layout under images_wrist/."""
+    return f"{dataset}/{WRIST_IMAGES_DIR}/{image_relpath(split, episode, step)}"
 
 
 def converted_dataset_dirs(out) -> list:
@@ -151,6 +187,23 @@ def is_action_sample(sample: Mapping[str, Any]) -> bool:
 def sample_action(sample: Mapping[str, Any]) -> list:
     """The normalized action (the assistant turn) of a robot-action sample."""
     return sample["conversations"][1]["value"]
+
+
+def sample_wrist_image(sample: Mapping[str, Any]) -> str | None:
+    """The wrist frame's path (relative to the converted directory), or None: the dataset has no wrist camera,
+    the frame's wrist image was empty in the source, or the data were converted before views existed. None
+    means OpenVLA's padding rule: a zero image (dataset.py:147, decode_and_resize)."""
+    path = sample.get("image_wrist")
+    return path if isinstance(path, str) and path else None
+
+
+def proprio_source(stats_entry: Mapping[str, Any]) -> str:
+    """What a dataset's statistics' `proprio` entry was computed over: "state" (the real proprio), "zeros"
+    (zeros shaped like the actions, OpenVLA without proprio) or "unknown" (no `source` field: written by an
+    older version, which always wrote the zeros). `stats_entry` is one dataset's statistics or its `proprio`."""
+    entry = stats_entry.get("proprio", stats_entry) if isinstance(stats_entry, Mapping) else {}
+    source = entry.get("source") if isinstance(entry, Mapping) else None
+    return source if source in (PROPRIO_SOURCE_STATE, PROPRIO_SOURCE_ZEROS) else PROPRIO_SOURCE_UNKNOWN
 
 
 def sample_instruction(sample: Mapping[str, Any], template: str = PROMPT_TEMPLATE) -> str:
@@ -177,8 +230,11 @@ def episode_actions_file(split: str) -> str:
 
 def episode_proprio_file(split: str) -> str:
     """`train_proprio.npz` / `val_proprio.npz`: every kept episode's proprio state (raw, not normalized), in
-    the EpisodeActions layout; written by the bring-your-own-data importers (data_tools/byod.py) when the
-    source has a state. RLDS conversion does not write it (OpenVLA trains with load_proprio=False)."""
+    the EpisodeActions layout, rows and steps aligned with `<split>_actions.npz` (same episodes, same steps).
+    RLDS conversion writes OpenVLA's proprio (state_obs_keys concatenated, a zero column per None key:
+    prismatic/vla/datasets/rlds/dataset.py:157-168) wherever the registry's state keys resolve in the source;
+    the bring-your-own-data importers (data_tools/byod.py) write it when the source has a state. Absent in
+    data converted before (and for datasets without state): readers treat it as optional."""
     return f"{split}_proprio.npz"
 
 

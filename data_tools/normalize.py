@@ -2,8 +2,11 @@
 
 Statistics: openvla get_dataset_statistics (prismatic/vla/datasets/rlds/utils/data_utils.py): numpy
 mean/std/max/min/quantile over the float32 actions of every transition of split="all", after the
-standardization transform and before skip_unlabeled. OpenVLA trains with load_proprio=False, so its
-"proprio" entry is computed over zeros shaped like the actions; we reproduce that.
+standardization transform and before skip_unlabeled. Its "proprio" entry (data_utils.py:219-257) is
+computed over the proprio where the dataset was loaded with load_proprio=True, else over zeros shaped like
+the actions (OpenVLA trains with load_proprio=False). We write the first where the converter builds the
+proprio, the second otherwise, and say which in the entry's `source` field ("state" / "zeros";
+converted_format.proprio_source reads it, "unknown" for files written before the field).
 
 Normalization: openvla normalize_action_and_proprio with NormalizationType.BOUNDS_Q99, which runs in
 TensorFlow float32 with numpy float64 bounds: (q99 - q01 + 1e-8) is formed in float64 and cast once.
@@ -35,10 +38,26 @@ def _summary(values: np.ndarray) -> dict[str, list[float]]:
     }
 
 
+def proprio_statistics(proprio: np.ndarray | None, actions: np.ndarray) -> dict[str, Any]:
+    """OpenVLA's "proprio" entry (get_dataset_statistics, data_utils.py:222-224 and 250-257): over the proprio
+    rows (same transitions as `actions`) when given, with source "state"; else over tf.zeros_like(action),
+    with source "zeros". The numeric fields are OpenVLA's; `source` is ours."""
+    from data_tools.converted_format import PROPRIO_SOURCE_STATE, PROPRIO_SOURCE_ZEROS
+
+    if proprio is None:
+        return {**_summary(np.zeros_like(np.asarray(actions, dtype=F32))), "source": PROPRIO_SOURCE_ZEROS}
+    proprio = np.asarray(proprio, dtype=F32)
+    if proprio.ndim != 2 or len(proprio) != len(actions):
+        raise ValueError(f"proprio rows {proprio.shape} do not line up with the actions {np.shape(actions)}")
+    return {**_summary(proprio), "source": PROPRIO_SOURCE_STATE}
+
+
 def compute_statistics(
-    actions: np.ndarray, num_trajectories: int, mask: Sequence[bool] = (True,) * 6 + (False,)
+    actions: np.ndarray, num_trajectories: int, mask: Sequence[bool] = (True,) * 6 + (False,),
+    proprio: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """actions: (N, 7) float32, every transition of split="all" in file order."""
+    """actions: (N, 7) float32, every transition of split="all" in file order; proprio: (N, D) float32 of the
+    same transitions, or None (the entry is then over zeros, as OpenVLA without proprio)."""
     actions = np.asarray(actions, dtype=F32)
     if actions.ndim != 2 or actions.shape[0] == 0:
         raise ValueError("cannot compute statistics: the dataset has no transitions")
@@ -46,7 +65,7 @@ def compute_statistics(
     action_stats["mask"] = [bool(m) for m in mask]
     return {
         "action": action_stats,
-        "proprio": _summary(np.zeros_like(actions)),
+        "proprio": proprio_statistics(proprio, actions),
         "num_transitions": int(actions.shape[0]),
         "num_trajectories": int(num_trajectories),
     }

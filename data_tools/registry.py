@@ -39,6 +39,7 @@ See data_tools/registry/oxe.yaml for every op (drop_first, relabel_from_state, r
 
 
 OXE_BUCKET = "gs://gresearch/robotics"
+STATE_ENCODINGS = {"NONE", "POS_EULER", "POS_QUAT", "JOINT", "JOINT_BIMANUAL"}  # OpenVLA oxe/configs.py:33-40
 VERSION_SOURCES = {"schema", "oxe_colab", "unverified", "none", "hf_repo"}
 
 
@@ -91,6 +92,10 @@ class DatasetSpec:
     language_decode: str
     standardize: tuple[EpisodeOp, ...]
     state_keys: tuple[str | None, ...] = ()
+    # how the standardization transform builds a state key (OpenVLA writes trajectory["observation"][key] in
+    # oxe/transforms.py): key -> parts concatenated as the action's; a state key not listed is observation/<key>
+    state: tuple[tuple[str, tuple[ActionPart, ...]], ...] = ()
+    state_encoding: str | None = None  # OpenVLA's StateEncoding name of the proprio (documentation, manifest)
     success_key: str | None = None
     frame_filters: tuple[FrameFilter, ...] = ()
     action_normalization_mask: tuple[bool, ...] = (True,) * 6 + (False,)
@@ -106,6 +111,17 @@ class DatasetSpec:
                 keys.append(op.params["key"])
         if with_images and self.primary_image:
             keys.append(f"observation/{self.primary_image}")
+        return list(dict.fromkeys(keys))
+
+    def state_parts(self, key: str) -> tuple[ActionPart, ...]:
+        """The parts one state_obs_key is built from: the registry's `state:` derivation, else the raw
+        observation/<key> as is (OpenVLA reads traj["observation"][key], dataset.py:163)."""
+        derived = dict(self.state)
+        return derived.get(key, (ActionPart(key=f"observation/{key}"),))
+
+    def proprio_source_keys(self) -> list[str]:
+        """Step keys the proprio is built from (empty when the registry names no state_obs_keys)."""
+        keys = [p.key for k in self.state_keys if k is not None for p in self.state_parts(k) if p.key]
         return list(dict.fromkeys(keys))
 
 
@@ -216,6 +232,17 @@ def parse_entry(name: str, raw: Mapping[str, Any]) -> DatasetSpec:
             raise RegistryError(f"{where}.frame_filters[{i}]: known filters: {sorted(FRAME_FILTERS)}")
         fname, params = next(iter(f.items()))
         filters.append(FrameFilter(fname, dict(params or {})))
+    state_raw = raw.get("state") or {}
+    if not isinstance(state_raw, Mapping):
+        raise RegistryError(f"{where}.state: a mapping of state key -> list of parts")
+    state = []
+    for key, parts in state_raw.items():
+        if not isinstance(parts, list) or not parts:
+            raise RegistryError(f"{where}.state.{key}: a non-empty list of parts")
+        state.append((str(key), tuple(_parse_part(p, f"{where}.state.{key}[{i}]") for i, p in enumerate(parts))))
+    state_encoding = raw.get("state_encoding")
+    if state_encoding is not None and state_encoding not in STATE_ENCODINGS:
+        raise RegistryError(f"{where}.state_encoding: one of {sorted(STATE_ENCODINGS)}, got {state_encoding!r}")
     mask = tuple(bool(m) for m in raw.get("action_normalization_mask", [True] * 6 + [False]))
     if len(mask) != 7:
         raise RegistryError(f"{where}: action_normalization_mask needs 7 entries")
@@ -228,6 +255,8 @@ def parse_entry(name: str, raw: Mapping[str, Any]) -> DatasetSpec:
         language_decode=decode,
         standardize=ops,
         state_keys=tuple(raw.get("state_keys") or ()),
+        state=tuple(state),
+        state_encoding=state_encoding,
         success_key=raw.get("success_key"),
         frame_filters=tuple(filters),
         action_normalization_mask=mask,

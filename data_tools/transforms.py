@@ -222,6 +222,27 @@ def decode_language(spec: DatasetSpec, raw: Any, length: int) -> list[str]:
     return [b.decode("utf-8", errors="replace") if isinstance(b, (bytes, bytearray)) else str(b) for b in raw]
 
 
+def build_proprio(spec: DatasetSpec, ep: Episode) -> np.ndarray:
+    """OpenVLA's proprio of one (standardized, so already sliced) episode: (T, D) float32.
+
+    openvla prismatic/vla/datasets/rlds/dataset.py:157-168 (restructure): for each of state_obs_keys, a
+    1-wide zero column where the key is None, else tf.cast(observation[key], tf.float32); concatenated on
+    axis 1. observation[key] is what the standardization transform left there (oxe/transforms.py), which
+    the registry's `state:` derivations reproduce (DatasetSpec.state_parts). Steps dropped by the transform
+    (drop_first, relabel_from_state) are dropped here too: ep.steps is sliced with the actions.
+    """
+    length = ep.length
+    cols = []
+    for key in spec.state_keys:
+        if key is None:
+            cols.append(np.zeros((length, 1), F32))
+        else:
+            cols.append(build_action(spec.state_parts(key), ep.steps, length))
+    if not cols:
+        return np.zeros((length, 0), F32)
+    return np.concatenate(cols, axis=1).astype(F32)
+
+
 def standardize(spec: DatasetSpec, ep: Episode) -> tuple[np.ndarray, list[str]]:
     """Run the registry ops; returns the (T', 7) float32 action and T' instructions (ep is sliced in place)."""
     for op in spec.standardize:

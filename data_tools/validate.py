@@ -29,6 +29,7 @@ from data_tools.converted_format import (
     image_path,
     sample_id,
     split_file,
+    wrist_image_path,
 )
 from data_tools.normalize import normalize_bounds_q99
 
@@ -160,6 +161,14 @@ def _check_sample(
     err = _check_image(out / s["image"], decode)
     if err:
         rep.add("images", f"{where}: image {s['image']} {err}")
+    wrist = s.get("image_wrist")  # optional: absent = no wrist frame (OpenVLA's zero image), old data included
+    if wrist is not None:
+        if isinstance(ep, int) and isinstance(step, int) and wrist != wrist_image_path(name, split, ep, step):
+            rep.add("provenance", f"{where}: image_wrist path {wrist} does not match the provenance")
+        else:
+            err = _check_image(out / str(wrist), decode)
+            if err:
+                rep.add("images", f"{where}: image_wrist {wrist} {err}")
 
 
 def validate(out: Path, decode: bool = True) -> tuple[Report, dict[str, dict[str, int]]]:

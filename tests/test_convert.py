@@ -117,6 +117,39 @@ EXPECT: dict[str, tuple[Callable[[Any], Any], Callable[[Any], list[str]]]] = {
     "dobbe": (lambda s: A(s), li),
 }
 
+O = lambda s, k: np.asarray(s["observation"][k], np.float64)  # noqa: E731
+PAD = lambda s, n=1: np.zeros((len(s["is_first"]), n))  # noqa: E731  (a None state key: one zero column)
+
+# name -> proprio(steps) over every raw step, by hand: OpenVLA make_dataset_from_rlds (dataset.py:157-168) concatenates
+# the config's state_obs_keys as the standardization transform left them (oxe/transforms.py), a zero column per None
+PROPRIO: dict[str, Callable[[Any], Any]] = {
+    "fractal20220817_data": lambda s: cat(O(s, "base_pose_tool_reached"), O(s, "gripper_closed")),
+    "kuka": lambda s: cat(O(s, "clip_function_input/base_pose_tool_reached"), O(s, "gripper_closed")),
+    "bridge_orig": lambda s: cat(O(s, "state")[:, :6], PAD(s), O(s, "state")[:, -1:]),
+    "language_table": lambda s: cat(O(s, "effector_translation"), PAD(s, 6)),
+    "taco_play": lambda s: cat(O(s, "robot_obs")[:, :6], PAD(s), O(s, "robot_obs")[:, 7:8]),
+    "jaco_play": lambda s: cat(O(s, "end_effector_cartesian_pos")[:, :6], PAD(s), O(s, "end_effector_cartesian_pos")[:, -1:]),
+    "viola": lambda s: cat(O(s, "joint_states"), O(s, "gripper_states")),
+    "berkeley_autolab_ur5": lambda s: O(s, "robot_state")[:, 6:14],
+    "toto": lambda s: cat(O(s, "state"), PAD(s)),
+    "roboturk": lambda s: PAD(s, 8),
+    "berkeley_cable_routing": lambda s: cat(O(s, "robot_state"), PAD(s)),
+    "stanford_hydra_dataset_converted_externally_to_rlds": lambda s: cat(
+        O(s, "state")[:, :3], O(s, "state")[:, 7:10], PAD(s), O(s, "state")[:, -3:-2]),
+    "austin_buds_dataset_converted_externally_to_rlds": lambda s: O(s, "state")[:, :8],
+    "utaustin_mutex": lambda s: O(s, "state")[:, :8],
+    "bc_z": lambda s: cat(O(s, "present/xyz"), O(s, "present/axis_angle"), PAD(s), O(s, "present/sensed_close")),
+    "nyu_franka_play_dataset_converted_externally_to_rlds": lambda s: cat(O(s, "state")[:, -6:], PAD(s), PAD(s)),
+    "ucsd_kitchen_dataset_converted_externally_to_rlds": lambda s: cat(O(s, "state")[:, :7], PAD(s)),
+    "berkeley_fanuc_manipulation": lambda s: cat(O(s, "state")[:, :6], PAD(s), O(s, "state")[:, 6:7]),
+    "dlr_edan_shared_control_converted_externally_to_rlds": lambda s: cat(O(s, "state"), PAD(s)),
+    "cmu_stretch": lambda s: cat(O(s, "state")[:, :3], PAD(s, 3), PAD(s), O(s, "state")[:, -1:]),
+    "furniture_bench_dataset_converted_externally_to_rlds": lambda s: cat(O(s, "state")[:, :7], O(s, "state")[:, -1:]),
+    "iamlab_cmu_pickup_insert_converted_externally_to_rlds": lambda s: cat(O(s, "state")[:, :7], O(s, "state")[:, 7:8]),
+    "fmb_dataset": lambda s: cat(O(s, "eef_pose"), O(s, "state_gripper_pose")),
+    "dobbe": lambda s: O(s, "state"),
+}
+
 UNLABELED = {"fractal20220817_data": [1], "bridge_orig": [2], "utaustin_mutex": [0]}
 NAN_AT = {"dlr_edan_shared_control_converted_externally_to_rlds": (2, 1)}  # (episode, step) with a NaN action
 
@@ -321,3 +354,42 @@ def test_enough_schemas_covered(converted):
     if len(available_schemas()) < 10:
         shared_schemas_missing(f"covering 10 schemas (only {names} ran)")
     assert len(names) >= 10
+
+
+@pytest.mark.parametrize("name", list(EXPECT))
+def test_proprio_matches_openvla(converted, name):
+    """<split>_proprio.npz row for row with <split>_actions.npz, and the statistics' proprio entry as OpenVLA's
+    get_dataset_statistics computes it with load_proprio=True (data_utils.py:219-257), over the transitions the
+    action statistics use."""
+    from data_tools.converted_format import EpisodeActions, proprio_source
+
+    root, out, names = converted
+    if name not in names:
+        shared_schemas_missing(f"schema {name}")
+    act_fn = EXPECT[name][0]
+    raw = _raw_episodes(root, name)
+    rows, per_split = [], {}
+    for split, episodes in raw.items():
+        for idx, s in enumerate(episodes):
+            res = act_fn(s)
+            action, first, last = res if isinstance(res, tuple) else (res, 0, 0)
+            T = len(s["is_first"])
+            prop = PROPRIO[name](s)[first:T - last].astype(np.float32)
+            rows.append(prop[np.isfinite(action).all(1)])
+            per_split[(split, idx)] = prop
+    rows = np.concatenate(rows)
+    stats = json.loads((out / name / "dataset_statistics.json").read_text())[name]
+    p = stats["proprio"]
+    assert proprio_source(stats) == "state"
+    for key, want in (("q01", np.quantile(rows, 0.01, axis=0)), ("q99", np.quantile(rows, 0.99, axis=0)),
+                      ("mean", rows.mean(0)), ("std", rows.std(0)), ("min", rows.min(0)), ("max", rows.max(0))):
+        np.testing.assert_allclose(p[key], want, rtol=1e-5, atol=1e-6, err_msg=key)
+    has_val = "val" in raw
+    for split in ("train", "val"):
+        acts = EpisodeActions.load(out / name / f"{split}_actions.npz")
+        prop = EpisodeActions.load(out / name / f"{split}_proprio.npz")
+        assert (prop.episodes.tolist(), prop.offsets.tolist(), prop.steps.tolist()) == (
+            acts.episodes.tolist(), acts.offsets.tolist(), acts.steps.tolist())
+        for ep in prop.episodes.tolist():
+            src = split if has_val else "train"
+            np.testing.assert_array_equal(prop.episode(ep)[0], per_split[(src, ep)])
