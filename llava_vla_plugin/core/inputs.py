@@ -40,6 +40,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from data_tools.atomic import write_json
+from data_tools.converted_format import PROPRIO_SOURCE_STATE, proprio_source
 from data_tools.normalize import normalize_bounds_q99
 
 INPUTS_FILE = "vla_inputs.json"
@@ -124,7 +125,7 @@ def proprio_statistics(statistics: Mapping[str, Any], key: str, where: str) -> M
     if not isinstance(entry, Mapping) or "q01" not in entry:
         raise InputConfigError(f"{where}: dataset {key!r} has no proprio statistics; reconvert it with this version "
                                "(data_tools.convert keeps the state) or train without PROPRIO=1")
-    if entry.get("source", "zeros") != "state":
+    if proprio_source(entry) != PROPRIO_SOURCE_STATE:
         raise InputConfigError(f"{where}: the proprio statistics of {key!r} were computed over zeros (OpenVLA's file "
                                "without proprio), not over the robot state: reconvert the dataset with this version "
                                "of data_tools.convert, or train without PROPRIO=1")

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from llava.train.train import LazySupervisedDataset
 
-from data_tools.converted_format import SampleFormatError, is_action_sample, sample_action, sample_instruction
+from data_tools.converted_format import (SampleFormatError, is_action_sample, sample_action, sample_instruction,
+                                         sample_wrist_image)
 from llava_vla_plugin.core import augment
 from llava_vla_plugin.core.representations import PROMPT_FRAMING_TOKENS, ActionReprConfig, make_representation
 from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
@@ -172,7 +173,7 @@ class VLADataset(LazySupervisedDataset):
             if not is_action_sample(sample):
                 continue
             name = str(sample.get("dataset") or os.path.basename(os.path.dirname(sample["_source"])))
-            if self.inputs.wrist and not sample.get("image_wrist"):
+            if self.inputs.wrist and sample_wrist_image(sample) is None:
                 counts[name] = counts.get(name, 0) + int(per_source[k])
             if self.proprio is not None:
                 dims[name] = self.proprio.dim(sample)
@@ -311,7 +312,7 @@ class VLADataset(LazySupervisedDataset):
 
         views = []
         for v, name in enumerate(self.inputs.cameras):
-            image_file = sample["image"] if name == "primary" else sample.get(f"image_{name}")
+            image_file = sample["image"] if name == "primary" else sample_wrist_image(sample)
             if image_file is None:
                 with Image.open(os.path.join(self.data_args.image_folder or "", sample["image"])) as im:
                     size = im.size
