@@ -295,15 +295,22 @@ def test_fast_learns_image_conditioned_chunks_and_round_trips(quality_runs):
 
 # ---- item 7: the combinations whose code paths parallel_l1 does not share (docs/WHERE_TO_CHANGE.md) ----------
 @pytest.mark.slow
-def test_parallel_l1_validation_resume_and_lora_refusal(fast_tiny, chunk_data, tmp_path):
+def test_parallel_l1_validation_resume_and_lora(fast_tiny, chunk_data, tmp_path):
     """Validation metrics come from the regression head; resuming restores the head from the checkpoint's
-    model.safetensors (same weights -> the same held-out numbers); LoRA is refused with what to do."""
+    model.safetensors (same weights -> the same held-out numbers). With LoRA (OFT's recipe) the head trains beside
+    the adapter, and every load of the run answers alike: merged in memory (the default), unmerged (the head under
+    the PEFT wrapper), OUTPUT_DIR/merged and checkpoint-N; the placeholder's row travels in the token adapter."""
+    import torch
     from safetensors.torch import load_file
+
+    from policy_files_check import assert_same_policy
 
     out, lora_out = tmp_path / "run-val-qwen", tmp_path / "run-lora-qwen"
     first = _job(fast_tiny, chunk_data, out, "parallel_l1", steps=2, lr=3e-3, save_steps=2, val=True)
     resumed = {**first, "result": "resumed.json"}  # same OUTPUT_DIR: upstream's train() resumes from checkpoint-2
-    lora = _job(fast_tiny, chunk_data, lora_out, "parallel_l1", "--lora_enable", "True", steps=1, lr=3e-3)
+    lora = _job(fast_tiny, chunk_data, lora_out, "parallel_l1", "--lora_enable", "True", steps=4, lr=3e-3, save_steps=2)
+    lora["predict"] = {"val": str(chunk_data / "chunks/val.jsonl"), "folder": str(chunk_data), "max_step": 0,
+                       "variants": ["unmerged", "merged", "checkpoint-4"]}
     proc = run_jobs(fast_tiny, [first, resumed, lora])
     result_of(out, proc), result_of(out, proc, "resumed.json")
     rows = [json.loads(l) for l in (out / "vla_metrics.jsonl").read_text().splitlines()]
@@ -316,5 +323,24 @@ def test_parallel_l1_validation_resume_and_lora_refusal(fast_tiny, chunk_data, t
     saved, restored = (load_file(str(d / "vla_action_head.safetensors")) for d in (out / "checkpoint-2", out))
     assert saved.keys() == restored.keys() and "slots.weight" in saved
     assert all(np.array_equal(saved[k].numpy(), restored[k].numpy()) for k in saved)
-    err = json.loads((lora_out / "inprocess_result.json").read_text()).get("error", "")
-    assert "does not support --lora_enable True" in err and "bins_chunk" in err, err[-2000:]
+
+    # LoRA
+    result = result_of(lora_out, proc)
+    assert (result["repr"], result["horizon"], result["one_shape"]) == ("parallel_l1", H, [H, 7])
+    pred = np.asarray(result["normalized"])
+    for name, other in result["variants"].items():
+        assert (other["repr"], other["horizon"]) == ("parallel_l1", H), name
+        np.testing.assert_allclose(np.asarray(other["normalized"]), pred, atol=1e-4, err_msg=name)
+    assert result["variants"]["unmerged"]["peft"].startswith("PeftModel")  # the adapter applied on the fly
+    for d in ("merged", "checkpoint-4"):
+        assert_same_policy(lora_out, lora_out / d)
+    heads = [load_file(str(lora_out / d / "vla_action_head.safetensors")) for d in ("checkpoint-2", "checkpoint-4")]
+    assert any(not torch.equal(heads[0][k], heads[1][k]) for k in heads[0]), "the head did not train between steps 2 and 4"
+    extras = torch.load(lora_out / "non_lora_trainables.bin", map_location="cpu")  # resume's copy of the head
+    final_head = load_file(str(lora_out / "vla_action_head.safetensors"))
+    assert {k.split("vla_action_head.", 1)[1] for k in extras if "vla_action_head." in k} == set(final_head)
+    adapter = load_file(str(lora_out / "adapter_model.safetensors"))
+    rows_trained = [v.shape[0] for k, v in adapter.items() if "token_adapter" in k]
+    assert rows_trained and all(n == 256 + 1 for n in rows_trained), rows_trained  # the 256 action rows + <ACTION_SLOT>
+    losses = [h["loss"] for h in json.loads((lora_out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert losses[-1] < losses[0], losses

@@ -307,7 +307,8 @@ def test_launcher_refuses_bad_input_options(tmp_path, input_task):
 # ---- the LIBERO presets and the four-suite command (item 5; not run here: 8 GPUs and LIBERO) -----------------------
 @pytest.mark.parametrize("preset, expect", [
     ("libero_oft_inputs", {"--vla_cameras": "primary,wrist", "--vla_proprio": "True", "--vla_action_repr": "parallel_l1",
-                           "--vla_horizon": "8", "--vla_image_aug": "True"}),
+                           "--vla_horizon": "8", "--vla_image_aug": "True", "--lora_enable": "True", "--lora_r": "32",
+                           "--lora_alpha": "16", "--lora_dropout": "0.0", "--learning_rate": "5e-4"}),
     ("libero_openvla", {"--vla_action_repr": "bins", "--vla_horizon": "1", "--vla_image_aug": "True"})])
 def test_libero_presets_reach_the_trainer(preset, expect, input_task, tmp_path):
     """CONFIG=<preset> through the real launcher (the training exec recorded, preflight run for real); the data

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 
-from llava_vla_plugin.core.representations import ActionRepresentation
+from llava_vla_plugin.core.representations import ActionRepresentation, head_host
 from llava_vla_plugin.train import lora
 
 
@@ -173,7 +173,7 @@ class UpstreamBackend:
         """"placeholders" decoding (parallel_l1): prompt + n_slots placeholders (each plus the head's slot
         embedding), the hidden states of the last n_slots positions (left padding puts them last in every
         row) -> the model's ActionHead. No LM head, no generate()."""
-        model = self.model
+        model = head_host(self.model)  # an unmerged LoRA model: the LLaVA model under the PEFT wrapper
         head = model.vla_action_head
         b = inputs.input_ids.shape[0]
         slots = torch.full((b, n_slots), head.slot_token_id, dtype=inputs.input_ids.dtype, device=inputs.input_ids.device)

@@ -10,7 +10,7 @@ pointing at a recorder that prints the argv it would exec, and that argv is hand
 `llava_vla_plugin.train.main` (upstream's train() with the plugin: VLATrainer, VLADataset, the sparse head).
 
 JOBS.json: a list of {"env": {launcher variables}, "args": [extra trainer arguments], "predict": {"val": jsonl,
-"folder": image folder, "max_step": int}, "result": file name}; each job's OUTPUT_DIR gets `result` (default
+"folder": image folder, "max_step": int, "variants": [other loads, see predict]}, "result": file name}; each job's OUTPUT_DIR gets `result` (default
 `inprocess_result.json`) with the normalized predictions of the val rows whose step <= max_step, or the error
 that stopped the job.
 """
@@ -67,7 +67,9 @@ def train_in_process(argv: list[str]) -> None:
         sys.argv = saved
 
 
-def predict(out: Path, val: Path, folder: Path, max_step: int) -> dict:
+def predict(out: Path, val: Path, folder: Path, max_step: int, variants: list[str] | None = None) -> dict:
+    """`variants`: other loads of the same run to answer the same rows, e.g. ["unmerged", "merged", "checkpoint-2"]
+    for a LoRA run ("unmerged": OUTPUT_DIR with the adapter applied on the fly; a name: that subdirectory)."""
     from PIL import Image
 
     from llava_vla_plugin.infer.policy import VLAPolicy
@@ -94,7 +96,14 @@ def predict(out: Path, val: Path, folder: Path, max_step: int) -> dict:
     if policy.action_repr.decoding == "tokens":  # the same held-out batch with the full LM head (issue 23 item 2)
         policy.restrict_head = False
         full = policy.predict_normalized(images, [r["instruction"] for r in rows], **inputs).tolist()
+    others = {}
+    for name in variants or []:
+        other = (VLAPolicy.from_pretrained(out, device="cpu", dtype="float32", merge_lora=False) if name == "unmerged"
+                 else VLAPolicy.from_pretrained(out / name, device="cpu", dtype="float32"))
+        others[name] = {"normalized": other.predict_normalized(images, [r["instruction"] for r in rows], **inputs).tolist(),
+                        "repr": other.action_repr.name, "horizon": other.horizon, "peft": type(other.model).__name__}
     return {"episodes": [r["episode"] for r in rows], "steps": [r["step"] for r in rows], "normalized": norm.tolist(),
+            "variants": others,
             "one_shape": list(one.shape), "repr": policy.action_repr.name, "horizon": policy.horizon,
             "decode_failures": policy.decode_failures, "head_restricted": restricted, "normalized_full_head": full}
 
@@ -108,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             train_in_process(launcher_argv(job["env"], job.get("args", [])))
             p = job.get("predict")
-            result = predict(out, Path(p["val"]), Path(p["folder"]), int(p["max_step"])) if p else {}
+            result = predict(out, Path(p["val"]), Path(p["folder"]), int(p["max_step"]), p.get("variants")) if p else {}
         except Exception:  # recorded for the test that owns this job; the other jobs still run
             failed += 1
             result = {"error": traceback.format_exc()[-6000:]}

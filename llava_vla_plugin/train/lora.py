@@ -44,6 +44,7 @@ from llava_vla_plugin.core import checkpoint
 log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
+HEAD_PARAMS = "vla_action_head."  # a representation's head (core/representations/base.head_host), saved in HEAD_FILE
 NON_LORA_NAME = "non_lora_trainables.bin"
 MERGED_SUBDIR = "merged"
 # Parameters owned by PEFT's trainable-token adapter (saved in the adapter, not in non_lora_trainables.bin).
@@ -288,7 +289,9 @@ def load_lora_checkpoint(path: str | os.PathLike, base: str | None = None, devic
     model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
     extras = torch.load(path / NON_LORA_NAME, map_location="cpu")
     names = {n for n, _ in model.named_parameters()}
-    extras = {_peft_key(k, names): v for k, v in extras.items()}
+    # A head trained beside the adapter (parallel_l1) is in the file for resume; its owner is the representation's
+    # HEAD_FILE, which the policy's backend loads after this (action_repr.load_into), merged or not.
+    extras = {_peft_key(k, names): v for k, v in extras.items() if HEAD_PARAMS not in k}
     unexpected = sorted(k for k in extras if k not in names)
     if unexpected:
         raise LoRACheckpointError(f"{path / NON_LORA_NAME} has weights the base model {base!r} lacks: "

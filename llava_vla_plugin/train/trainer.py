@@ -254,13 +254,13 @@ class VLATrainer(LLaVATrainer):
         if is_lora and action_repr is not None and not action_repr.supports_lora:
             from llava_vla_plugin.core.representations import ActionReprError
 
-            raise ActionReprError(f"--vla_action_repr {action_repr.name} does not support --lora_enable True yet (its head "
-                                  "is not part of the LoRA adapter and would not be saved or merged): train it without "
-                                  "LoRA, or use --vla_action_repr bins_chunk (token chunks train with LoRA)")
+            raise ActionReprError(f"--vla_action_repr {action_repr.name} does not support --lora_enable True yet (see its "
+                                  "module docstring): train it without LoRA, or use --vla_action_repr bins_chunk or "
+                                  "parallel_l1 (both train with LoRA)")
         if action_repr is not None and kwargs.get("model") is not None:  # a head / rows before the optimizer exists
             action_repr.prepare_model(kwargs["model"], kwargs.get("processing_class"))
-        if is_lora:  # before the optimizer exists: the action rows must be among its parameters
-            lora.enable_action_token_training(kwargs["model"], kwargs["train_dataset"].action_tokenizer.token_ids)
+        if is_lora:  # before the optimizer exists: the representation's rows must be among its parameters
+            lora.enable_action_token_training(kwargs["model"], action_repr.trained_token_ids(kwargs.get("processing_class")))
         from llava_vla_plugin.core.env import UPSTREAM_TRAINER_PRINTS, prints_dropped
 
         with prints_dropped(UPSTREAM_TRAINER_PRINTS):  # upstream's "MeZOLLaVATrainer initialized" (env.py says why)

@@ -33,10 +33,10 @@ representation in this package (base.py: the interface, bins.py, parallel_l1.py)
   A bidirectional variant is a custom 4-d mask in the forward and is left as an ablation.
   The head travels in the checkpoint as `vla_action_head.safetensors` (and inside model.safetensors,
   which plain upstream ignores with an "unused weights" notice; resume restores it from there).
-  Not with --lora_enable True (refused by the trainer: the head is not part of the adapter).
+  With --lora_enable True (OFT's recipe) the head trains in full beside the adapter (parallel_l1.py says how).
 """
 from llava_vla_plugin.core.representations.base import (HEAD_FILE, PROMPT_FRAMING_TOKENS, REPR_FILE, SLOT_TOKEN,  # noqa: F401
-                                                        ActionHead, ActionRepresentation, ActionReprConfig,
+                                                        ActionHead, ActionRepresentation, ActionReprConfig, head_host,
                                                         ActionReprError, TokenPlan, make_representation, metric_summary,
                                                         parse_options, with_horizon)
 from llava_vla_plugin.core.representations.registry import REPRESENTATIONS, representation_class  # noqa: F401

@@ -154,6 +154,14 @@ def metric_summary(m) -> dict[str, float]:
             "action_l1": m.l1_sum / m.total}
 
 
+def head_host(model):
+    """The module a representation's head is attached to (`vla_action_head`): the LLaVA model whose forward
+    (train/sparse_head.py) and whose `.model` (infer/upstream_backend.py) use it. A PEFT model (LoRA) is unwrapped:
+    its LoRA layers sit inside that model, while an attribute set on the wrapper would be invisible to the forward."""
+    get_base = getattr(type(model), "get_base_model", None)  # peft.PeftModel; transformers models have none
+    return model.get_base_model() if callable(get_base) else model
+
+
 # ---- the interface --------------------------------------------------------------------------------
 class ActionRepresentation:
     """Base: the token-free parts. Subclasses say how targets are made and decoded."""
@@ -164,7 +172,8 @@ class ActionRepresentation:
     # ids) or "placeholders" (one forward over n_slots placeholders and the model's ActionHead). Backends say
     # which they run (infer/pipeline.py).
     decoding: ClassVar[str] = "tokens"
-    # --lora_enable True: the adapter, its action-token rows and lora.py's save/merge/load know token heads only
+    # --lora_enable True: PEFT's token adapter trains the rows of `trained_token_ids`, a head (head_host) trains in
+    # full beside the adapter; False where that does not cover what the representation trains (the trainer refuses)
     supports_lora: ClassVar[bool] = True
 
     def __init__(self, config: ActionReprConfig, action_tokenizer: Optional[ActionTokenizer] = None,
@@ -200,6 +209,17 @@ class ActionRepresentation:
         if missing:
             added += tokenizer.add_tokens(missing, special_tokens=True)
         return added
+
+    def trained_token_ids(self, tokenizer) -> list[int]:
+        """The embedding rows this representation trains: the action tokens' and its `extra_tokens`' (a LoRA run
+        makes exactly these rows trainable through PEFT's token adapter, which saves their values in the adapter)."""
+        ids = [int(i) for i in self.action_tokenizer.token_ids]
+        for token in self.extra_tokens:
+            tid = tokenizer.convert_tokens_to_ids(token)
+            if tid is None or tid == tokenizer.unk_token_id:
+                raise ActionReprError(f"the tokenizer has no {token}: bind the representation first")
+            ids.append(int(tid))
+        return ids
 
     @property
     def answer_tokens(self) -> int:

@@ -15,9 +15,9 @@ Decoding: generation may pick `<FAST_i>` ids or `<|im_end|>` (the first token mu
 invalid sequence (not H x D coefficients) decodes to zeros [H, D], the reference's rule; the policy counts
 them in `policy.decode_failures` and logs the reason, never raising (a server keeps serving).
 
-Not with --lora_enable True (refused by the trainer): lora.py makes only the 256 `<ACTION_k>` rows trainable
-(enable_action_token_training gets the action tokenizer's ids), so the FAST rows would stay at their
-initial mean embedding; a representation-generic list of trainable rows is the change that lifts this.
+Not with --lora_enable True yet (refused by the trainer): the token adapter trains the rows of
+`trained_token_ids`, which would have to list the FAST ids (an override here), and no test has yet trained and
+loaded a LoRA fast run (prepare_model may also grow the embedding under the PEFT wrapper).
 """
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ class FastRepresentation(ActionRepresentation):
 
     name = "fast"
     decoding = "tokens"
-    supports_lora = False  # lora.py trains the <ACTION_k> rows only (module docstring)
+    supports_lora = False  # not yet (module docstring)
 
     def __init__(self, config: ActionReprConfig, action_tokenizer=None, directory: Optional[str] = None):
         super().__init__(config, action_tokenizer, directory=directory)

@@ -12,7 +12,7 @@ import torch
 from data_tools.atomic import write_bytes
 from data_tools.converted_format import IGNORE_INDEX
 from llava_vla_plugin.core.action_tokenizer import ActionTokenizer
-from llava_vla_plugin.core.representations.base import (HEAD_FILE, SLOT_TOKEN, ActionHead, ActionRepresentation,
+from llava_vla_plugin.core.representations.base import (HEAD_FILE, SLOT_TOKEN, ActionHead, ActionRepresentation, head_host,
                                                         ActionReprConfig, ActionReprError, metric_summary)
 from llava_vla_plugin.core.zero import gathered
 
@@ -138,14 +138,17 @@ class RegressionMetrics:
 
 
 class ParallelL1Representation(ActionRepresentation):
-    """OpenVLA-OFT's parallel decoding: H x D placeholders, an L1-regression head, one forward; no LoRA yet."""
+    """OpenVLA-OFT's parallel decoding: H x D placeholders, an L1-regression head, one forward.
+
+    With LoRA (OFT's recipe) the head trains in full beside the adapter, as OFT's action head does
+    (openvla-oft 213c5ff vla-scripts/finetune.py:847-854 wraps the VLA in LoRA, :927-929 adds the separate
+    action head's parameters to the optimizer in full): it is attached to the model under the PEFT wrapper (head_host), saved in HEAD_FILE (and in
+    lora.py's non_lora_trainables.bin for resume); the placeholder's embedding row is among the token adapter's
+    rows (trained_token_ids: `extra_tokens`), so a loaded adapter restores the value it was trained with."""
 
     name = "parallel_l1"
     extra_tokens = (SLOT_TOKEN,)
     decoding = "placeholders"
-    # Not yet: the head would sit on the PEFT wrapper (the forward looks for it on the base model), the slot
-    # token's row would stay frozen, and lora.py's merge/load would drop the head file. Refused, not half-done.
-    supports_lora = False
 
     @property
     def n_slots(self) -> int:
@@ -188,6 +191,7 @@ class ParallelL1Representation(ActionRepresentation):
     def prepare_model(self, model, tokenizer) -> None:
         """A fresh head, and the placeholder's embedding row set to the vocabulary mean, unless the model
         already has a head (continuing from a parallel_l1 checkpoint: loaded from its head file)."""
+        model = head_host(model)
         if getattr(model, "vla_action_head", None) is not None:
             return
         source = getattr(model.config, "_name_or_path", "") or ""
@@ -217,11 +221,11 @@ class ParallelL1Representation(ActionRepresentation):
         from safetensors.torch import save
 
         super().save(directory)
-        prefix = "vla_action_head."
-        if state_dict is not None and any(k.startswith(prefix) for k in state_dict):
-            weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        elif model is not None and getattr(model, "vla_action_head", None) is not None:
-            weights = model.vla_action_head.state_dict()
+        prefix = "vla_action_head."  # a LoRA run's state dict names it base_model.model.vla_action_head.*
+        if state_dict is not None and any(k.startswith(prefix) or f".{prefix}" in k for k in state_dict):
+            weights = {k.split(prefix, 1)[1]: v for k, v in state_dict.items() if k.startswith(prefix) or f".{prefix}" in k}
+        elif model is not None and getattr(head_host(model), "vla_action_head", None) is not None:
+            weights = head_host(model).vla_action_head.state_dict()
         else:
             raise ActionReprError("parallel_l1 checkpoint without an action head: nothing to save")
         write_bytes(Path(directory) / HEAD_FILE, save({k: v.detach().contiguous().cpu() for k, v in weights.items()},
@@ -236,4 +240,4 @@ class ParallelL1Representation(ActionRepresentation):
                                     "(copy it from the run's output directory)")
         head = self.new_head(model, tokenizer)
         head.load_state_dict(load_file(str(path)))
-        model.vla_action_head = head.to(device=model.get_input_embeddings().weight.device)
+        head_host(model).vla_action_head = head.to(device=model.get_input_embeddings().weight.device)
