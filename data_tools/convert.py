@@ -45,6 +45,8 @@ from data_tools.converted_format import (
     IMAGE_TOKEN,
     MANIFEST_FILE,
     MIXTURE_FILE,
+    PROPRIO_PADDING,
+    PROPRIO_SOURCE_STATE,
     STATISTICS_FILE,
     TRAIN_FILE,
     WRIST_IMAGES_DIR,
@@ -53,6 +55,7 @@ from data_tools.converted_format import (
     episode_actions_file,
     episode_proprio_file,
     image_relpath,
+    padding_columns,
     split_file,
     wrist_image_path,
 )
@@ -788,6 +791,8 @@ def finalize_dataset(plan: DatasetPlan, out_dir: Path, opts: RunOptions, unit_co
         num_traj = sum(unit_counts[u.unit_id]["num_trajectories"] for u in units)
         stats = compute_statistics(rows, num_traj, spec.action_normalization_mask, proprio=proprio_rows)
         stats_source = 'computed over split="all" (OpenVLA get_dataset_statistics)'
+    if proprio_rows is not None and stats["proprio"].get("source") == PROPRIO_SOURCE_STATE:
+        stats["proprio"][PROPRIO_PADDING] = padding_columns(plan.proprio["columns"])
     counts = _merge_counts([unit_counts[u.unit_id] for u in units])
     views = {s: {"written": 0, "no_camera": 0, "missing_image": 0, "undecodable_image": 0, "corrupt_image": 0}
              for s in ("train", "val")}

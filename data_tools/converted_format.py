@@ -35,7 +35,10 @@ cast to float32 and concatenated, one zero column for each None key. Statistics:
 `proprio` entry has OpenVLA's numeric fields plus `source` (`proprio_source`): "state" when computed over
 that proprio (OpenVLA get_dataset_statistics with load_proprio=True), "zeros" when over zeros shaped like
 the actions (OpenVLA with load_proprio=False, data_utils.py:222-224); files written before the field
-existed read as "unknown" (they are the zeros).
+existed read as "unknown" (they are the zeros). With source "state" the entry also has `padding`
+(`proprio_padding`): the state columns that are OpenVLA's zero column for a None key, e.g. [6] for LIBERO
+([EEF_state, None, gripper_state]: 6 + 1 + 2 = 9 values) whose benchmark sends the 8 real ones; a reader
+given a state without those columns puts the zeros back where training had them.
 
 Data converted before views/proprio existed has no images_wrist/, no <split>_proprio.npz and no `source`:
 every accessor here returns None / "unknown" for it and it trains as a primary-only run.
@@ -64,6 +67,7 @@ WRIST_IMAGES_DIR = "images_wrist"  # same relative layout as IMAGES_DIR
 PROPRIO_SOURCE_STATE = "state"  # over the real proprio (OpenVLA with load_proprio=True)
 PROPRIO_SOURCE_ZEROS = "zeros"  # over zeros shaped like the actions (OpenVLA with load_proprio=False)
 PROPRIO_SOURCE_UNKNOWN = "unknown"  # no field: written by an older version, over zeros
+PROPRIO_PADDING = "padding"  # dataset_statistics.json[<dataset>]["proprio"]["padding"]: OpenVLA's zero columns
 
 
 def split_file(split: str) -> str:
@@ -204,6 +208,24 @@ def proprio_source(stats_entry: Mapping[str, Any]) -> str:
     entry = stats_entry.get("proprio", stats_entry) if isinstance(stats_entry, Mapping) else {}
     source = entry.get("source") if isinstance(entry, Mapping) else None
     return source if source in (PROPRIO_SOURCE_STATE, PROPRIO_SOURCE_ZEROS) else PROPRIO_SOURCE_UNKNOWN
+
+
+def padding_columns(columns: Sequence[Sequence[Any]]) -> list[int]:
+    """The proprio's zero columns from its layout [[state_obs_key or None, width], ...] (manifest.json's
+    proprio.columns): the positions of the None keys, OpenVLA's padding (dataset.py:157-168)."""
+    out, pos = [], 0
+    for key, width in columns:
+        if key is None:
+            out.extend(range(pos, pos + int(width)))
+        pos += int(width)
+    return out
+
+
+def proprio_padding(stats_entry: Mapping[str, Any]) -> tuple[int, ...]:
+    """The zero columns of a dataset's proprio (`padding`; none when the field is absent: importers' data, or the
+    statistics of a state without None keys). `stats_entry` is one dataset's statistics or its `proprio`."""
+    entry = stats_entry.get("proprio", stats_entry) if isinstance(stats_entry, Mapping) else {}
+    return tuple(int(i) for i in (entry.get(PROPRIO_PADDING) or ())) if isinstance(entry, Mapping) else ()
 
 
 def sample_instruction(sample: Mapping[str, Any], template: str = PROMPT_TEMPLATE) -> str:

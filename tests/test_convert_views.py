@@ -27,6 +27,7 @@ from data_tools.converted_format import (
     WRIST_IMAGES_DIR,
     ConvertedSample,
     EpisodeActions,
+    proprio_padding,
     proprio_source,
     sample_wrist_image,
     wrist_image_path,
@@ -172,6 +173,8 @@ def test_proprio_statistics_as_openvla_with_proprio(views, name):
     assert m["written"] and m["dims"] == 8 and m["statistics_source"] == PROPRIO_SOURCE_STATE
     assert m["state_encoding"] == "POS_EULER"  # OpenVLA configs.py: both datasets' StateEncoding
     assert [k for k, _ in m["columns"]] == m["state_obs_keys"] and sum(w for _, w in m["columns"]) == 8
+    # the None key's zero column (both registry entries: [eef 6, None, gripper 1]) is named for readers
+    assert p["padding"] == [6] and proprio_padding(stats) == (6,) and not rows[:, 6].any()
 
 
 def test_dataset_without_wrist(views):

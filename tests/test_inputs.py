@@ -57,6 +57,12 @@ def test_state_text_follows_openvla_normalization_and_openpi_bins():
     assert state_text([192, 255, 128]) == "\nState: 192 255 128;"
     with pytest.raises(ValueError, match="has 2 values"):
         discretize_state([0.0, 1.0], entry)
+    # OpenVLA's zero column for a None state key (LIBERO: 9 values in training, 8 from vla-eval's LIBERO): a state
+    # without it gets the zero back where training had it; any other width is refused, naming the padding
+    padded = {**entry, "padding": [2]}
+    assert discretize_state([0.5, 3.0], padded).tolist() == discretize_state([0.5, 3.0, 0.0], padded).tolist()
+    with pytest.raises(ValueError, match=r"has 1 values.* 3 \(or 2 without the padding columns \[2\]\)"):
+        discretize_state([0.5], padded)
     zeros = {"ds": {"proprio": {"q01": [0.0] * 3, "q99": [0.0] * 3}}}
     with pytest.raises(InputConfigError, match="computed over zeros"):
         proprio_statistics(zeros, "ds", "here")

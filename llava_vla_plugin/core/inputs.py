@@ -40,7 +40,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from data_tools.atomic import write_json
-from data_tools.converted_format import PROPRIO_SOURCE_STATE, proprio_source
+from data_tools.converted_format import PROPRIO_SOURCE_STATE, proprio_padding, proprio_source
 from data_tools.normalize import normalize_bounds_q99
 
 INPUTS_FILE = "vla_inputs.json"
@@ -132,13 +132,27 @@ def proprio_statistics(statistics: Mapping[str, Any], key: str, where: str) -> M
     return entry
 
 
+def with_padding(state: np.ndarray, stats_entry: Mapping[str, Any]) -> np.ndarray:
+    """The state in the training layout. A state that lacks exactly the dataset's padding columns (OpenVLA's zero
+    column for a None state_obs_key: LIBERO's layout is [EEF_state 6, None, gripper_state 2] = 9 values, and
+    vla-eval's LIBERO sends the 8 real ones) gets the zeros back at those positions, as training had them."""
+    width, padding = len(stats_entry["q01"]), proprio_padding(stats_entry)
+    if len(state) == width:
+        return state
+    if padding and len(state) == width - len(padding):
+        full = np.zeros(width, dtype=state.dtype)
+        full[[i for i in range(width) if i not in set(padding)]] = state
+        return full
+    pad = f" (or {width - len(padding)} without the padding columns {list(padding)})" if padding else ""
+    raise ValueError(f"the state has {len(state)} values; the checkpoint's proprio statistics have {width}{pad}")
+
+
 def discretize_state(raw_state: Sequence[float] | np.ndarray, stats_entry: Mapping[str, Any]) -> np.ndarray:
     """Raw state -> normalized (BOUNDS_Q99, clipped to [-1, 1]) -> bin 0..255 per dimension (openpi's rule)."""
     x = np.asarray(raw_state, dtype=np.float64).reshape(-1)
     if not np.all(np.isfinite(x)):
         raise ValueError(f"the state has non-finite values: {x.tolist()}")
-    if len(x) != len(stats_entry["q01"]):
-        raise ValueError(f"the state has {len(x)} values; the checkpoint's proprio statistics have {len(stats_entry['q01'])}")
+    x = with_padding(x, stats_entry)
     normalized = normalize_bounds_q99(x, stats_entry)
     return np.digitize(normalized, bins=np.linspace(-1, 1, N_STATE_BINS + 1)[:-1]) - 1
 
