@@ -123,6 +123,10 @@ def test_tiny_model_closed_loop(render_ok, tiny_model, tmp_path_factory, tmp_pat
     by_hand = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
     assert np.array_equal(first["obs_image"], rotated)
     assert np.array_equal(first["model_image"], by_hand)
+    # lift.yaml sends the wrist view and the state too; this checkpoint (no vla_inputs.json) is served without them
+    rendered = np.load(env_trace / "ep0_step0.npz")
+    assert "wrist_frame" in rendered.files and rendered["state"].shape == (8,)
+    assert not {"obs_wrist_image", "state"} & set(first.files), first.files
 
     # the first action the env received = tokens -> bin centres -> q01/q99 (mask) -> gripper, by hand
     tok = json.loads((ck["ckpt"] / "vla_action_tokenizer.json").read_text())

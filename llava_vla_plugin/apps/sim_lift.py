@@ -11,7 +11,8 @@ controller as LIBERO pins it, 1.4.x) with assets inside the robosuite wheel, so 
 (orchestrator -> websocket/msgpack protocol -> our model server -> env) runs here, on CPU.
 
 Conventions (the same as vla-eval's LIBERO benchmark, so a LIBERO-trained server sees the same
-inputs, and the same on both sides of `make eval-demo`: recording and evaluation share make_obs):
+inputs, and the same on both sides of `make eval-demo`: recording and evaluation share env_image and
+lift_state):
   * image: agentview 256x256, rotated 180 degrees (`frame[::-1, ::-1]`): robosuite renders with
     OpenGL's origin, and OpenVLA's modified LIBERO RLDS stores the rotated frame;
   * wrist image (`send_wrist_image`, LIBERO's parameter; off by default, as LIBERO's): robosuite's eye-in-hand
