@@ -123,6 +123,10 @@ def test_tiny_model_closed_loop(render_ok, tiny_model, tmp_path_factory, tmp_pat
     by_hand = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
     assert np.array_equal(first["obs_image"], rotated)
     assert np.array_equal(first["model_image"], by_hand)
+    # lift.yaml sends the wrist view and the state too; this checkpoint (no vla_inputs.json) is served without them
+    rendered = np.load(env_trace / "ep0_step0.npz")
+    assert "wrist_frame" in rendered.files and rendered["state"].shape == (8,)
+    assert not {"obs_wrist_image", "state"} & set(first.files), first.files
 
     # the first action the env received = tokens -> bin centres -> q01/q99 (mask) -> gripper, by hand
     tok = json.loads((ck["ckpt"] / "vla_action_tokenizer.json").read_text())
@@ -142,7 +146,9 @@ def test_tiny_model_closed_loop(render_ok, tiny_model, tmp_path_factory, tmp_pat
 def test_eval_demo_reduced(render_ok, tiny_model, tmp_path):
     """`make eval-demo` end to end (demos -> RLDS -> convert -> train -> vla-eval -> table, video), reduced:
     2 demonstrations of 4 steps, 2 training steps, 1 closed-loop episode of 2 steps, and the session's tiny
-    model (--tiny-model) instead of a second build. The defaults (6 x 40 demo steps, 60 train steps, 2 x 60
+    model (--tiny-model) instead of a second build. Its default inputs: the agentview and wrist cameras and the
+    8-d state are recorded, converted, trained on (CAMERAS=primary,wrist PROPRIO=1: vla_inputs.json) and sent by
+    the benchmark to the server on the real loop (--trace: the env's and the server's per-step records). The defaults (6 x 40 demo steps, 60 train steps, 2 x 60
     eval steps) take about 10 minutes of CPU; `make eval-demo` runs them. Run from outside the repository, in a
     user's environment (MUJOCO_GL=egl as `make eval-demo` sets it, no HF_HOME), then its `next` commands verbatim
     from that folder (printed_commands): the server and, against it, the printed vla-eval run (stage 5's 1 x 2
@@ -150,7 +156,7 @@ def test_eval_demo_reduced(render_ok, tiny_model, tmp_path):
     work = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "llava_vla_plugin.apps.eval_demo", "--workdir", str(work), "--episodes", "2",
                            "--demo-steps", "4", "--train-steps", "2", "--eval-episodes", "1", "--eval-max-steps", "2",
-                           "--tiny-model", str(tiny_model.root)], cwd=tmp_path,
+                           "--tiny-model", str(tiny_model.root), "--trace"], cwd=tmp_path,
                           env=user_env({"MUJOCO_GL": "egl"}), capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeds rarely or never" in proc.stdout
@@ -170,6 +176,32 @@ def test_eval_demo_reduced(render_ok, tiny_model, tmp_path):
     assert len(starts) == 2 and all(r["action_raw"][-1] == 1.0 for r in starts)
     assert all("lift the red cube" in r["conversations"][0]["value"] for r in rows)
 
+    # the wrist view and the state went through convert (registry: wrist_image, EEF_state + gripper_state = 8-d)
+    from data_tools.converted_format import PROPRIO_SOURCE_STATE, proprio_source
+
+    ds = work / "converted" / "lift_scripted"
+    assert all((work / "converted" / r["image_wrist"]).is_file() for r in rows), rows[0]
+    manifest = json.loads((ds / "manifest.json").read_text())
+    assert manifest["views"]["wrist"]["missing"] == 0 and manifest["proprio"]["dims"] == 8, manifest
+    assert proprio_source(json.loads((ds / "dataset_statistics.json").read_text())["lift_scripted"]) == PROPRIO_SOURCE_STATE
+    # ... were trained on (the checkpoint records them) ...
+    assert summary["cameras"] == ["primary", "wrist"] and summary["proprio"] is True
+    assert json.loads((work / "run" / "vla_inputs.json").read_text()) == {"cameras": ["primary", "wrist"], "proprio": True,
+                                                                          "proprio_dim": 8}
+    # ... and reached the model on the real loop: the server's first call got the env's eye-in-hand frame rotated
+    # 180 degrees (the agentview's transform), its JPEG q95 round trip as the model's wrist image, and the state
+    from llava_vla_plugin.apps.sim_lift import env_image
+    from llava_vla_plugin.infer.vla_eval_server import jpeg_roundtrip
+
+    calls = sorted((work / "trace" / "server").glob("call*.npz"))
+    assert len(calls) == 2, calls  # one episode of 2 steps
+    first, rendered = np.load(calls[0]), np.load(work / "trace" / "env" / "ep0_step0.npz")
+    assert rendered["wrist_frame"].shape == (256, 256, 3) and rendered["state"].shape == (8,)
+    assert np.array_equal(first["obs_wrist_image"], env_image(rendered["wrist_frame"]))
+    assert np.array_equal(first["model_wrist_image"], jpeg_roundtrip(env_image(rendered["wrist_frame"])))
+    assert not np.array_equal(first["obs_wrist_image"], first["obs_image"])  # two cameras, not one sent twice
+    np.testing.assert_array_equal(first["state"], rendered["state"].astype(np.float64))
+
     # the next: commands, verbatim, from the folder the demo ran in, in a shell without MUJOCO_GL or HF_HOME
     env, log = user_env(), tmp_path / "next.log"
     commands = next_commands(proc.stdout)
@@ -185,8 +217,22 @@ def test_eval_demo_reduced(render_ok, tiny_model, tmp_path):
     if not port_free(8000):
         skip_unless_ci("port 8000 is taken on this machine: the printed server + vla-eval commands were not run "
                        "(the report and the larger eval-demo were)")
+    assert "send_wrist_image" not in evaluate  # the config sends the wrist view and the state: what the run needs
     with Started(serve, tmp_path, env, log) as server:
         server.wait_for(lambda: listening(8000), "server on port 8000", timeout=300)
         run_verbatim(evaluate, tmp_path, env, log)
     again = json.loads((work / "eval2" / "lift_aggregate.json").read_text())
     assert [e["steps"] for e in again["tasks"][0]["episodes"]] == [2]
+
+
+def test_eval_demo_inputs_flags():
+    """--cameras takes the launcher's CAMERAS values (the old third-person-only path: --cameras primary --no-proprio);
+    a bad value stops before anything is recorded, naming the flag and the choices."""
+    proc = subprocess.run([sys.executable, "-m", "llava_vla_plugin.apps.eval_demo", "--help"],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "--cameras" in proc.stdout and "--no-proprio" in proc.stdout, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "llava_vla_plugin.apps.eval_demo", "--cameras", "wrist,top",
+                           "--workdir", "never_made"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "--cameras: CAMERAS=wrist,top: unknown view(s) ['top']" in proc.stderr, proc.stderr
+    assert not (ROOT / "never_made").exists()

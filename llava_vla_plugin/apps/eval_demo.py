@@ -1,13 +1,17 @@
 """The closed loop on a CPU, end to end (`make eval-demo`):
 
-  1. record scripted grasp-and-lift demonstrations in robosuite Lift (sim_lift's controller)
+  1. record scripted grasp-and-lift demonstrations in robosuite Lift (sim_lift's controller): the agentview
+     and wrist (eye-in-hand) cameras and the 8-d robot state
   2. write them as RLDS (a small LIBERO-like schema, tfds' serializer via testing.rlds_fixture)
-  3. convert with data_tools.convert (registry entry: configs/registry/lift_scripted.yaml)
-  4. train the tiny llava_qwen model with scripts/finetune_ov_vla.sh (NUM_GPUS=0)
-  5. serve it (python -m llava_vla_plugin.infer.vla_eval_server) and run vla-eval on Lift (--no-docker)
+  3. convert with data_tools.convert (registry entry: configs/registry/lift_scripted.yaml; it keeps the wrist
+     view and the state)
+  4. train the tiny llava_qwen model with scripts/finetune_ov_vla.sh (NUM_GPUS=0, CAMERAS=primary,wrist PROPRIO=1)
+  5. serve it (python -m llava_vla_plugin.infer.vla_eval_server) and run vla-eval on Lift (--no-docker), the
+     benchmark sending the wrist view and the state (send_wrist_image, send_state)
   6. print the success table and the videos
 
     python -m llava_vla_plugin.apps.eval_demo [--workdir eval_demo_out] [--episodes 6] [--train-steps 60]
+    python -m llava_vla_plugin.apps.eval_demo --cameras primary --no-proprio     # the third-person view alone
 
 Be clear about what this shows: the loop (data -> model -> closed-loop success, videos), not a
 skill. A tiny random-init model trained for minutes on a handful of demonstrations on a CPU
@@ -16,8 +20,9 @@ more demonstrations and a GPU are how a real Lift (or LIBERO) number is produced
 
 Why record in-process rather than through vla-eval: vla-eval's recorder keeps videos and per-step
 rows, not the observation dicts RLDS needs; the demonstrations are the scripted controller driving
-the same environment (sim_lift.make_lift_env), with the same image transform (180-degree rotation)
-that LiftBenchmark sends the model, so training frames and evaluation frames match.
+the same environment (sim_lift.make_lift_env), with the same image transform (sim_lift.env_image, the
+180-degree rotation, on both cameras) and the same state (sim_lift.lift_state) that LiftBenchmark sends the
+model, so training inputs and evaluation inputs match.
 """
 from __future__ import annotations
 
@@ -61,18 +66,21 @@ def run(cmd: list[str], env: dict[str, str], log: Path, timeout: float | None = 
 
 
 # ---- 1-2: demonstrations as RLDS ---------------------------------------------------------------
-def libero_like_features(resolution: int, full: bool = False):
+def libero_like_features(resolution: int, full: bool = False, wrist: bool = False):
     """OpenVLA's modified LIBERO RLDS schema (image, wrist_image, 8-d state, 7-d joint_state, 7-d action).
 
-    full=False drops the wrist camera and joint state: the eval demo renders only agentview (a second
-    camera doubles the simulator's cost) and nothing reads joint_state."""
+    full=True is all of it. The eval demo writes wrist=True (image, wrist_image, state): nothing reads
+    joint_state; with --cameras primary it writes neither (the wrist camera is then not rendered: a second
+    camera doubles the simulator's rendering cost)."""
     import tensorflow_datasets as tfds
 
     f = tfds.features
     image = lambda: f.Image(shape=(resolution, resolution, 3), dtype=np.uint8, encoding_format="jpeg")  # noqa: E731
     observation = {"image": image(), "state": f.Tensor(shape=(8,), dtype=np.float32)}
+    if full or wrist:
+        observation["wrist_image"] = image()
     if full:
-        observation.update(wrist_image=image(), joint_state=f.Tensor(shape=(7,), dtype=np.float32))
+        observation["joint_state"] = f.Tensor(shape=(7,), dtype=np.float32)
     return f.FeaturesDict({
         "steps": f.Dataset({
             "observation": f.FeaturesDict(observation),
@@ -88,17 +96,27 @@ def libero_like_features(resolution: int, full: bool = False):
     })
 
 
-def record_demos(episodes: int, steps: int, resolution: int) -> tuple[list[list[dict]], list[bool]]:
-    """Drive Lift with the scripted controller for `steps` steps per episode (fixed length: the
-    RLDS writer draws one length per dataset); a lifted cube keeps being held up after success."""
+def _jpeg(frame: np.ndarray) -> bytes:
+    """Stored as JPEG q95 bytes: what convert copies and the server's round trip matches."""
     from data_tools.images import JPEG_QUALITY
     from PIL import Image
 
-    from llava_vla_plugin.apps.sim_lift import (INSTRUCTION, check_render, discretise_gripper, env_image, make_lift_env,
-                                           quat_to_axisangle, scripted_lift_action)
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+def record_demos(episodes: int, steps: int, resolution: int, wrist: bool = True) -> tuple[list[list[dict]], list[bool]]:
+    """Drive Lift with the scripted controller for `steps` steps per episode (fixed length: the
+    RLDS writer draws one length per dataset); a lifted cube keeps being held up after success.
+    Each step keeps the agentview frame, the wrist (eye-in-hand) frame when `wrist` (both through
+    sim_lift.env_image, as LiftBenchmark sends them) and the 8-d state (sim_lift.lift_state, LiftBenchmark's
+    `states`): the demonstrations hold what the benchmark sends with send_wrist_image / send_state."""
+    from llava_vla_plugin.apps.sim_lift import (INSTRUCTION, WRIST_CAMERA, check_render, discretise_gripper, env_image,
+                                           lift_state, make_lift_env, scripted_lift_action)
 
     check_render()
-    env = make_lift_env(seed=DEMO_SEED_OFFSET, resolution=resolution)
+    env = make_lift_env(seed=DEMO_SEED_OFFSET, resolution=resolution, wrist=wrist)
     demos, successes = [], []
     try:
         for ep in range(episodes):
@@ -106,13 +124,12 @@ def record_demos(episodes: int, steps: int, resolution: int) -> tuple[list[list[
             obs, state, rows, success = env.reset(), {}, [], False
             for _ in range(steps):
                 action = discretise_gripper(scripted_lift_action(obs["robot0_eef_pos"], obs["cube_pos"], state))
-                buf = io.BytesIO()  # stored as JPEG q95 bytes: what convert copies and the server's round trip matches
-                Image.fromarray(env_image(obs["agentview_image"])).save(buf, format="JPEG", quality=JPEG_QUALITY)
-                proprio = np.concatenate([obs["robot0_eef_pos"], quat_to_axisangle(obs["robot0_eef_quat"]),
-                                          obs["robot0_gripper_qpos"]]).astype(np.float32)
+                observation = {"image": _jpeg(env_image(obs["agentview_image"])), "state": lift_state(obs)}
+                if wrist:
+                    observation["wrist_image"] = _jpeg(env_image(obs[f"{WRIST_CAMERA}_image"]))
                 obs, _, _, _ = env.step(action)
                 success = success or bool(env._check_success())
-                rows.append({"observation": {"image": buf.getvalue(), "state": proprio},
+                rows.append({"observation": observation,
                              "action": action.astype(np.float32), "reward": np.float32(success),
                              "language_instruction": INSTRUCTION})
             demos.append(rows)
@@ -123,12 +140,12 @@ def record_demos(episodes: int, steps: int, resolution: int) -> tuple[list[list[
     return demos, successes
 
 
-def write_demos_rlds(root: Path, demos: list[list[dict]], resolution: int) -> Path:
+def write_demos_rlds(root: Path, demos: list[list[dict]], resolution: int, wrist: bool = True) -> Path:
     from llava_vla_plugin.apps.rlds_fixture import write_rlds_dataset
 
     schema_dir = root / "_schema" / DATASET
     schema_dir.mkdir(parents=True, exist_ok=True)
-    libero_like_features(resolution).save_config(str(schema_dir))
+    libero_like_features(resolution, wrist=wrist).save_config(str(schema_dir))
     steps = len(demos[0])
     path = write_rlds_dataset(root, DATASET, "1.0.0", schema=schema_dir, splits={"train": len(demos)}, steps=steps,
                               step_fn=lambda ep, t, rng: demos[ep][t])
@@ -161,9 +178,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-episodes", type=int, default=2, help="closed-loop episodes (default 2)")
     ap.add_argument("--eval-max-steps", type=int, default=60, help="step limit per closed-loop episode (default 60)")
     ap.add_argument("--resolution", type=int, default=256, help="agentview size, as LIBERO (default 256)")
+    ap.add_argument("--cameras", default="primary,wrist", help="views recorded, trained on (the launcher's CAMERAS) "
+                    "and sent by the benchmark (send_wrist_image): primary,wrist (default: agentview + the eye-in-hand "
+                    "camera) or primary (agentview alone; the wrist camera is then not rendered)")
+    ap.add_argument("--proprio", action=argparse.BooleanOptionalAction, default=True, help="train with the 8-d robot "
+                    "state in the prompt (the launcher's PROPRIO=1) and have the benchmark send it (send_state); "
+                    "--no-proprio: without it (default: with)")
+    ap.add_argument("--trace", action="store_true", help="save every closed-loop step as .npz: what the env rendered "
+                    "and sent (WORKDIR/trace/env) and what the server got and answered (WORKDIR/trace/server)")
     ap.add_argument("--tiny-model", default=None, help="reuse a tiny model built by "
                     "`python -m llava_vla_plugin.apps.tiny_model DIR` (default: build one in the workdir)")
     args = ap.parse_args(argv)
+    from llava_vla_plugin.core.inputs import InputConfigError, parse_cameras
+
+    try:
+        cameras = parse_cameras(args.cameras)
+    except InputConfigError as e:
+        ap.error(f"--cameras: {e}")
+    wrist = "wrist" in cameras
     for name in ("episodes", "demo_steps", "train_steps", "eval_episodes", "eval_max_steps"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -176,18 +208,20 @@ def main(argv: list[str] | None = None) -> int:
     print("eval-demo: the closed loop on a CPU. A tiny model trained for minutes succeeds rarely or never;\n"
           "           the loop (demonstrations -> RLDS -> convert -> train -> vla-eval -> success, video) is the point.")
 
-    t0 = stage(1, f"recording {args.episodes} scripted Lift demonstrations ({args.demo_steps} steps each, MuJoCo on EGL)")
+    views = "agentview + wrist cameras" if wrist else "agentview camera"
+    t0 = stage(1, f"recording {args.episodes} scripted Lift demonstrations ({args.demo_steps} steps each, {views} and "
+               "the 8-d state, MuJoCo on EGL)")
     # A child process: importing TensorFlow (stage 2) into a process that has loaded robosuite/MuJoCo's
     # libraries crashes it (segfault in TF's import, seen with tensorflow 2.x + mujoco 3.3.7 + numba).
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        demos, lifted = pool.apply(record_demos, (args.episodes, args.demo_steps, args.resolution))
+        demos, lifted = pool.apply(record_demos, (args.episodes, args.demo_steps, args.resolution, wrist))
     done(t0, f"{sum(lifted)}/{len(lifted)} demonstrations lifted the cube")
 
     t0 = stage(2, "writing them as RLDS (LIBERO-like schema)")
     rlds = work / "rlds"
-    path = write_demos_rlds(rlds, demos, args.resolution)
+    path = write_demos_rlds(rlds, demos, args.resolution, wrist)
     done(t0, f"{path}")
 
     t0 = stage(3, "converting to LLaVA JSON (data_tools.convert --registry configs/registry/lift_scripted.yaml)")
@@ -199,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     n_val = sum(1 for _ in (converted / DATASET / "val.jsonl").open()) if (converted / DATASET / "val.jsonl").exists() else 0
     done(t0, f"{n_train} train / {n_val} val frames -> {converted}")
 
-    t0 = stage(4, f"training the tiny model {args.train_steps} steps on CPU (scripts/finetune_ov_vla.sh, NUM_GPUS=0)")
+    inputs_env = {"CAMERAS": ",".join(cameras), "PROPRIO": "1" if args.proprio else "0"}
+    t0 = stage(4, f"training the tiny model {args.train_steps} steps on CPU (scripts/finetune_ov_vla.sh, NUM_GPUS=0, "
+               f"CAMERAS={inputs_env['CAMERAS']} PROPRIO={inputs_env['PROPRIO']})")
     from llava_vla_plugin.apps.tiny_model import demo_tiny_model
 
     tiny = demo_tiny_model(args.tiny_model, work, "eval-demo")
@@ -208,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                  "DATA": str(converted / "mixture.yaml"), "IMAGE_FOLDER": str(converted), "OUTPUT_DIR": str(run_dir),
                  "NUM_GPUS": "0", "BATCH_SIZE": "4", "MAX_STEPS": str(args.train_steps),
                  "SAVE_STEPS": str(args.train_steps), "LR": "1e-2", "IMAGE_ASPECT_RATIO": "pad", "NUM_WORKERS": "0",
-                 "MODEL_MAX_LENGTH": "1024", "VLA_PYTHON": sys.executable}
+                 "MODEL_MAX_LENGTH": "2048", "VLA_PYTHON": sys.executable, **inputs_env}
     run(["bash", str(ROOT / "scripts/finetune_ov_vla.sh"), "--gradient_checkpointing", "False", "--warmup_ratio", "0",
          "--mm_tunable_parts", "mm_mlp_adapter,mm_language_model"], train_env, work / "train.log")
     history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
@@ -219,12 +255,21 @@ def main(argv: list[str] | None = None) -> int:
               "diagnostic: the number that counts here is stage 6's closed-loop success rate)")
     done(t0, f"checkpoint {run_dir}")
 
-    t0 = stage(5, f"closed loop: {args.eval_episodes} Lift episodes of at most {args.eval_max_steps} steps through vla-eval")
+    sent = [n for n, on in (("the wrist view", wrist), ("the state", args.proprio)) if on]
+    t0 = stage(5, f"closed loop: {args.eval_episodes} Lift episodes of at most {args.eval_max_steps} steps through vla-eval"
+               + (f", the benchmark sending {' and '.join(sent)}" if sent else ""))
     server_log, results = work / "server.log", work / "eval"
+    # the benchmark's LIBERO parameters say what each observation holds; the server's --wrist-key / --state-key
+    # defaults (wrist, states) are the keys LiftBenchmark sends them under, as vla-eval's LIBERO does
+    eval_params = {"max_steps": args.eval_max_steps, "send_wrist_image": wrist, "send_state": args.proprio}
+    server_extra: list[str] = []
+    if args.trace:
+        eval_params["trace_dir"] = str(work / "trace" / "env")
+        server_extra = ["--trace-dir", str(work / "trace" / "server")]
     try:
-        with serving(checkpoint_server_args(run_dir, DATASET), train_env, server_log) as port:
+        with serving(checkpoint_server_args(run_dir, DATASET, server_extra), train_env, server_log) as port:
             run(vla_eval_command(EVAL_CONFIG, port, results, episodes=args.eval_episodes, max_steps=args.eval_max_steps,
-                                 params={"max_steps": args.eval_max_steps}), train_env, work / "eval.log")
+                                 params=eval_params), train_env, work / "eval.log")
     except ClosedLoopRunError as e:
         raise SystemExit(f"eval-demo: {e}") from None
     done(t0, f"vla-eval results -> {results}")
@@ -238,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"      video: {v}")
     summary = {"demonstrations": len(demos), "demonstrations_lifted": sum(lifted), "train_frames": n_train,
                "train_steps": args.train_steps, "aggregate": str(aggregate_file), "videos": [str(v) for v in videos],
-               "checkpoint": str(run_dir)}
+               "checkpoint": str(run_dir), "cameras": list(cameras), "proprio": args.proprio}
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\neval-demo finished in {time.perf_counter() - started:.0f} s; everything is under {work}")
     from llava_vla_plugin.apps.demo import print_next, tiny_env_prefix
@@ -246,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     q, py = shlex.quote, shlex.quote(sys.executable)
     limits = (f"--benchmark-field episodes_per_task={args.eval_episodes} --benchmark-field max_steps={args.eval_max_steps} "
               f"--param max_steps={args.eval_max_steps}")
+    # the config sends the wrist view and the state; a run without them need not render the wrist camera
+    inputs_off = "".join(f"--param {k}=false " for k, on in (("send_wrist_image", wrist), ("send_state", args.proprio))
+                         if not on)
     print_next([
         ("serve it yourself (vla-eval's protocol on ws://127.0.0.1:8000, the config's address; Ctrl-C stops it)",
          f"{tiny_env_prefix(tiny.hf_home)} {py} -m llava_vla_plugin.infer.vla_eval_server --checkpoint {q(str(run_dir))} "
@@ -253,12 +301,12 @@ def main(argv: list[str] | None = None) -> int:
         ("then, in a second shell, the closed loop of stage 5 against it (vla-eval; drop the last three options for "
          "the config's 2 x 60 steps)",
          f"MUJOCO_GL=egl {py} -m vla_eval.cli.main run -c {q(str(EVAL_CONFIG))} --no-docker "
-         f"--output-dir {q(str(work / 'eval2'))} {limits}"),
+         f"--output-dir {q(str(work / 'eval2'))} {inputs_off}{limits}"),
         ("a report of the results: success with confidence intervals, failure reasons",
          f"{py} -m llava_vla_plugin.experiments.closed_loop_report {q(str(results))} --out {q(str(work / 'report'))}"),
         ("more demonstrations and steps (hours on a CPU; a GPU helps), into a new folder",
          f"MUJOCO_GL=egl {py} -m llava_vla_plugin.apps.eval_demo --workdir {q(str(work.parent / (work.name + '_more')))} "
-         "--episodes 50 --train-steps 2000"),
+         f"--episodes 50 --train-steps 2000{'' if wrist else ' --cameras primary'}{'' if args.proprio else ' --no-proprio'}"),
         ("the real thing: the LIBERO recipe in README.md (configs/vla_eval/libero_*.yaml)", None),
     ])
     return 0

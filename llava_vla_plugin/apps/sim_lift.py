@@ -2,7 +2,7 @@
 
     benchmarks:
       - benchmark: "llava_vla_plugin.apps.sim_lift:LiftBenchmark"
-        params: {max_steps: 40}
+        params: {max_steps: 40, send_wrist_image: true, send_state: true}
 
 Why this exists: LIBERO and SimplerEnv need their own installs and assets (LIBERO fetches scenes
 from the Hugging Face hub), so CI cannot run them. Lift is LIBERO's embodiment and action space
@@ -11,12 +11,19 @@ controller as LIBERO pins it, 1.4.x) with assets inside the robosuite wheel, so 
 (orchestrator -> websocket/msgpack protocol -> our model server -> env) runs here, on CPU.
 
 Conventions (the same as vla-eval's LIBERO benchmark, so a LIBERO-trained server sees the same
-inputs, and the same on both sides of `make eval-demo`: recording and evaluation share make_obs):
+inputs, and the same on both sides of `make eval-demo`: recording and evaluation share env_image and
+lift_state):
   * image: agentview 256x256, rotated 180 degrees (`frame[::-1, ::-1]`): robosuite renders with
     OpenGL's origin, and OpenVLA's modified LIBERO RLDS stores the rotated frame;
+  * wrist image (`send_wrist_image`, LIBERO's parameter; off by default, as LIBERO's): robosuite's eye-in-hand
+    camera `robot0_eye_in_hand`, 256x256, sent as `images["wrist"]` with the same 180-degree rotation (env_image
+    says why it is the same transform); rendered only when asked for (a second camera costs a second render
+    per step);
   * action: 7 floats, gripper discretised to -1 (open) / +1 (close) as LIBERO does (sign; 0 -> +1);
   * success: robosuite's `_check_success()` (cube lifted 4 cm above the table); done = success;
-  * `states`: 8-d [eef pos 3, eef axis-angle 3, gripper qpos 2] (LIBERO's), sent with send_state;
+  * `states` (`send_state`, LIBERO's parameter; off by default, as LIBERO's): 8-d [eef pos 3, eef axis-angle 3,
+    gripper qpos 2] (lift_state; what vla-eval's LIBERO benchmark sends, from robosuite's `robot0_eef_pos`,
+    `robot0_eef_quat` and `robot0_gripper_qpos` observations, which Lift has as LIBERO does);
     `object_pos` (the cube) is sent only with send_object_state, for the scripted controller.
 Rendering is MuJoCo through EGL (`MUJOCO_GL=egl`): on a CPU host that is Mesa's software EGL
 (Debian: libegl1 + libegl-mesa0). vla-eval's `--render cpu` would switch MuJoCo to OSMesa, which
@@ -39,13 +46,17 @@ import numpy as np
 
 from vla_eval.benchmarks.base import StepBenchmark, StepResult
 from vla_eval.model_servers.predict import PredictModelServer
-from vla_eval.specs import GRIPPER_CLOSE_POS, IMAGE_RGB, LANGUAGE, POSITION_DELTA, ROTATION_AA, DimSpec
+from vla_eval.specs import (GRIPPER_CLOSE_POS, IMAGE_RGB, LANGUAGE, POSITION_DELTA, ROTATION_AA, STATE_EEF_POS_AA_GRIP,
+                            DimSpec)
 from vla_eval.types import Action, EpisodeResult, Observation, Task
 
 log = logging.getLogger(__name__)
 
 INSTRUCTION = "lift the red cube"
 RESOLUTION = 256
+PRIMARY_CAMERA = "agentview"
+WRIST_CAMERA = "robot0_eye_in_hand"  # robosuite's camera on the Panda's hand (LIBERO's wrist view)
+STATE_DIM = 8
 ACTION_DIM = 7
 RENDER_ENV = {"MUJOCO_GL": "egl", "PYOPENGL_PLATFORM": "egl"}
 RENDER_PROBE_TIMEOUT_S = 120
@@ -99,8 +110,23 @@ def quat_to_axisangle(quat: np.ndarray) -> np.ndarray:
 
 
 def env_image(raw_frame: np.ndarray) -> np.ndarray:
-    """The documented image transform: the rendered agentview frame rotated 180 degrees (LIBERO's)."""
+    """The documented image transform, for both cameras: the rendered frame rotated 180 degrees (LIBERO's).
+
+    The wrist (eye-in-hand) view takes the same transform as agentview: robosuite renders every camera with
+    OpenGL's bottom-left origin (robosuite.macros.IMAGE_CONVENTION = "opengl", no per-camera difference), and
+    LIBERO flips both views the same way: vla-eval's LIBERO benchmark (preprocess_libero_image on
+    `robot0_eye_in_hand_image` as on `agentview_image`), OpenVLA-OFT's get_libero_wrist_image ("rotate 180
+    degrees to match train preprocessing") and OpenVLA's modified LIBERO RLDS, which stores both rotated.
+    """
     return np.ascontiguousarray(np.asarray(raw_frame)[::-1, ::-1])
+
+
+def lift_state(obs: dict) -> np.ndarray:
+    """The robot state sent with send_state and recorded with the demonstrations: 8-d float32
+    [eef pos 3, eef axis-angle 3, gripper qpos 2], LIBERO's (vla-eval's LiberoBenchmark._proprio_state and
+    OpenVLA's modified LIBERO RLDS `observation/state` are this layout), from robosuite's observations."""
+    return np.concatenate([obs["robot0_eef_pos"], quat_to_axisangle(obs["robot0_eef_quat"]),
+                           obs["robot0_gripper_qpos"]]).astype(np.float32)
 
 
 def discretise_gripper(action: np.ndarray) -> np.ndarray:
@@ -110,8 +136,9 @@ def discretise_gripper(action: np.ndarray) -> np.ndarray:
     return out
 
 
-def make_lift_env(seed: int = 0, camera: bool = True, resolution: int = RESOLUTION):
-    """robosuite Lift, Panda, OSC_POSE, 20 Hz; ignore_done (the harness owns the step limit)."""
+def make_lift_env(seed: int = 0, camera: bool = True, resolution: int = RESOLUTION, wrist: bool = False):
+    """robosuite Lift, Panda, OSC_POSE, 20 Hz; ignore_done (the harness owns the step limit). Renders agentview
+    (`agentview_image`), and with wrist=True the eye-in-hand camera too (`robot0_eye_in_hand_image`)."""
     os.environ.update(RENDER_ENV)
     _quiet_robosuite()
     import robosuite as suite
@@ -119,7 +146,7 @@ def make_lift_env(seed: int = 0, camera: bool = True, resolution: int = RESOLUTI
 
     env = suite.make("Lift", robots="Panda", controller_configs=load_controller_config(default_controller="OSC_POSE"),
                      has_renderer=False, has_offscreen_renderer=camera, use_camera_obs=camera,
-                     camera_names="agentview", camera_heights=resolution, camera_widths=resolution,
+                     camera_names=[PRIMARY_CAMERA] + ([WRIST_CAMERA] if wrist else []), camera_heights=resolution, camera_widths=resolution,
                      control_freq=20, hard_reset=False, ignore_done=True, reward_shaping=False)
     np.random.seed(seed)  # robosuite 1.4 draws placements from numpy's global generator
     return env
@@ -128,9 +155,14 @@ def make_lift_env(seed: int = 0, camera: bool = True, resolution: int = RESOLUTI
 class LiftBenchmark(StepBenchmark):
     """robosuite Lift through vla-eval. One task; episode i resets with seed `seed + i`.
 
-    trace_dir: when set, each step's rendered frame (before the transform), the action received
-    from the server and the action applied are saved as `ep{i}_step{t}.npz`: how the tests (and a
-    user chasing a convention bug) compare what the env rendered and received with the model side.
+    send_wrist_image / send_state: LIBERO's parameters (vla-eval's LiberoBenchmark): add `images["wrist"]` (the
+    eye-in-hand camera, rendered only then) and `states` (lift_state) to each observation. The demonstrations
+    of `make eval-demo` record the same two (apps/eval_demo.py), so a checkpoint trained with CAMERAS=primary,wrist
+    PROPRIO=1 gets at evaluation what it was trained on.
+    trace_dir: when set, each step's rendered frame (before the transform; `wrist_frame` too when rendered), the
+    state when sent, the action received from the server and the action applied are saved as
+    `ep{i}_step{t}.npz`: how the tests (and a user chasing a convention bug) compare what the env rendered and
+    received with the model side.
     """
 
     render_backends = frozenset({"gpu", "cpu"})
@@ -140,11 +172,13 @@ class LiftBenchmark(StepBenchmark):
         os.environ.update(RENDER_ENV)  # EGL in both modes: Mesa's software EGL on CPU hosts (see module doc)
         return dict(RENDER_ENV)
 
-    def __init__(self, seed: int = 0, max_steps: int = 60, num_steps_wait: int = 0, send_state: bool = True,
-                 send_object_state: bool = False, trace_dir: str | None = None, check_renderer: bool = True) -> None:
+    def __init__(self, seed: int = 0, max_steps: int = 60, num_steps_wait: int = 0, send_wrist_image: bool = False,
+                 send_state: bool = False, send_object_state: bool = False, trace_dir: str | None = None,
+                 check_renderer: bool = True) -> None:
         super().__init__()
         self.seed, self.max_steps, self.num_steps_wait = seed, max_steps, num_steps_wait
-        self.send_state, self.send_object_state = send_state, send_object_state
+        self.send_wrist_image, self.send_state = bool(send_wrist_image), bool(send_state)
+        self.send_object_state = send_object_state
         self.trace_dir = Path(trace_dir) if trace_dir else None
         self._check_renderer = check_renderer
         self._env = None
@@ -159,7 +193,7 @@ class LiftBenchmark(StepBenchmark):
         if self._env is None:
             if self._check_renderer:
                 check_render()
-            self._env = make_lift_env(self.seed)
+            self._env = make_lift_env(self.seed, wrist=self.send_wrist_image)
         return self._env
 
     def reset(self, task: Task) -> Any:
@@ -196,15 +230,20 @@ class LiftBenchmark(StepBenchmark):
             return
         self.trace_dir.mkdir(parents=True, exist_ok=True)
         extra = {} if received is None else {"received": received, "applied": applied}
+        if self.send_wrist_image:
+            extra["wrist_frame"] = obs[f"{WRIST_CAMERA}_image"]
+        if self.send_state:
+            extra["state"] = lift_state(obs)
         np.savez(self.trace_dir / f"ep{self._episode}_step{self._t}.npz", frame=obs["agentview_image"],
                  eef_pos=obs["robot0_eef_pos"], cube_pos=obs["cube_pos"], **extra)
 
     def make_obs(self, raw_obs: Any, task: Task) -> Observation:
         out: dict[str, Any] = {"images": {"agentview": env_image(raw_obs["agentview_image"])},
                                "task_description": task["name"]}
+        if self.send_wrist_image:  # vla-eval's LIBERO key and transform (env_image)
+            out["images"]["wrist"] = env_image(raw_obs[f"{WRIST_CAMERA}_image"])
         if self.send_state:
-            out["states"] = np.concatenate([raw_obs["robot0_eef_pos"], quat_to_axisangle(raw_obs["robot0_eef_quat"]),
-                                            raw_obs["robot0_gripper_qpos"]]).astype(np.float32)
+            out["states"] = lift_state(raw_obs)
         if self.send_object_state:
             out["object_pos"] = np.asarray(raw_obs["cube_pos"], dtype=np.float32)
             out["eef_pos"] = np.asarray(raw_obs["robot0_eef_pos"], dtype=np.float32)
@@ -220,7 +259,12 @@ class LiftBenchmark(StepBenchmark):
         return {"position": POSITION_DELTA, "rotation": ROTATION_AA, "gripper": GRIPPER_CLOSE_POS}
 
     def get_observation_spec(self) -> dict[str, DimSpec]:
-        return {"agentview": IMAGE_RGB, "language": LANGUAGE}
+        spec = {"agentview": IMAGE_RGB, "language": LANGUAGE}
+        if self.send_wrist_image:
+            spec["wrist"] = IMAGE_RGB
+        if self.send_state:
+            spec["state"] = STATE_EEF_POS_AA_GRIP
+        return spec
 
     def cleanup(self) -> None:
         if self._env is not None:

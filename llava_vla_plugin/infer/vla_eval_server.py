@@ -204,19 +204,21 @@ class LlavaVLAModelServer(PredictModelServer):
         if not isinstance(text, str) or not text.strip():
             raise ObservationError(f"observation has no task_description (got {text!r}); the model needs the instruction")
         inp = model_image(image, self.jpeg, self.crop)
-        extra = {}
+        extra, traced = {}, {}
         if self.needs_wrist:
             if self.wrist_key not in (obs.get("images") or {}):
                 raise ObservationError(f"this checkpoint was trained with the wrist view, but the observation has cameras "
-                                       f"{sorted(obs.get('images') or {})} and no {self.wrist_key!r} (LIBERO: set the "
-                                       "benchmark's send_wrist_image: true; or --wrist-key)")
-            extra["wrist_image"] = model_image(observation_image(obs, self.wrist_key), self.jpeg, self.crop)
+                                       f"{sorted(obs.get('images') or {})} and no {self.wrist_key!r} (LIBERO and Lift: set "
+                                       "the benchmark's send_wrist_image: true; or --wrist-key)")
+            traced["obs_wrist_image"] = observation_image(obs, self.wrist_key)
+            extra["wrist_image"] = traced["model_wrist_image"] = model_image(traced["obs_wrist_image"], self.jpeg,
+                                                                             self.crop)
         if self.needs_state:
             state = obs.get(self.state_key)
             if state is None:
                 raise ObservationError(f"this checkpoint was trained with the robot state, but the observation has no "
-                                       f"{self.state_key!r} (LIBERO: set the benchmark's send_state: true)")
-            extra["proprio"] = np.asarray(state, dtype=np.float64).reshape(-1)
+                                       f"{self.state_key!r} (LIBERO and Lift: set the benchmark's send_state: true)")
+            extra["proprio"] = traced["state"] = np.asarray(state, dtype=np.float64).reshape(-1)
         raw = np.asarray(self.policy.predict_action(inp, text, unnorm_key=self.unnorm_key, **extra), dtype=np.float64)
         if raw.ndim not in (1, 2):
             raise RuntimeError(f"the policy returned actions of shape {raw.shape}; expected (D,) or (H, D)")
@@ -225,10 +227,13 @@ class LlavaVLAModelServer(PredictModelServer):
             self._adopt_chunk(actions.shape[0], ctx)
         self.latencies_s.append(time.perf_counter() - t0)
         if self.trace_dir is not None:
-            extra = {}
+            extra = dict(traced)  # the wrist view (as received, as given to the model) and the state, where used
             # debugging only: the tokens, by a second greedy pass (token representations; parallel_l1 has none)
             if hasattr(self.policy, "predict_action_ids") and getattr(self.policy, "n_action_tokens", 1):
-                extra["action_ids"] = self.policy.predict_action_ids([inp], [text])[0]
+                batched = {"wrist_images": [extra["model_wrist_image"]]} if self.needs_wrist else {}
+                if self.needs_state:
+                    batched.update(states=[extra["state"]], unnorm_key=self.unnorm_key)
+                extra["action_ids"] = self.policy.predict_action_ids([inp], [text], **batched)[0]
             self._trace(obs_image=image, model_image=inp, instruction=text, model_output=raw, sent=actions, **extra)
         return {"actions": actions.astype(np.float32)}
 
@@ -272,8 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--action-ensemble", default="newest", choices=("newest", "average", "ema"))
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when present)")
     p.add_argument("--dtype", default=None, help="bfloat16 / float16 / float32 (default: bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--trace-dir", default=None, help="save every call's input image, model image, model output "
-                   "and sent action as .npz (debugging conventions)")
+    p.add_argument("--trace-dir", default=None, help="save every call's input image, model image (the wrist view's "
+                   "and the state too, for a checkpoint that uses them), model output and sent action as .npz "
+                   "(debugging conventions)")
     p.add_argument("--dry-run", action="store_true", help="check the arguments, the checkpoint's statistics and "
                    "--unnorm-key, print the settings; load no weights")
     return p
