@@ -38,6 +38,8 @@ robot_utils.py, openvla_utils.py; and its SimplerEnv policy), done exactly here:
      by vla-eval as the agentview is, then given the same JPEG round trip and crop; the state is `states` (LIBERO:
      `send_state: true`, 8-d [eef pos3, axis-angle3, gripper qpos2], vla-eval turning robosuite's quaternion into
      axis-angle as LIBERO's converted data holds it), normalized with the --unnorm-key dataset's proprio statistics.
+     OpenVLA's LIBERO layout has 9 values ([EEF_state, None, gripper_state]: a zero column at 6); the statistics
+     name that padding and the pipeline puts the zero back (core/inputs.with_padding), any other width is refused.
      A checkpoint that needs either and gets an observation without it is refused (ObservationError naming the
      benchmark parameter to set): nothing is zero-filled. A checkpoint that does not use them ignores them.
 A bad observation (no image, unknown image key, wrong shape/dtype, no instruction) raises
