@@ -178,6 +178,32 @@ def test_dataset_augments_training_images_only_and_reproducibly(frames, make_dat
 
 
 @requires_upstream
+def test_each_camera_view_is_augmented_with_its_own_parameters(tmp_path, make_dataset):
+    """CAMERAS=primary,wrist: both views of a training sample change, each with its own draw (view 0 and view 1, as
+    OpenVLA augments each camera with its own seed); validation leaves both untouched."""
+    import torch
+    from PIL import Image
+
+    from llava_vla_plugin.testing.vla_samples import write_vla_dataset
+
+    rng = np.random.default_rng(2)
+    base = rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    write_vla_dataset(tmp_path, "ds", 2, image_fn=lambda i, r: base, action_fn=lambda i, r: r.uniform(-1, 1, 7),
+                      wrist_fn=lambda i, r: base)  # the same picture in both views: only the draws differ
+    views = dict(vla_cameras="primary,wrist", vla_image_aug=True, vla_data_seed=5)
+    on, val = make_dataset(tmp_path, **views), make_dataset(tmp_path, is_eval=True, **views)
+    off = make_dataset(tmp_path, vla_cameras="primary,wrist")
+    rows = [json.loads(line) for line in (tmp_path / "ds" / "train.jsonl").read_text().splitlines()]
+    for i in range(2):
+        primary, wrist = (on[i]["image"][v][0] for v in (0, 1))
+        assert not torch.equal(primary, wrist)  # one picture, two parameter draws
+        for v, key in ((0, "image"), (1, "image_wrist")):
+            img = A.apply_params(Image.open(tmp_path / rows[i][key]).convert("RGB"), A.draw_params(5, 0, i, v))
+            assert torch.equal(on[i]["image"][v][0], on.process_pil(img, "pad")), (i, v)
+            assert torch.equal(val[i]["image"][v][0], off[i]["image"][v][0]), (i, v)  # validation: untouched
+
+
+@requires_upstream
 @pytest.mark.parametrize("aspect", ["pad", "anyres_max_9"])
 def test_process_pil_is_upstreams_process_image(frames, make_dataset, aspect):
     """process_pil re-states upstream's process_image after its Image.open (there is no hook between the two)."""
