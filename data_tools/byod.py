@@ -273,7 +273,13 @@ def finalize(name: str, work: Path, out: Path, unit_ids: Sequence[str], counts: 
     if not len(total):
         raise ImportInputError(f"{name}: no episode with finite actions to import "
                                f"(skipped: {_skip_summary(counts, unit_ids) or 'none'})")
-    stats = compute_statistics(total, len(kept), STATS_MASK)
+    # The proprio entry over the kept state (OpenVLA's get_dataset_statistics with load_proprio=True, source "state")
+    # when every kept episode has one, so PROPRIO=1 can train on it; else over zeros as OpenVLA without proprio.
+    state_files = [work / "units" / u / "state.npy" for _, u in kept]
+    proprio = None
+    if state_files and all(f.is_file() for f in state_files):
+        proprio = np.concatenate([np.load(f).reshape(len(a), -1) for f, a in zip(state_files, rows)]).astype(np.float32)
+    stats = compute_statistics(total, len(kept), STATS_MASK, proprio=proprio)
     absolute = EEF_POS_ABSOLUTE_MASK if mapping.convention.type == "delta_eef" else (True,) * ACTION_DIM
     split_counts = {s: {"episodes_read": 0, "episodes_kept": 0, "frames": 0, "image_bytes": 0, "images": {},
                         "dropped_episodes": {}, "dropped_frames": {}} for s in ("train", "val")}

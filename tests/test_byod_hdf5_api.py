@@ -14,7 +14,8 @@ from PIL import Image
 
 from conftest import ROOT, subprocess_env
 from data_tools.byod import ImportInputError, ImportOptions, import_source, write_episodes
-from data_tools.converted_format import EpisodeActions, episode_proprio_file
+from data_tools.converted_format import (PROPRIO_SOURCE_STATE, EpisodeActions, episode_proprio_file, proprio_padding,
+                                         proprio_source)
 from data_tools.import_hdf5 import PRESETS, Hdf5Source, make_mapping
 from data_tools.training_mixture import MixtureToolError, plan_mixture
 from data_tools.validate import validate
@@ -78,6 +79,10 @@ def test_libero_hdf5_rotated_language_from_problem_info(tmp_path):
     assert m["source"]["orientation"] == "rotate_180"
     proprio = EpisodeActions.load(out / "libero_mine" / episode_proprio_file("train"))
     assert proprio.actions.shape == (12, 6)
+    # the statistics' proprio entry is over that state (PROPRIO=1 trains on it), not OpenVLA's zeros
+    entry = json.loads((out / "libero_mine" / "dataset_statistics.json").read_text())["libero_mine"]["proprio"]
+    assert proprio_source(entry) == PROPRIO_SOURCE_STATE and proprio_padding(entry) == ()
+    np.testing.assert_allclose(entry["q99"], np.quantile(proprio.actions, 0.99, axis=0), rtol=1e-6, atol=1e-6)
 
 
 def test_gripper_mapped_to_openvla_and_demo_without_actions_skipped(tmp_path):

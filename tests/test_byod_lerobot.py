@@ -64,7 +64,9 @@ def test_import_matches_what_lerobot_wrote(imported, version):
     assert summary[name] == {"train": 11, "val": 7}
     all_actions = np.concatenate([expected[f"action_{e}"] for e in range(3)])
     stats = json.loads((out / name / "dataset_statistics.json").read_text())[name]
-    assert stats == compute_statistics(all_actions, 3, (True,) * 6 + (False,))
+    all_states = np.concatenate([expected[f"state_{e}"] for e in range(3)]).astype(np.float32)
+    # the proprio entry over the kept state (OpenVLA with load_proprio=True): PROPRIO=1 trains on imported data
+    assert stats == compute_statistics(all_actions, 3, (True,) * 6 + (False,), proprio=all_states)
     for s in samples:
         e, t = s["episode"], s["step"]
         assert s["instruction"] == TASKS[e]
