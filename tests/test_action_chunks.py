@@ -209,6 +209,13 @@ def quality_runs(fast_tiny, chunk_data, tmp_path_factory):
         job["predict"] = {"val": str(chunk_data / "chunks/val.jsonl"), "folder": str(chunk_data),
                           "max_step": H - (1 if rep == "bins" else H)}  # the frames the oft rule keeps
         jobs.append(job)
+    # fast with LoRA: a short run whose every load must answer alike (test_fast_with_lora_loads_alike)
+    outs["fast_lora"] = root / "run-fast-lora-qwen"
+    job = _job(fast_tiny, chunk_data, outs["fast_lora"], "fast", *fast_extra, "--lora_enable", "True", steps=4, lr=5e-3,
+               save_steps=2)
+    job["predict"] = {"val": str(chunk_data / "chunks/val.jsonl"), "folder": str(chunk_data), "max_step": 0,
+                      "variants": ["unmerged", "merged", "checkpoint-4"]}
+    jobs.append(job)
     proc = run_jobs(fast_tiny, jobs)
     return outs, proc, tok
 
@@ -264,6 +271,34 @@ def test_blind_model_stays_at_the_marginal(quality_runs):
     bound = marginal_bound(H, 0)  # ~0.39: values no two trajectories share cannot be guessed without the image
     assert blind <= bound + 0.05, f"blind {BLIND} got {blind:.2f} of held-out values (marginal allows {bound:.2f})"
     assert seeing >= blind + 0.25, f"seeing {seeing:.2f} vs blind {blind:.2f}: the image made little difference"
+
+
+@pytest.mark.slow
+def test_fast_with_lora_loads_alike(quality_runs):
+    """fast with --lora_enable True: the token adapter holds the action rows and every <FAST_i> row, and every load
+    of the run answers the same chunks: merged in memory (the default), unmerged, OUTPUT_DIR/merged, checkpoint-4."""
+    from safetensors.torch import load_file
+
+    from llava_vla_plugin.core.fast_codec import FILE_NAME
+    from llava_vla_plugin.core.representations import ActionReprConfig, make_representation
+    from policy_files_check import assert_same_policy
+
+    outs, proc, tok = quality_runs
+    out = outs["fast_lora"]
+    result = result_of(out, proc)
+    assert (result["repr"], result["horizon"], result["one_shape"]) == ("fast", H, [H, 7])
+    for name, other in result["variants"].items():
+        assert (other["repr"], other["horizon"]) == ("fast", H), name
+        np.testing.assert_allclose(np.asarray(other["normalized"]), np.asarray(result["normalized"]), atol=1e-6,
+                                   err_msg=name)
+    assert result["variants"]["unmerged"]["peft"].startswith("PeftModel")
+    for d in ("merged", "checkpoint-4"):
+        assert_same_policy(out, out / d)
+        assert (out / d / FILE_NAME).read_bytes() == (tok / FILE_NAME).read_bytes()
+    n_fast = len(make_representation(ActionReprConfig.load(out), directory=str(out)).codec.token_strings())
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    rows = [v.shape[0] for k, v in adapter.items() if "token_adapter" in k]
+    assert rows and all(n == 256 + n_fast for n in rows), (rows, n_fast)
 
 
 # ---- fast (issue 23): FAST tokens, fitted with the CLI on the task's training windows ----------------------

@@ -15,9 +15,9 @@ Decoding: generation may pick `<FAST_i>` ids or `<|im_end|>` (the first token mu
 invalid sequence (not H x D coefficients) decodes to zeros [H, D], the reference's rule; the policy counts
 them in `policy.decode_failures` and logs the reason, never raising (a server keeps serving).
 
-Not with --lora_enable True yet (refused by the trainer): the token adapter trains the rows of
-`trained_token_ids`, which would have to list the FAST ids (an override here), and no test has yet trained and
-loaded a LoRA fast run (prepare_model may also grow the embedding under the PEFT wrapper).
+With --lora_enable True the token adapter trains the `<FAST_i>` rows too (`trained_token_ids`: the action
+tokens' and the FAST tokens'), so the adapter carries their values; prepare_model runs before the adapter
+exists and grows the base model's embedding where the tokenizer no longer fits it.
 """
 from __future__ import annotations
 
@@ -143,7 +143,6 @@ class FastRepresentation(ActionRepresentation):
 
     name = "fast"
     decoding = "tokens"
-    supports_lora = False  # not yet (module docstring)
 
     def __init__(self, config: ActionReprConfig, action_tokenizer=None, directory: Optional[str] = None):
         super().__init__(config, action_tokenizer, directory=directory)
@@ -186,6 +185,11 @@ class FastRepresentation(ActionRepresentation):
                                   "some were in the tokenizer already; start from a tokenizer without <FAST_*> tokens")
         self.first_fast_id = int(ids[0])
         return self.first_fast_id
+
+    def trained_token_ids(self, tokenizer) -> list[int]:
+        """The action tokens' rows and every `<FAST_i>` row (LoRA's token adapter trains these)."""
+        first = self.fast_ids(tokenizer)
+        return [*super().trained_token_ids(tokenizer), *range(first, first + len(self.codec.token_strings()))]
 
     def bind(self, tokenizer) -> int:
         """The bins' tokens (base), then `<FAST_0>..<FAST_{n-1}>` as added special tokens (idempotent)."""
