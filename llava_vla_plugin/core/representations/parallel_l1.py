@@ -142,9 +142,10 @@ class ParallelL1Representation(ActionRepresentation):
 
     With LoRA (OFT's recipe) the head trains in full beside the adapter, as OFT's action head does
     (openvla-oft 213c5ff vla-scripts/finetune.py:847-854 wraps the VLA in LoRA, :927-929 adds the separate
-    action head's parameters to the optimizer in full): it is attached to the model under the PEFT wrapper (head_host), saved in HEAD_FILE (and in
-    lora.py's non_lora_trainables.bin for resume); the placeholder's embedding row is among the token adapter's
-    rows (trained_token_ids: `extra_tokens`), so a loaded adapter restores the value it was trained with."""
+    action head's parameters to the optimizer in full): it is attached to the model under the PEFT wrapper
+    (head_host), saved in HEAD_FILE (and in lora.py's non_lora_trainables.bin for resume); the placeholder's
+    embedding row is among the token adapter's rows (trained_token_ids: `extra_tokens`), so a loaded adapter
+    restores the value it was trained with."""
 
     name = "parallel_l1"
     extra_tokens = (SLOT_TOKEN,)
