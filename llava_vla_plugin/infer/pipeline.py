@@ -246,6 +246,15 @@ class VLAPolicy:
         return sorted(self.norm_stats)
 
     # ---- input transforms ----------------------------------------------------------------------
+    def _one_per_image(self, values, n_images: int, trained_with: str, pass_what: str, plural: str) -> None:
+        """An input the checkpoint was trained with (vla_inputs.json): refused when absent (MissingInputError,
+        naming it) or when there is not one per image."""
+        if values is None:
+            raise MissingInputError(f"{self.checkpoint}: this policy was trained with the {trained_with} "
+                                    f"({self.inputs.describe()}, vla_inputs.json): pass the {pass_what} too")
+        if len(values) != n_images:
+            raise ValueError(f"{n_images} images but {len(values)} {plural}")
+
     def prepare(self, images: Sequence, instructions: Sequence[str] | str, wrist_images: Sequence | None = None,
                 states: Sequence | None = None, unnorm_key: str | None = None):
         """Checked RGB images and the training prompt -> the backend's model inputs (batched, left-padded).
@@ -264,22 +273,14 @@ class VLAPolicy:
                 raise ValueError(f"instruction must be a non-empty string, got {text!r}")
         views = [[to_pil(im)] for im in images]
         if self.inputs.wrist:
-            if wrist_images is None:
-                raise MissingInputError(f"{self.checkpoint}: this policy was trained with the wrist camera "
-                                        f"({self.inputs.describe()}, vla_inputs.json): pass the wrist image too")
-            if len(wrist_images) != len(images):
-                raise ValueError(f"{len(images)} images but {len(wrist_images)} wrist images")
+            self._one_per_image(wrist_images, len(images), "wrist camera", "wrist image", "wrist images")
             for v, im in zip(views, wrist_images):
                 v.append(to_pil(im))
         if self.center_crop:
             views = [[center_crop(im) for im in v] for v in views]
         builders = [self.prompt_builder] * len(images)
         if self.inputs.proprio:
-            if states is None:
-                raise MissingInputError(f"{self.checkpoint}: this policy was trained with the robot state "
-                                        f"({self.inputs.describe()}, vla_inputs.json): pass the state (proprio) too")
-            if len(states) != len(images):
-                raise ValueError(f"{len(images)} images but {len(states)} states")
+            self._one_per_image(states, len(images), "robot state", "state (proprio)", "states")
             key = resolve_unnorm_key(self.norm_stats, unnorm_key)
             entry = proprio_statistics(self.norm_stats, key, str(self.checkpoint))
             builders = [self.prompt_builder.with_state(state_text(discretize_state(st, entry))) for st in states]
